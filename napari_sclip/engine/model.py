@@ -1,0 +1,200 @@
+"""Building a CLIP ViT from its weights, choosing a device, and keeping loaded models.
+
+OpenAI's weights need OpenAI's exact architecture, QuickGELU included: open_clip's plain
+``ViT-B-16`` config builds GELU, which silently changes every feature.  Weights in OpenAI's layout
+are therefore built from the weights themselves with QuickGELU; tags that open_clip marks as
+QuickGELU (``openai``, ``dfn2b``, MetaCLIP, ...) force it; a ``-quickgelu`` model name keeps it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from napari_sclip.engine._torch import open_clip, torch
+from napari_sclip.engine.errors import DeviceError, ModelError
+from napari_sclip.engine.progress import Progress, ProgressCallback
+from napari_sclip.engine.weights import WeightsFile, read_state_dict, resolve_weights
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A CLIP model in eval mode on its device, with what identifies it.
+
+    Attributes
+    ----------
+    clip
+        The open_clip ``CLIP`` module (fp32 weights; CUDA runs it under fp16 autocast).
+    tokenizer
+        open_clip's tokenizer for its text tower.
+    name, weights, device
+        The model name, the weights file and the ``torch.device``.
+    quick_gelu
+        Whether the MLPs use QuickGELU.
+    """
+
+    clip: torch.nn.Module
+    tokenizer: object
+    name: str
+    weights: WeightsFile
+    device: torch.device
+    quick_gelu: bool
+
+    @property
+    def identity(self) -> str:
+        """Names the function the model computes: model, weights and activation (not device)."""
+        return f"{self.name}|{self.weights.identity}|quickgelu={self.quick_gelu}"
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.clip.visual.conv1.kernel_size[0])
+
+
+def autocast(device: torch.device):
+    """fp16 autocast on CUDA (the authors' GPU precision); a no-op elsewhere (fp32)."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def precision_of(device: torch.device) -> str:
+    """``"fp16"`` on CUDA, ``"fp32"`` elsewhere: what :func:`autocast` runs in."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; other names must be available."""
+    name = device.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(
+            f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device 'cuda' was requested but no CUDA GPU is available")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {device!r} was requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    elif chosen.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError("device 'mps' was requested but Apple's MPS is not available")
+    elif chosen.type != "cpu":
+        raise DeviceError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return chosen
+
+
+def available_devices() -> list[str]:
+    """The device names that work on this machine, best first, ``"auto"`` excluded."""
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return [*devices, "cpu"]
+
+
+def _check_model_name(name: str) -> None:
+    if name not in open_clip.list_models():
+        raise ModelError(f"unknown model {name!r}; see open_clip.list_models(), e.g. ViT-B-16")
+
+
+def _check_architecture(clip: torch.nn.Module, name: str) -> None:
+    visual = getattr(clip, "visual", None)
+    needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+    if visual is None or not all(hasattr(visual, attr) for attr in needed):
+        raise ModelError(f"model {name} is not a CLIP ViT; SCLIP needs a ViT image tower")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise ModelError(f"model {name} pools its ViT tokens in a way SCLIP does not support")
+    if not getattr(visual.transformer, "batch_first", True):
+        raise ModelError(f"model {name} has sequence-first blocks; install open_clip_torch 3.x")
+    if not hasattr(clip, "token_embedding") or getattr(clip, "text_pool_type", "argmax") != "argmax":
+        raise ModelError(f"model {name} has a text tower SCLIP does not support (needs CLIP's)")
+
+
+def build_model(name: str, weights: WeightsFile, quick_gelu: bool | None = None) -> tuple[torch.nn.Module, bool]:
+    """Build model ``name`` and load ``weights`` into it, on the CPU in fp32.
+
+    ``quick_gelu=None`` decides from the weights: OpenAI's layout and QuickGELU tags use it,
+    otherwise the model config's activation is kept.  Returns the model and whether it uses
+    QuickGELU.
+    """
+    state, openai_layout = read_state_dict(weights.path)
+    if openai_layout:
+        quick = True if quick_gelu is None else quick_gelu
+        try:
+            # open_clip infers the architecture from the weights (and casts to fp16): reload fp32.
+            clip = open_clip.model.build_model_from_openai_state_dict(dict(state), quick_gelu=quick, cast_dtype=None)
+            clip.float().load_state_dict(state)
+        except Exception as exc:
+            raise ModelError(f"weights file {weights.path} is not a CLIP model in OpenAI's layout ({exc})") from None
+    else:
+        cfg = open_clip.get_model_config(name)
+        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+        if cfg.pop("custom_text", False) or "timm_model_name" in vision or "hf_model_name" in text:
+            raise ModelError(f"model {name} is not a plain CLIP ViT; SCLIP needs one (e.g. ViT-B-16)")
+        quick = bool(cfg.get("quick_gelu") or weights.quick_gelu) if quick_gelu is None else quick_gelu
+        cfg["quick_gelu"] = quick
+        clip = open_clip.model.CLIP(**cfg)
+        if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
+            state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
+        result = clip.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            parts = []
+            if result.missing_keys:
+                parts.append(f"{len(result.missing_keys)} missing, e.g. {result.missing_keys[0]}")
+            if result.unexpected_keys:
+                parts.append(f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[0]}")
+            raise ModelError(f"weights file {weights.path} does not fit model {name}: {'; '.join(parts)}")
+    _check_architecture(clip, name)
+    return clip.eval().requires_grad_(False), quick
+
+
+_CACHE: dict[tuple, LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(
+    name: str,
+    pretrained: str,
+    device: str = "auto",
+    quick_gelu: bool | None = None,
+    progress: ProgressCallback | None = None,
+) -> LoadedModel:
+    """Load (or reuse) a model: one copy per (model, weights, activation, device) per process."""
+    _check_model_name(name)
+    torch_device = resolve_device(device)
+    weights = resolve_weights(name, pretrained, progress)
+    key = (name, weights.identity, quick_gelu, str(torch_device))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        if progress:
+            progress(Progress("load", 0, 1))
+        clip, quick = build_model(name, weights, quick_gelu)
+        loaded = LoadedModel(
+            clip=clip.to(torch_device),
+            tokenizer=open_clip.get_tokenizer(name),
+            name=name,
+            weights=weights,
+            device=torch_device,
+            quick_gelu=quick,
+        )
+        _CACHE[key] = loaded
+        if progress:
+            progress(Progress("load", 1, 1))
+        return loaded
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model (frees their memory once nothing else refers to them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+

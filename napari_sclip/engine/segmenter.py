@@ -1,0 +1,386 @@
+"""The public engine API: :class:`Segmenter` and :class:`SegmentationResult`.
+
+Pipeline (the SCLIP authors' protocol, ``shared/paper/protocol-notes.md``):
+
+1. the image becomes 8-bit RGB (:func:`~napari_sclip.engine.image.to_rgb_uint8`);
+2. it is resized bilinearly, keeping its aspect ratio, so that its short side is ``short_side``
+   (long side at most 2048), rounded back to 8 bits and normalised with CLIP's mean and std;
+3. ``window`` px windows moved by ``stride`` px go through the ViT with Correlative
+   Self-Attention in batches; each window's patch logits (cosine similarities with the class
+   names' text embeddings) are upsampled bilinearly to the window and summed into a canvas, which
+   is divided by each pixel's window count;
+4. the canvas is resized bilinearly to the input size, one band of rows at a time, and each band
+   gets ``softmax(logit_scale * logits)`` over all names, the maximum over each class's names,
+   the argmax and the probability threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Generator, Sequence
+
+import numpy as np
+
+from napari_sclip.engine import config
+from napari_sclip.engine._torch import F, torch
+from napari_sclip.engine.errors import ModelError, ParameterError
+from napari_sclip.engine.image import to_rgb_uint8
+from napari_sclip.engine.model import LoadedModel, autocast, load_model, precision_of
+from napari_sclip.engine.progress import Progress, ProgressCallback, drive
+from napari_sclip.engine.resize import resize_bilinear
+from napari_sclip.engine.sclip import sclip_patch_features
+from napari_sclip.engine.text import TextEncoder
+from napari_sclip.engine.vocabulary import ClassSpec, Vocabulary, parse_vocabulary
+from napari_sclip.engine.windows import Window, resized_shape, slide_windows, window_counts
+
+#: CLIP's normalisation in 0-255 units, as in the authors' configs.
+PIXEL_MEAN = (122.771, 116.746, 104.094)
+PIXEL_STD = (68.501, 66.632, 70.323)
+#: Windows per forward pass, per device type.
+DEFAULT_BATCH_SIZE = {"cuda": 32, "mps": 8, "cpu": 4}
+#: Elements of the per-name logit band in the final resize: bounds its memory (~32 MB).
+_BAND_ELEMENTS = 1 << 23
+
+
+@dataclass
+class SegmentationResult:
+    """What :meth:`Segmenter.segment` returns.
+
+    Attributes
+    ----------
+    labels
+        ``(H, W)`` label values: ``1 + index`` of the winning class, 0 where its probability is
+        below the threshold.  The smallest unsigned dtype that holds them (``uint8`` up to 255
+        classes).
+    confidence
+        ``(H, W)`` float32: the winning class's probability.
+    class_names
+        The display name of each class; label value ``i + 1`` is ``class_names[i]``.
+    probs
+        ``(C, H, W)`` float32 per-class probabilities, or ``None`` unless asked for.
+    params
+        How the result was made: model, weights, device, method and its parameters.
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    class_names: tuple[str, ...]
+    probs: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _label_dtype(num_classes: int) -> np.dtype:
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ParameterError(f"{num_classes} classes are too many")
+
+
+def _check_params(short_side, window, stride, logit_scale, prob_threshold, patch_size) -> None:
+    for name, value in (("short_side", short_side), ("window", window), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ParameterError(f"{name} must be a positive integer, got {value!r}")
+    if window < patch_size:
+        raise ParameterError(f"window must be at least the model's patch size ({patch_size} px), got {window}")
+    if stride > window:
+        raise ParameterError(f"stride ({stride}) must not exceed window ({window}), or pixels are skipped")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ParameterError(f"logit_scale must be a positive number, got {logit_scale!r}")
+    if not (isinstance(prob_threshold, (int, float)) and 0.0 <= prob_threshold <= 1.0):
+        raise ParameterError(f"prob_threshold must be between 0 and 1, got {prob_threshold!r}")
+
+
+class Segmenter:
+    """Open-vocabulary semantic segmentation with SCLIP.
+
+    Parameters
+    ----------
+    model
+        open_clip model name; default ``$NAPARI_SCLIP_MODEL`` or ``"ViT-B-16"``.
+    pretrained
+        open_clip pretrained tag (downloaded once into the cache) or a checkpoint path; default
+        ``$NAPARI_SCLIP_PRETRAINED`` or ``"openai"``.
+    device
+        ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``;
+        default ``$NAPARI_SCLIP_DEVICE`` or ``"auto"``.
+    quick_gelu
+        Force the MLP activation; ``None`` decides from the weights (QuickGELU for OpenAI's).
+    batch_size
+        Windows per forward pass; default 32 on CUDA, 8 on MPS, 4 on CPU.  On CUDA it is halved
+        and the batch retried when the GPU runs out of memory.
+
+    The model is loaded on first use (or by :meth:`load`) and shared by all segmenters of the
+    process with the same model, weights and device.  A segmenter may be used from one thread at
+    a time; it may be created in one thread and used in another.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        pretrained: str | None = None,
+        device: str | None = None,
+        *,
+        quick_gelu: bool | None = None,
+        batch_size: int | None = None,
+    ):
+        self.model_name = model or config.default_model()
+        self.pretrained = str(pretrained) if pretrained else config.default_pretrained()
+        self.device_name = device or config.default_device()
+        self.quick_gelu = quick_gelu
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._batch_size = batch_size
+        self._model: LoadedModel | None = None
+        self._text: TextEncoder | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Segmenter(model={self.model_name!r}, pretrained={self.pretrained!r}, device={self.device_name!r})"
+
+    # -- model and text ---------------------------------------------------------------------------
+
+    def load(self, progress: ProgressCallback | None = None) -> LoadedModel:
+        """Load the model now (downloading its weights if needed) and return it."""
+        with self._lock:
+            if self._model is None:
+                self._model = load_model(
+                    self.model_name, self.pretrained, self.device_name, self.quick_gelu, progress
+                )
+                self._text = TextEncoder(self._model)
+            return self._model
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model runs on (loads the model)."""
+        return self.load().device
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 4)
+
+    def text_features(self, names: Sequence[str]) -> np.ndarray:
+        """``(N, D)`` L2-normalised text embeddings of ``names`` (80-template average), cached."""
+        self.load()
+        return drive(self._text.iter_features(list(names))).numpy()
+
+    # -- segmentation -----------------------------------------------------------------------------
+
+    def segment(
+        self,
+        image: np.ndarray,
+        classes: Vocabulary | Sequence[ClassSpec],
+        *,
+        short_side: int = config.DEFAULT_SHORT_SIDE,
+        window: int = config.DEFAULT_WINDOW,
+        stride: int = config.DEFAULT_STRIDE,
+        logit_scale: float = config.DEFAULT_LOGIT_SCALE,
+        prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        contrast_limits: Sequence[float] | None = None,
+        return_probs: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> SegmentationResult:
+        """Segment a 2D image into ``classes``.
+
+        Parameters
+        ----------
+        image
+            ``(H, W)`` grayscale, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA; uint8, uint16, float
+            or bool.  Non-8-bit data is mapped to 8 bits (see :mod:`napari_sclip.engine.image`).
+        classes
+            One item per class: ``"person"``, ``"person, man, woman"`` (synonyms after commas,
+            the first is the display name) or a list of names.
+        short_side, window, stride
+            Slide inference: the image is resized to this short side (long side at most 2048)
+            and covered by ``window`` px windows moved by ``stride`` px.
+        logit_scale
+            Multiplies the cosine similarities before the softmax over all names.
+        prob_threshold
+            Pixels whose winning class has a lower probability get label 0.
+        contrast_limits
+            ``(low, high)`` intensities mapped to 0 and 255 for non-8-bit images.
+        return_probs
+            Also return the ``(C, H, W)`` class probabilities (memory: ``4 C H W`` bytes).
+        progress
+            Called with a :class:`~napari_sclip.engine.progress.Progress` for each step.
+        """
+        steps = self.iter_segment(
+            image,
+            classes,
+            short_side=short_side,
+            window=window,
+            stride=stride,
+            logit_scale=logit_scale,
+            prob_threshold=prob_threshold,
+            contrast_limits=contrast_limits,
+            return_probs=return_probs,
+            load_progress=progress,
+        )
+        return drive(steps, progress)
+
+    def iter_segment(
+        self,
+        image: np.ndarray,
+        classes: Vocabulary | Sequence[ClassSpec],
+        *,
+        short_side: int = config.DEFAULT_SHORT_SIDE,
+        window: int = config.DEFAULT_WINDOW,
+        stride: int = config.DEFAULT_STRIDE,
+        logit_scale: float = config.DEFAULT_LOGIT_SCALE,
+        prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        contrast_limits: Sequence[float] | None = None,
+        return_probs: bool = False,
+        load_progress: ProgressCallback | None = None,
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """:meth:`segment` as a generator: yields :class:`Progress` after every batch of windows
+        and band of rows, and returns the :class:`SegmentationResult`.
+
+        Stop iterating (``close()``) to cancel; nothing is left half-done.  This is what napari's
+        generator workers run.  ``load_progress`` receives download and load progress, which
+        cannot be interrupted.
+        """
+        vocabulary = parse_vocabulary(classes)
+        rgb = to_rgb_uint8(image, contrast_limits)
+        model = self.load(load_progress)
+        _check_params(short_side, window, stride, logit_scale, prob_threshold, model.patch_size)
+
+        text_features = yield from self._text.iter_features(vocabulary.names)  # (N, E)
+        pixels = self._preprocess(rgb, short_side, model)  # (3, h, w) on the device
+        windows = slide_windows(pixels.shape[1], pixels.shape[2], window, stride)
+        canvas = yield from self._slide(pixels, windows, text_features.to(model.device))  # (N, h, w)
+        labels, confidence, probs = yield from self._postprocess(
+            canvas, rgb.shape[:2], vocabulary, logit_scale, prob_threshold, return_probs
+        )
+        params = {
+            "method": "sclip",
+            "model": model.name,
+            "pretrained": self.pretrained,
+            "quick_gelu": model.quick_gelu,
+            "device": str(model.device),
+            "precision": precision_of(model.device),
+            "short_side": short_side,
+            "window": window,
+            "stride": stride,
+            "logit_scale": float(logit_scale),
+            "prob_threshold": float(prob_threshold),
+            "resized_shape": tuple(pixels.shape[1:]),
+            "windows": len(windows),
+        }
+        return SegmentationResult(labels, confidence, vocabulary.display_names, probs, params)
+
+    @torch.inference_mode()
+    def _preprocess(self, rgb: np.ndarray, short_side: int, model: LoadedModel) -> torch.Tensor:
+        """Resize (bilinear, rounded to 8 bits) and normalise; returns ``(3, h, w)`` float32."""
+        height, width = rgb.shape[:2]
+        size = resized_shape(height, width, short_side, min_side=model.patch_size)
+        with warnings.catch_warnings():
+            # A read-only array (e.g. from PIL) is fine: the resize only reads it.
+            warnings.simplefilter("ignore", UserWarning)
+            chw = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) view, no copy
+        resized = resize_bilinear(chw, size).add_(0.5).floor_().clamp_(0, 255)  # 8-bit values
+        mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+        std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+        return ((resized - mean) / std).to(model.device)
+
+    def _slide(
+        self, pixels: torch.Tensor, windows: list[Window], text_features: torch.Tensor
+    ) -> Generator[Progress, None, torch.Tensor]:
+        """Sum each window's upsampled patch logits into a canvas and divide by the window count."""
+        _, height, width = pixels.shape
+        canvas = torch.zeros(text_features.shape[0], height, width, device=pixels.device)
+        batch_size = self.batch_size
+        done = 0
+        yield Progress("windows", 0, len(windows))
+        while done < len(windows):
+            batch = windows[done : done + batch_size]
+            try:
+                self._add_window_logits(canvas, pixels, batch, text_features)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise ModelError(
+                        "the GPU ran out of memory even with one window at a time; "
+                        "use device='cpu' or a smaller short side"
+                    ) from None
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                continue
+            done += len(batch)
+            yield Progress("windows", done, len(windows))
+        counts = torch.from_numpy(window_counts(height, width, windows)).to(canvas.device)
+        return canvas.div_(counts)
+
+    @torch.inference_mode()
+    def _add_window_logits(
+        self, canvas: torch.Tensor, pixels: torch.Tensor, batch: list[Window], text_features: torch.Tensor
+    ) -> None:
+        """Run one batch of windows and add their upsampled logits into ``canvas`` (N, h, w)."""
+        crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])  # (B, 3, wh, ww)
+        with autocast(pixels.device):
+            patch_features = sclip_patch_features(self._model.clip.visual, crops)  # (B, r, c, E)
+            logits = patch_features @ text_features.to(patch_features.dtype).T  # (B, r, c, N)
+        logits = logits.float().permute(0, 3, 1, 2)  # (B, N, r, c)
+        for (y1, y2, x1, x2), window_logits in zip(batch, logits):
+            canvas[:, y1:y2, x1:x2] += F.interpolate(
+                window_logits[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
+            )[0]
+
+    def _postprocess(
+        self,
+        canvas: torch.Tensor,
+        size: tuple[int, int],
+        vocabulary: Vocabulary,
+        logit_scale: float,
+        prob_threshold: float,
+        return_probs: bool,
+    ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Resize logits to ``size`` in bands of rows; softmax, max over synonyms, argmax."""
+        height, width = size
+        num_names = canvas.shape[0]
+        num_classes = len(vocabulary)
+        labels = np.empty((height, width), _label_dtype(num_classes))
+        confidence = np.empty((height, width), np.float32)
+        probs = np.empty((num_classes, height, width), np.float32) if return_probs else None
+        # Names are stored class by class, so each class's names are one contiguous span.
+        spans, start = [], 0
+        for names in vocabulary.classes:
+            spans.append((start, start + len(names)))
+            start += len(names)
+        synonyms = any(stop - begin > 1 for begin, stop in spans)
+
+        band = max(1, _BAND_ELEMENTS // (num_names * width))
+        bands = math.ceil(height / band)
+        yield Progress("resize", 0, bands)
+        for i, r0 in enumerate(range(0, height, band)):
+            r1 = min(r0 + band, height)
+            band_labels, best, class_probs = _classify_band(
+                canvas, size, (r0, r1), spans if synonyms else None, logit_scale, prob_threshold
+            )
+            labels[r0:r1] = band_labels.numpy()
+            confidence[r0:r1] = best.numpy()
+            if probs is not None:
+                probs[:, r0:r1] = class_probs.numpy()
+            yield Progress("resize", i + 1, bands)
+        return labels, confidence, probs
+
+
+@torch.inference_mode()
+def _classify_band(
+    canvas: torch.Tensor,
+    size: tuple[int, int],
+    rows: tuple[int, int],
+    spans: list[tuple[int, int]] | None,
+    logit_scale: float,
+    prob_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels, winning probabilities and class probabilities of one band of output rows (CPU)."""
+    logits = resize_bilinear(canvas, size, rows=rows)  # (N, r, W)
+    name_probs = torch.softmax(logits * logit_scale, dim=0)
+    class_probs = (
+        torch.stack([name_probs[b:e].amax(dim=0) for b, e in spans]) if spans else name_probs
+    )  # (C, r, W)
+    best, index = class_probs.max(dim=0)
+    labels = index + 1
+    labels[best < prob_threshold] = 0
+    return labels.cpu(), best.cpu(), class_probs.cpu()

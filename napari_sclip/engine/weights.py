@@ -1,0 +1,206 @@
+"""Finding and reading CLIP weights without ever unpickling arbitrary Python objects.
+
+``pretrained`` is either an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...), downloaded
+once into ``<cache_dir>/models``, or a path to a local checkpoint:
+
+* OpenAI's released ``ViT-B-16.pt``, a TorchScript archive.  It is opened with ``torch.jit.load``,
+  whose C++ unpickler only rebuilds tensors and TorchScript classes; we read its parameters and
+  never run its code.
+* A state dict in OpenAI's or open_clip's layout, saved with ``torch.save`` (read with
+  ``torch.load(weights_only=True)``, which refuses pickled Python objects) or as ``.safetensors``.
+  Training checkpoints that wrap it in ``{"state_dict": ...}`` or prefix keys with ``module.``
+  work too.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from napari_sclip.engine import config
+from napari_sclip.engine._torch import open_clip, torch
+from napari_sclip.engine.errors import ModelError
+from napari_sclip.engine.progress import Progress, ProgressCallback
+
+#: Integer entries of OpenAI's state dicts that are not parameters; their presence marks the layout.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+#: Buffers rebuilt by the model itself, present in some TorchScript archives.
+_DERIVED_KEYS = ("attn_mask",)
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# open_clip's files on the Hugging Face hub; the safetensors copy is preferred when a repo has one.
+_HUB_DEFAULT_FILE = "open_clip_pytorch_model.bin"
+_HUB_SAFETENSORS_FILE = "open_clip_model.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A checkpoint on disk and what we know about it before reading it.
+
+    Attributes
+    ----------
+    path
+        The local file.
+    tag
+        The open_clip tag it was downloaded for, or ``None`` for a user's file.
+    quick_gelu
+        Whether the weights were trained with QuickGELU, when the tag says so.
+    """
+
+    path: Path
+    tag: str | None = None
+    quick_gelu: bool = False
+
+    @property
+    def identity(self) -> str:
+        """A string that changes when the weights change: the tag, or the file's path, size and
+        modification time."""
+        if self.tag is not None:
+            return f"tag:{self.tag}"
+        stat = self.path.stat()
+        return f"file:{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return (
+        os.sep in pretrained
+        or "/" in pretrained
+        or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES)
+        or pretrained.startswith("~")
+    )
+
+
+def _offline_hint(model: str, tag: str) -> str:
+    return (
+        f"could not download the '{tag}' weights for {model}; to work offline, pass a local "
+        f"checkpoint (pretrained='/path/to/{model}.pt', --pretrained PATH in the CLI) or set "
+        "NAPARI_SCLIP_PRETRAINED to its path"
+    )
+
+
+def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | None) -> Path:
+    cache = config.models_dir()
+    hub = cfg.get("hf_hub", "")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if hub:
+            from huggingface_hub import hf_hub_download
+
+            # "org/repo/" names the repo's default file, "org/repo/file.bin" a given one.
+            repo_id, filename = os.path.split(hub)
+            filename = filename or _HUB_DEFAULT_FILE
+            candidates = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
+            tqdm_class = _progress_tqdm(progress) if progress else None
+            for i, name in enumerate(candidates):
+                try:
+                    return Path(hf_hub_download(repo_id, name, cache_dir=str(cache), tqdm_class=tqdm_class))
+                except Exception:
+                    if i == len(candidates) - 1:
+                        raise
+        if cfg.get("url"):
+            from open_clip.pretrained import download_pretrained_from_url
+
+            return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
+    except Exception as exc:  # network, proxy, hub and disk errors all mean "not available"
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelError(f"{_offline_hint(model, tag)} ({type(exc).__name__}: {reason})") from None
+    raise ModelError(f"the '{tag}' weights for {model} have no download location in open_clip")
+
+
+def _progress_tqdm(progress: ProgressCallback):
+    """A tqdm class that forwards byte counts to ``progress`` (huggingface_hub's hook)."""
+    from tqdm.auto import tqdm
+
+    class _Forwarding(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self._done = 0
+            self._total = int(kwargs.get("total") or 0)
+
+        def update(self, n=1):
+            self._done += int(n or 0)
+            progress(Progress("download", self._done, max(self._total, self._done)))
+            return super().update(n)
+
+    return _Forwarding
+
+
+def resolve_weights(
+    model: str, pretrained: str, progress: ProgressCallback | None = None
+) -> WeightsFile:
+    """Turn a tag or a path into a local :class:`WeightsFile`, downloading a tag if needed."""
+    candidate = Path(pretrained).expanduser()
+    if candidate.is_file():
+        return WeightsFile(candidate)
+    if candidate.exists():
+        raise ModelError(f"weights path {candidate} is not a file")
+    if _looks_like_path(pretrained):
+        raise ModelError(f"weights file not found: {candidate}")
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        known = f"known tags for {model}: {', '.join(tags)}" if tags else f"{model} has no tags"
+        raise ModelError(
+            f"unknown pretrained weights {pretrained!r} for {model} ({known}); "
+            "or give the path of a checkpoint file"
+        )
+    path = _download_tag(model, pretrained, cfg, progress)
+    return WeightsFile(path, tag=pretrained, quick_gelu=bool(cfg.get("quick_gelu", False)))
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(
+                name.split("/", 1)[-1].startswith(("code/", "constants.pkl"))
+                for name in archive.namelist()
+            )
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a checkpoint's tensors.
+
+    Returns the state dict (``module.`` prefixes removed, OpenAI's integer entries dropped) and
+    whether it is in OpenAI's layout (a TorchScript archive or a dict with OpenAI's extra keys).
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                archive = torch.jit.load(str(path), map_location="cpu")
+            raw = {"__torchscript__": True, **archive.state_dict()}
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"weights file not found: {path}") from None
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160]
+        if "weights_only" in reason or "Unsupported global" in reason:
+            reason = "it contains pickled Python objects, which are never loaded"
+        raise ModelError(
+            f"cannot read weights file {path}: not a valid PyTorch or safetensors checkpoint "
+            f"({reason})"
+        ) from None
+
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw:
+        raise ModelError(f"weights file {path} holds no state dict")
+    openai_layout = bool(raw.pop("__torchscript__", False)) or any(k in raw for k in _OPENAI_EXTRA_KEYS)
+    state = {
+        (key[len("module.") :] if key.startswith("module.") else key): value
+        for key, value in raw.items()
+        if key not in _OPENAI_EXTRA_KEYS + _DERIVED_KEYS
+    }
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"weights file {path} holds entries that are not tensors")
+    return state, openai_layout

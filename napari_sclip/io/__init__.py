@@ -1,0 +1,1 @@
+"""Reading images and writing label maps; no torch, no napari."""
