@@ -97,3 +97,21 @@ def test_both_correlation_terms_contribute(rows, name):
         clip.visual.transformer.resblocks[-1].attn.in_proj_weight[rows].mul_(3.0)
         after = sclip_patch_features(clip.visual, windows)
     assert (after - before).abs().max() > 1e-4, name
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+@pytest.mark.parametrize("layer_scale", [None, 0.1])
+def test_residual_block_equals_open_clips_block(quick_gelu, layer_scale):
+    """Blocks 1..L-1 are CLIP's own: our fused forward computes exactly what open_clip's does."""
+    from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+    from napari_sclip.engine.sclip import residual_block
+
+    torch.manual_seed(2)
+    act = QuickGELU if quick_gelu else torch.nn.GELU
+    block = ResidualAttentionBlock(64, 4, ls_init_value=layer_scale, act_layer=act).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        x = torch.randn(3, 50, 64)
+        torch.testing.assert_close(residual_block(block, x.clone()), block(x), rtol=1e-5, atol=1e-5)

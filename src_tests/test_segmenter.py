@@ -269,3 +269,32 @@ def test_bad_parameters_get_a_clear_error(segmenter, params, message):
 def test_bad_batch_size():
     with pytest.raises(ParameterError, match="batch_size"):
         Segmenter(batch_size=0)
+
+
+def test_huge_image_stays_within_memory(tiny_dir, tiny_checkpoint):
+    """6000 x 8000 RGB, 20 classes: one (20, H, W) float tensor alone would be 3.8 GB."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent(
+        f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import numpy as np
+        from pathlib import Path
+        from napari_sclip import Segmenter
+        from conftest import register_tiny_model
+        register_tiny_model(Path({str(tiny_dir)!r}))
+        image = np.random.default_rng(0).integers(0, 255, (6000, 8000, 3), dtype=np.uint8)
+        result = Segmenter("sclip-test-tiny", {str(tiny_checkpoint)!r}, "cpu").segment(
+            image, [f"class {{i}}" for i in range(20)])
+        assert result.labels.shape == (6000, 8000) and result.labels.max() <= 20
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = int(done.stdout.split()[-1])
+    assert peak_mb < 3000, f"peak RSS {peak_mb} MB"

@@ -2,14 +2,15 @@
 
 The authors' pipeline resizes with OpenCV's bilinear kernel (no antialiasing) and upsamples logits
 with PyTorch's bilinear interpolation.  Both sample exactly two source rows and two source columns
-per output pixel, so this module gathers only those rows and columns.  That keeps the memory of a
-resize proportional to its output, lets a huge image shrink without first becoming a float copy,
-and lets a logit canvas grow to a huge image one band of rows at a time.
+per output pixel, so this module gathers only the source rows a band of output rows needs, blends
+them, and lets PyTorch's kernel resize the columns.  That keeps the memory of a resize
+proportional to its output, lets a huge image shrink without first becoming a float copy, and lets
+a logit canvas grow to a huge image one band of rows at a time.
 """
 
 from __future__ import annotations
 
-from napari_sclip.engine._torch import torch
+from napari_sclip.engine._torch import F, torch
 
 
 def _source_taps(in_len: int, out_len: int, start: int, stop: int, device: torch.device):
@@ -41,15 +42,15 @@ def resize_bilinear(
     rows
         Only compute output rows ``rows[0]:rows[1]`` (a band of the full result).
     """
-    in_h, in_w = x.shape[-2:]
+    in_h = x.shape[-2]
     out_h, out_w = size
     r0, r1 = rows if rows is not None else (0, out_h)
     y_lo, y_hi, wy = _source_taps(in_h, out_h, r0, r1, x.device)
-    x_lo, x_hi, wx = _source_taps(in_w, out_w, 0, out_w, x.device)
-
     top = x.index_select(-2, y_lo).float()
     bottom = x.index_select(-2, y_hi).float()
     band = torch.lerp(top, bottom, wy[:, None])  # (..., r1 - r0, W_in)
-    left = band.index_select(-1, x_lo)
-    right = band.index_select(-1, x_hi)
-    return torch.lerp(left, right, wx)  # (..., r1 - r0, out_w)
+    # Along columns, PyTorch's own kernel (rows keep their size, so they pass through exactly).
+    lead = band.shape[:-2]
+    flat = band.reshape(1, -1, *band.shape[-2:])
+    out = F.interpolate(flat, size=(r1 - r0, out_w), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, r1 - r0, out_w)

@@ -20,6 +20,18 @@ from __future__ import annotations
 from napari_sclip.engine._torch import F, torch
 
 
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, D) -> (B, heads, T, D // heads)."""
+    batch, tokens, width = x.shape
+    return x.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, head_dim) -> (B, T, heads * head_dim)."""
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
 def correlative_self_attention(x: torch.Tensor, attn: torch.nn.MultiheadAttention) -> torch.Tensor:
     """SCLIP's attention for a batch-first ``(B, T, D)`` input, using ``attn``'s weights.
 
@@ -27,17 +39,54 @@ def correlative_self_attention(x: torch.Tensor, attn: torch.nn.MultiheadAttentio
     scaled-dot-product attention call (whose default scale is ``head_dim ** -0.5``), so the
     ``(T, T)`` matrices are never stored.
     """
-    batch, tokens, width = x.shape
-    heads = attn.num_heads
-    head_dim = width // heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3D)
-    q, k, v = (
-        t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
-        for t in qkv.chunk(3, dim=-1)
-    )
+    q, k, v = (_split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))  # (B, heads, T, head_dim)
     mixed = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
-    mixed = mixed.transpose(1, 2).reshape(batch, tokens, width)  # (B, T, D)
-    return attn.out_proj(mixed)
+    return attn.out_proj(_merge_heads(mixed))  # (B, T, D)
+
+
+def _activation_(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation, in place where it is QuickGELU: ``x sigmoid(1.702 x)`` equals
+    ``silu(1.702 x) / 1.702``, three in-place passes instead of three new tensors."""
+    if type(mlp.gelu).__name__ == "QuickGELU":
+        return F.silu(hidden.mul_(1.702), inplace=True).div_(1.702)
+    return mlp.gelu(hidden)
+
+
+def _mlp_residual(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x + mlp(ln_2(x))`` for ``(B, T, D)``, with the residual added inside the last GEMM."""
+    batch, tokens, width = x.shape
+    hidden = _activation_(block.mlp, block.mlp.c_fc(block.ln_2(x)))  # (B, T, 4D)
+    c_proj = block.mlp.c_proj
+    out = torch.addmm(x.reshape(-1, width), hidden.reshape(batch * tokens, -1), c_proj.weight.T)
+    return out.add_(c_proj.bias).reshape(batch, tokens, width)
+
+
+def _plain_block(block: torch.nn.Module) -> bool:
+    return isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity)
+
+
+def residual_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One of CLIP's own blocks (1 .. L-1), unchanged in value: self-attention and MLP with
+    residuals.  Computed with fused attention and the residuals folded into the output GEMMs,
+    which saves about a tenth of the ViT's time on a CPU; blocks with LayerScale run as is."""
+    if not _plain_block(block):
+        return block(x)
+    batch, tokens, width = x.shape
+    attn = block.attn
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3D)
+    q, k, v = (_split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+    mixed = _merge_heads(F.scaled_dot_product_attention(q, k, v)).reshape(batch * tokens, width)
+    x = torch.addmm(x.reshape(-1, width), mixed, attn.out_proj.weight.T).add_(attn.out_proj.bias)
+    return _mlp_residual(block, x.reshape(batch, tokens, width))
+
+
+def correlative_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SCLIP's last block: ``x + CSA(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+    x = x + block.ls_1(correlative_self_attention(block.ln_1(x), block.attn))
+    if not _plain_block(block):
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return _mlp_residual(block, x)
 
 
 def interpolate_positional_embedding(visual: torch.nn.Module, grid: tuple[int, int]) -> torch.Tensor:
@@ -89,9 +138,8 @@ def sclip_patch_features(visual: torch.nn.Module, pixels: torch.Tensor) -> torch
 
     *blocks, last = visual.transformer.resblocks
     for block in blocks:
-        x = block(x)
-    x = x + last.ls_1(correlative_self_attention(last.ln_1(x), last.attn))
-    x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        x = residual_block(block, x)
+    x = correlative_block(last, x)
 
     x = visual.ln_post(x) @ visual.proj  # (B, 1 + rows * cols, E)
     patch_features = F.normalize(x[:, 1:].float(), dim=-1)

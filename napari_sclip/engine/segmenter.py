@@ -342,12 +342,12 @@ class Segmenter:
         labels = np.empty((height, width), _label_dtype(num_classes))
         confidence = np.empty((height, width), np.float32)
         probs = np.empty((num_classes, height, width), np.float32) if return_probs else None
+        name_labels = torch.tensor(vocabulary.name_class_index, device=canvas.device) + 1
         # Names are stored class by class, so each class's names are one contiguous span.
         spans, start = [], 0
         for names in vocabulary.classes:
             spans.append((start, start + len(names)))
             start += len(names)
-        synonyms = any(stop - begin > 1 for begin, stop in spans)
 
         band = max(1, _BAND_ELEMENTS // (num_names * width))
         bands = math.ceil(height / band)
@@ -355,7 +355,7 @@ class Segmenter:
         for i, r0 in enumerate(range(0, height, band)):
             r1 = min(r0 + band, height)
             band_labels, best, class_probs = _classify_band(
-                canvas, size, (r0, r1), spans if synonyms else None, logit_scale, prob_threshold
+                canvas, size, (r0, r1), name_labels, logit_scale, prob_threshold, spans if return_probs else None
             )
             labels[r0:r1] = band_labels.numpy()
             confidence[r0:r1] = best.numpy()
@@ -370,17 +370,27 @@ def _classify_band(
     canvas: torch.Tensor,
     size: tuple[int, int],
     rows: tuple[int, int],
-    spans: list[tuple[int, int]] | None,
+    name_labels: torch.Tensor,
     logit_scale: float,
     prob_threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labels, winning probabilities and class probabilities of one band of output rows (CPU)."""
-    logits = resize_bilinear(canvas, size, rows=rows)  # (N, r, W)
-    name_probs = torch.softmax(logits * logit_scale, dim=0)
-    class_probs = (
-        torch.stack([name_probs[b:e].amax(dim=0) for b, e in spans]) if spans else name_probs
-    )  # (C, r, W)
-    best, index = class_probs.max(dim=0)
-    labels = index + 1
+    spans: list[tuple[int, int]] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Labels, winning probabilities and (with ``spans``) class probabilities of one band of
+    output rows, on the CPU.
+
+    The softmax over names peaks at the best name, and a class's probability is the maximum over
+    its names, so the winning class is the best name's class and its probability is the softmax
+    at that name, ``1 / sum(exp(l - l_best))``: no per-class tensor is needed unless asked for.
+    Ties go to the earlier class, as with an argmax over class probabilities.
+    """
+    scaled = resize_bilinear(canvas, size, rows=rows).mul_(logit_scale)  # (N, r, W)
+    best_logit, best_name = scaled.max(dim=0)
+    relative = scaled.sub_(best_logit).exp_()  # exp(l - l_best), in place
+    best = relative.sum(dim=0).reciprocal_()  # (r, W)
+    labels = name_labels[best_name]
     labels[best < prob_threshold] = 0
-    return labels.cpu(), best.cpu(), class_probs.cpu()
+    class_probs = None
+    if spans is not None:
+        name_probs = relative.mul_(best)  # the softmax over names
+        class_probs = torch.stack([name_probs[b:e].amax(dim=0) for b, e in spans]).cpu()  # (C, r, W)
+    return labels.cpu(), best.cpu(), class_probs

@@ -15,6 +15,7 @@ once into ``<cache_dir>/models``, or a path to a local checkpoint:
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -183,12 +184,12 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     except FileNotFoundError:
         raise ModelError(f"weights file not found: {path}") from None
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:160]
-        if "weights_only" in reason or "Unsupported global" in reason:
+        reason = " ".join(str(exc).split())
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in reason.lower():
             reason = "it contains pickled Python objects, which are never loaded"
         raise ModelError(
             f"cannot read weights file {path}: not a valid PyTorch or safetensors checkpoint "
-            f"({reason})"
+            f"({reason[:160]})"
         ) from None
 
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
