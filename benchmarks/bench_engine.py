@@ -44,6 +44,16 @@ def _timed_pair(first, second, repeats: int) -> tuple[float, float, object, obje
     return min(times[0]), min(times[1]), values[0], values[1]
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _checkpoint(folder: Path) -> Path:
     import torch
 
@@ -171,7 +181,7 @@ def main() -> None:
         segmenter.load()
         figures = {
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "cpu": _cpu_name(), "threads": torch.get_num_threads(),
                         "device": str(segmenter.device)},
             "text": bench_text(segmenter, NAMES[: args.names], args.repeats),
             "image": bench_image(segmenter, NAMES[: args.classes], args.repeats),
