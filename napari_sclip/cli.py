@@ -116,10 +116,24 @@ def _check_out_dir(out: Path, vocabulary, overwrite: bool) -> None:
             )
 
 
+def _progress_postfix(bar, name: str):
+    """A progress callback that shows the current stage of one image in the bar's postfix."""
+    labels = {"download": "downloading weights", "load": "loading model", "text": "encoding classes",
+              "windows": "windows", "resize": "labelling"}
+
+    def show(step) -> None:
+        if step.stage == "download":
+            bar.set_postfix_str(f"{labels['download']} {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB")
+        else:
+            bar.set_postfix_str(f"{name}: {labels.get(step.stage, step.stage)} {step.done}/{step.total}")
+
+    return show
+
+
 def _segment(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from napari_sclip.engine.image import to_rgb_uint8
+    from napari_sclip.engine.errors import ImageError
     from napari_sclip.engine.segmenter import Segmenter
     from napari_sclip.io.images import find_images, read_image
     from napari_sclip.io.label_maps import write_classes_json, write_label_png
@@ -140,7 +154,6 @@ def _segment(args: argparse.Namespace) -> int:
     todo = [(image, target) for image, target in jobs if args.overwrite or not target.exists()]
     skipped = len(jobs) - len(todo)
     failures: list[str] = []
-    params = None
 
     bar = tqdm(total=len(todo), unit="image", disable=args.quiet, dynamic_ncols=True)
     try:
@@ -148,20 +161,16 @@ def _segment(args: argparse.Namespace) -> int:
             bar.set_postfix_str(image_path.name)
             try:
                 image = read_image(image_path)
-                to_rgb_uint8(image)  # reject stacks and bad pixels before loading the model
-            except SclipError as exc:
+                # Image problems are checked before the model loads, and only skip this image.
+                show = _progress_postfix(bar, image_path.name)
+                result = segmenter.segment(image, vocabulary, progress=show, **options)
+            except ImageError as exc:
                 failures.append(f"{image_path}: {exc}")
                 bar.update(1)
                 continue
-            if params is None:
-                bar.set_postfix_str(f"loading {segmenter.model_name}")
-                segmenter.load()
-                bar.set_postfix_str(image_path.name)
-            result = segmenter.segment(image, vocabulary, **options)
-            params = result.params
             out.mkdir(parents=True, exist_ok=True)
             write_label_png(target, result.labels, len(vocabulary))
-            write_classes_json(out / "classes.json", vocabulary.classes, params)
+            write_classes_json(out / "classes.json", vocabulary.classes, result.params)
             bar.update(1)
     finally:
         bar.close()

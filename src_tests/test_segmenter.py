@@ -148,13 +148,13 @@ def test_progress_reports_every_stage(segmenter):
 
 def test_iter_segment_can_be_cancelled(segmenter, monkeypatch):
     calls = []
-    original = Segmenter._add_window_logits
+    original = Segmenter._window_logits
 
     def counting(self, *args):
         calls.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(Segmenter, "_add_window_logits", counting)
+    monkeypatch.setattr(Segmenter, "_window_logits", counting)
     steps = segmenter.iter_segment(natural_image(200, 300), CLASSES)
     for step in steps:
         if step.stage == "windows" and step.done > 0:
@@ -298,3 +298,33 @@ def test_huge_image_stays_within_memory(tiny_dir, tiny_checkpoint):
     assert done.returncode == 0, done.stderr[-2000:]
     peak_mb = int(done.stdout.split()[-1])
     assert peak_mb < 3000, f"peak RSS {peak_mb} MB"
+
+
+def test_out_of_memory_halves_the_batch_and_retries(tiny_checkpoint, monkeypatch):
+    rgb = natural_image(200, 300)  # 8 windows
+    expected = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu").segment(rgb, CLASSES, return_probs=True)
+    sizes = []
+    original = Segmenter._window_logits
+
+    def small_gpu(self, pixels, batch, text):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, pixels, batch, text)
+
+    monkeypatch.setattr(Segmenter, "_window_logits", small_gpu)
+    segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", batch_size=8)
+    result = segmenter.segment(rgb, CLASSES, return_probs=True)
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    np.testing.assert_allclose(result.probs, expected.probs, atol=1e-5)
+
+
+def test_out_of_memory_with_one_window_gives_up_clearly(segmenter, monkeypatch):
+    def no_gpu_memory(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Segmenter, "_window_logits", no_gpu_memory)
+    from napari_sclip.engine.errors import ModelError
+
+    with pytest.raises(ModelError, match="ran out of memory even with one window"):
+        segmenter.segment(natural_image(64, 64), ["a", "b"])

@@ -26,7 +26,7 @@ import numpy as np
 
 from napari_sclip.engine import config
 from napari_sclip.engine._torch import F, torch
-from napari_sclip.engine.errors import ModelError, ParameterError
+from napari_sclip.engine.errors import ModelError, ParameterError, VocabularyError
 from napari_sclip.engine.image import to_rgb_uint8
 from napari_sclip.engine.model import LoadedModel, autocast, load_model, precision_of
 from napari_sclip.engine.progress import Progress, ProgressCallback, drive
@@ -163,8 +163,11 @@ class Segmenter:
 
     def text_features(self, names: Sequence[str]) -> np.ndarray:
         """``(N, D)`` L2-normalised text embeddings of ``names`` (80-template average), cached."""
+        names = list(names)
+        if not all(isinstance(name, str) and name.strip() for name in names):
+            raise VocabularyError("text_features needs non-empty strings")
         self.load()
-        return drive(self._text.iter_features(list(names))).numpy()
+        return drive(self._text.iter_features(names)).numpy()
 
     # -- segmentation -----------------------------------------------------------------------------
 
@@ -296,7 +299,7 @@ class Segmenter:
         while done < len(windows):
             batch = windows[done : done + batch_size]
             try:
-                self._add_window_logits(canvas, pixels, batch, text_features)
+                logits = self._window_logits(pixels, batch, text_features)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise ModelError(
@@ -306,21 +309,26 @@ class Segmenter:
                 batch_size = max(1, batch_size // 2)
                 torch.cuda.empty_cache()
                 continue
+            self._accumulate(canvas, batch, logits)
             done += len(batch)
             yield Progress("windows", done, len(windows))
         counts = torch.from_numpy(window_counts(height, width, windows)).to(canvas.device)
         return canvas.div_(counts)
 
     @torch.inference_mode()
-    def _add_window_logits(
-        self, canvas: torch.Tensor, pixels: torch.Tensor, batch: list[Window], text_features: torch.Tensor
-    ) -> None:
-        """Run one batch of windows and add their upsampled logits into ``canvas`` (N, h, w)."""
+    def _window_logits(self, pixels: torch.Tensor, batch: list[Window], text_features: torch.Tensor) -> torch.Tensor:
+        """Patch logits ``(B, N, rows, cols)`` of one batch of windows; no side effects, so a
+        batch that runs out of memory can be retried in halves."""
         crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])  # (B, 3, wh, ww)
         with autocast(pixels.device):
             patch_features = sclip_patch_features(self._model.clip.visual, crops)  # (B, r, c, E)
             logits = patch_features @ text_features.to(patch_features.dtype).T  # (B, r, c, N)
-        logits = logits.float().permute(0, 3, 1, 2)  # (B, N, r, c)
+        return logits.float().permute(0, 3, 1, 2)
+
+    @staticmethod
+    @torch.inference_mode()
+    def _accumulate(canvas: torch.Tensor, batch: list[Window], logits: torch.Tensor) -> None:
+        """Upsample each window's logits to the window and add them into ``canvas`` (N, h, w)."""
         for (y1, y2, x1, x2), window_logits in zip(batch, logits):
             canvas[:, y1:y2, x1:x2] += F.interpolate(
                 window_logits[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
