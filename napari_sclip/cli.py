@@ -123,7 +123,8 @@ def _progress_postfix(bar, name: str):
 
     def show(step) -> None:
         if step.stage == "download":
-            bar.set_postfix_str(f"{labels['download']} {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB")
+            size = f" {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB" if step.total else ""
+            bar.set_postfix_str(labels["download"] + size)
         else:
             bar.set_postfix_str(f"{name}: {labels.get(step.stage, step.stage)} {step.done}/{step.total}")
 

@@ -14,6 +14,8 @@ once into ``<cache_dir>/models``, or a path to a local checkpoint:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import warnings
@@ -81,31 +83,54 @@ def _offline_hint(model: str, tag: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub logs every retry of a failed request; our error says it all in one line."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _hub_download(repo_id: str, names: list[str], cache: Path, progress: ProgressCallback | None) -> Path:
+    """Download the first of ``names`` that the repo has.  Only a file missing from the repo moves
+    on to the next name; a network failure ends the search at once."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    tqdm_class = _progress_tqdm(progress) if progress else None
+    for i, name in enumerate(names):
+        try:
+            with _quiet_hub_logs():
+                return Path(hf_hub_download(repo_id, name, cache_dir=str(cache), tqdm_class=tqdm_class))
+        except EntryNotFoundError as exc:
+            if isinstance(exc, LocalEntryNotFoundError) or i == len(names) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | None) -> Path:
     cache = config.models_dir()
     hub = cfg.get("hf_hub", "")
+    if progress:
+        progress(Progress("download", 0, 0))  # size unknown until the server answers
     try:
         cache.mkdir(parents=True, exist_ok=True)
         if hub:
-            from huggingface_hub import hf_hub_download
-
             # "org/repo/" names the repo's default file, "org/repo/file.bin" a given one.
             repo_id, filename = os.path.split(hub)
             filename = filename or _HUB_DEFAULT_FILE
-            candidates = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
-            tqdm_class = _progress_tqdm(progress) if progress else None
-            for i, name in enumerate(candidates):
-                try:
-                    return Path(hf_hub_download(repo_id, name, cache_dir=str(cache), tqdm_class=tqdm_class))
-                except Exception:
-                    if i == len(candidates) - 1:
-                        raise
+            names = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
+            return _hub_download(repo_id, names, cache, progress)
         if cfg.get("url"):
             from open_clip.pretrained import download_pretrained_from_url
 
             return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
     except Exception as exc:  # network, proxy, hub and disk errors all mean "not available"
-        reason = " ".join(str(exc).split())[:200]
+        reason = " ".join(str(exc).split()).split(". ")[0][:200]
         raise ModelError(f"{_offline_hint(model, tag)} ({type(exc).__name__}: {reason})") from None
     raise ModelError(f"the '{tag}' weights for {model} have no download location in open_clip")
 
