@@ -319,6 +319,15 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_checkpoint, monkeypatch
     np.testing.assert_allclose(result.probs, expected.probs, atol=1e-5)
 
 
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(segmenter, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(Segmenter, "_window_logits", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        segmenter.segment(natural_image(64, 64), ["a", "b"])
+
+
 def test_out_of_memory_with_one_window_gives_up_clearly(segmenter, monkeypatch):
     def no_gpu_memory(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -326,5 +335,5 @@ def test_out_of_memory_with_one_window_gives_up_clearly(segmenter, monkeypatch):
     monkeypatch.setattr(Segmenter, "_window_logits", no_gpu_memory)
     from napari_sclip.engine.errors import ModelError
 
-    with pytest.raises(ModelError, match="ran out of memory even with one window"):
+    with pytest.raises(ModelError, match="device ran out of memory even with one window"):
         segmenter.segment(natural_image(64, 64), ["a", "b"])

@@ -109,8 +109,8 @@ class Segmenter:
     quick_gelu
         Force the MLP activation; ``None`` decides from the weights (QuickGELU for OpenAI's).
     batch_size
-        Windows per forward pass; default 32 on CUDA, 8 on MPS, 4 on CPU.  On CUDA it is halved
-        and the batch retried when the GPU runs out of memory.
+        Windows per forward pass; default 32 on CUDA, 8 on MPS, 4 on CPU.  When the device runs
+        out of memory the batch is halved and retried.
 
     The model is loaded on first use (or by :meth:`load`) and shared by all segmenters of the
     process with the same model, weights and device.  A segmenter may be used from one thread at
@@ -300,14 +300,16 @@ class Segmenter:
             batch = windows[done : done + batch_size]
             try:
                 logits = self._window_logits(pixels, batch, text_features)
-            except torch.cuda.OutOfMemoryError:
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not _out_of_memory(exc):
+                    raise
                 if batch_size == 1:
                     raise ModelError(
-                        "the GPU ran out of memory even with one window at a time; "
-                        "use device='cpu' or a smaller short side"
+                        f"the {pixels.device.type.upper()} device ran out of memory even with one "
+                        "window at a time; use device='cpu' or a smaller short side"
                     ) from None
                 batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
+                _release_cached_memory(pixels.device)
                 continue
             self._accumulate(canvas, batch, logits)
             done += len(batch)
@@ -371,6 +373,17 @@ class Segmenter:
                 probs[:, r0:r1] = class_probs.numpy()
             yield Progress("resize", i + 1, bands)
         return labels, confidence, probs
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 @torch.inference_mode()
