@@ -71,6 +71,14 @@ def _build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace label maps that already exist")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    gui = commands.add_parser(
+        "gui",
+        help="open napari with the SCLIP widget and an image",
+        description="Open napari with the SCLIP segmentation widget docked, showing the given images "
+        "(or the astronaut sample).",
+    )
+    gui.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (default: a sample)")
+
     commands.add_parser("info", help="show versions, devices, defaults and cache folders")
     return parser
 
@@ -185,6 +193,31 @@ def _segment(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failures else 0
 
 
+def open_gui(images: Sequence[str] = ()):
+    """A napari viewer with the SCLIP widget docked and ``images`` (or the astronaut sample) open."""
+    import napari
+
+    from napari_sclip.io.images import find_images
+
+    paths = find_images(list(images)) if images else []
+    viewer = napari.Viewer(title="napari-sclip")
+    if paths:
+        for path in paths:
+            viewer.open(str(path))
+    else:
+        viewer.open_sample("napari-sclip", "astronaut")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")
+    return viewer, widget
+
+
+def _gui(args: argparse.Namespace) -> int:
+    import napari
+
+    open_gui(args.images)
+    napari.run()
+    return 0
+
+
 def _info(_: argparse.Namespace) -> int:
     import platform
 
@@ -218,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    command = {"segment": _segment, "info": _info}[args.command]
+    command = {"segment": _segment, "gui": _gui, "info": _info}[args.command]
     try:
         return command(args)
     except SclipError as exc:

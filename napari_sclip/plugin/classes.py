@@ -1,0 +1,56 @@
+"""Class numbering that survives vocabulary edits.
+
+Each class gets a permanent label value (its *uid*) the first time it appears, in vocabulary
+order, so a new vocabulary is numbered ``1..C``.  Afterwards:
+
+* appending a class gives it the next unused value: nothing is renumbered;
+* reordering classes, or adding synonyms, keeps every value (classes match by display name,
+  case-insensitively);
+* removing a class retires its value: it is never given to another class, and comes back if the
+  class does.  Pixels that still carry a removed class are what the widget asks about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ClassRegistry:
+    """Every class a labels layer has known, by uid."""
+
+    names: dict[int, tuple[str, ...]] = field(default_factory=dict)  # uid -> names (display first)
+    active: list[int] = field(default_factory=list)  # uids of the current vocabulary, in order
+
+    def uid_of(self, display_name: str) -> int | None:
+        key = display_name.casefold()
+        return next((uid for uid, names in self.names.items() if names[0].casefold() == key), None)
+
+    def plan(self, classes: tuple[tuple[str, ...], ...]) -> tuple[list[int], list[int]]:
+        """The uids ``classes`` would get, and the active uids it would retire (no change made)."""
+        next_uid = max(self.names, default=0) + 1
+        uids = []
+        for names in classes:
+            uid = self.uid_of(names[0])
+            if uid is None:
+                uid, next_uid = next_uid, next_uid + 1
+            uids.append(uid)
+        retired = [uid for uid in self.active if uid not in uids]
+        return uids, retired
+
+    def update(self, classes: tuple[tuple[str, ...], ...]) -> list[int]:
+        """Adopt a vocabulary (one tuple of names per class); returns each class's uid."""
+        uids, _ = self.plan(classes)
+        for uid, names in zip(uids, classes):
+            self.names[uid] = tuple(names)
+        self.active = uids
+        return uids
+
+    def display_name(self, uid: int) -> str:
+        return self.names[uid][0]
+
+    def lookup_table(self) -> np.ndarray:
+        """Maps the engine's labels (0, then 1..C in vocabulary order) to uids."""
+        return np.array([0, *self.active], dtype=np.int64)

@@ -1,0 +1,83 @@
+"""Creating and updating the labels and confidence layers (napari, no Qt)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from napari_sclip.colors import label_color
+from napari_sclip.plugin.classes import ClassRegistry
+
+#: Shown for label values that no class owns (e.g. painted with a free label number).
+UNKNOWN_COLOR = (0.6, 0.6, 0.6, 1.0)
+
+
+def labels_name(image_name: str) -> str:
+    return f"{image_name} labels"
+
+
+def confidence_name(image_name: str) -> str:
+    return f"{image_name} confidence"
+
+
+def class_colormap(registry: ClassRegistry):
+    """A ``DirectLabelColormap``: every class ever known keeps its colour; 0 is transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors: dict[int | None, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: UNKNOWN_COLOR}
+    for uid in registry.names:
+        r, g, b = label_color(uid)
+        colors[uid] = (r / 255, g / 255, b / 255, 1.0)
+    return DirectLabelColormap(color_dict=colors)
+
+
+def class_features(registry: ClassRegistry) -> pd.DataFrame:
+    """One row per class (current and retired): napari shows ``class_name`` under the cursor."""
+    uids = sorted(registry.names)
+    return pd.DataFrame(
+        {
+            "index": [0, *uids],
+            "class_name": ["unlabelled", *(registry.display_name(u) for u in uids)],
+            "synonyms": ["", *(", ".join(registry.names[u][1:]) for u in uids)],
+            "active": [False, *(u in registry.active for u in uids)],
+        }
+    )
+
+
+def style_labels_layer(layer, registry: ClassRegistry) -> None:
+    """Apply colours and the class table to ``layer``."""
+    layer.colormap = class_colormap(registry)
+    layer.features = class_features(registry)
+
+
+def write_labels(layer, region: tuple, new_values: np.ndarray, keep: np.ndarray | None) -> int:
+    """Write ``new_values`` into ``layer.data[region]`` through napari's undo history.
+
+    ``keep`` marks pixels that must not change (a person's edits).  Returns how many pixels
+    changed.  Call it inside ``layer.block_history()`` so that all writes of one run are a
+    single Ctrl+Z.
+    """
+    current = np.asarray(layer.data[region])
+    changed = current != new_values
+    if keep is not None:
+        changed &= ~keep
+    if not changed.any():
+        return 0
+    local = np.nonzero(changed)
+    offsets = [s.start or 0 if isinstance(s, slice) else s for s in region]
+    full_index = _global_index(region, local, offsets)
+    layer.data_setitem(full_index, new_values[changed], refresh=True)
+    return int(changed.sum())
+
+
+def _global_index(region: tuple, local: tuple[np.ndarray, ...], offsets: list[int]) -> tuple[np.ndarray, ...]:
+    """Turn indices within ``layer.data[region]`` into indices of the whole array."""
+    index: list[np.ndarray] = []
+    axis = 0
+    for part, offset in zip(region, offsets):
+        if isinstance(part, slice):
+            index.append(local[axis] + offset)
+            axis += 1
+        else:  # an integer index: a fixed slice position
+            index.append(np.full(local[0].shape, part, dtype=np.intp))
+    return tuple(index)

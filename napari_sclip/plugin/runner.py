@@ -1,0 +1,92 @@
+"""The background job: segment one or more 2D slices of a layer's data (no Qt, no napari).
+
+The widget runs :func:`run_job` in a napari generator worker.  It yields :class:`JobProgress`
+after every batch of windows, so cancelling takes effect within one batch, and returns one
+:class:`~napari_sclip.SegmentationResult` per slice.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Generator, Sequence
+
+import numpy as np
+
+from napari_sclip.engine.vocabulary import Vocabulary
+
+Region = tuple  # an index into the labels array: ints for fixed axes, then two slice(None)
+
+_STAGE_TEXT = {"text": "encoding classes", "windows": "segmenting", "resize": "labelling"}
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Overall progress of a job: ``fraction`` in [0, 1] and a short status text."""
+
+    fraction: float
+    message: str
+
+
+@dataclass
+class SegmentJob:
+    """What to segment and how.
+
+    Attributes
+    ----------
+    data
+        The image layer's data, any array-like (numpy, dask, zarr): (..., Y, X) or (..., Y, X, C).
+    rgb
+        Whether the last axis holds colour channels.
+    regions
+        The labels-array indices of the 2D slices to segment, e.g. ``[(slice(None), slice(None))]``
+        for a 2D image or ``[(3, slice(None), slice(None))]`` for slice 3 of a stack.
+    vocabulary, options
+        Passed to :meth:`Segmenter.iter_segment` (``short_side``, ``window``, ...).
+    contrast_limits
+        The layer's contrast limits, for non-8-bit data.
+    """
+
+    data: Any
+    rgb: bool
+    regions: list[Region]
+    vocabulary: Vocabulary
+    options: dict[str, Any] = field(default_factory=dict)
+    contrast_limits: Sequence[float] | None = None
+
+
+def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None) -> list[Region]:
+    """The 2D slices of an image of ``shape``: all of them, or the one at ``current`` (the
+    viewer's position along the leading axes)."""
+    spatial = tuple(shape[:-1]) if rgb else tuple(shape)
+    lead = spatial[:-2]
+    plane = (slice(None), slice(None))
+    if not lead:
+        return [plane]
+    if current is not None:
+        position = tuple(min(max(int(c), 0), n - 1) for c, n in zip(current[: len(lead)], lead))
+        return [position + plane]
+    return [index + plane for index in itertools.product(*(range(n) for n in lead))]
+
+
+def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list]:
+    """Load the model if needed, then segment every region; returns ``[(region, result), ...]``."""
+    yield JobProgress(0.0, f"loading {segmenter.model_name}")
+    segmenter.load()
+    results = []
+    count = len(job.regions)
+    for k, region in enumerate(job.regions):
+        index = region + (slice(None),) if job.rgb else region
+        image = np.asarray(job.data[index])
+        steps = segmenter.iter_segment(image, job.vocabulary, contrast_limits=job.contrast_limits, **job.options)
+        where = f" (slice {k + 1}/{count})" if count > 1 else ""
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                results.append((region, stop.value))
+                break
+            text = _STAGE_TEXT.get(step.stage, step.stage)
+            yield JobProgress((k + 0.98 * step.fraction) / count, f"{text} {step.done}/{step.total}{where}")
+    yield JobProgress(1.0, "done")
+    return results

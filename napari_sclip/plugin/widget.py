@@ -1,0 +1,484 @@
+"""The "SCLIP segmentation" dock widget (Qt, through qtpy only).
+
+Business logic lives in :mod:`.classes`, :mod:`.edits`, :mod:`.layers` and :mod:`.runner`; this
+module wires them to Qt controls and to a napari generator worker, so nothing slow ever runs on
+the GUI thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QPixmap
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from napari_sclip.colors import label_color
+from napari_sclip.engine import config
+from napari_sclip.engine.errors import SclipError
+from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
+from napari_sclip.plugin.classes import ClassRegistry
+from napari_sclip.plugin.edits import EditTracker
+from napari_sclip.plugin.layers import confidence_name, labels_name, style_labels_layer, write_labels
+from napari_sclip.plugin.runner import JobProgress, SegmentJob, run_job, slice_regions
+
+if TYPE_CHECKING:
+    import napari
+
+EXAMPLE_VOCABULARY = "person\nsky\ntree, plant\nbuilding\ngrass\n"
+_METADATA_KEY = "napari_sclip"
+
+
+class SclipWidget(QWidget):
+    """Type class names, click Segment, get an editable labels layer."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._worker = None
+        self._progress = None
+        self._segmenter = None
+        self._trackers: dict[int, EditTracker] = {}
+
+        self._image_combo = QComboBox()
+        self._image_combo.setToolTip("The image layer to segment")
+        self._slice_combo = QComboBox()
+        self._slice_combo.addItems(["current slice", "all slices"])
+        self._slice_combo.setToolTip("For stacks: segment the slice on screen, or every 2D slice")
+
+        self._vocabulary_edit = QPlainTextEdit(EXAMPLE_VOCABULARY)
+        self._vocabulary_edit.setPlaceholderText("One class per line; synonyms after commas:\ncar, automobile")
+        self._vocabulary_edit.setToolTip("One class per line. Synonyms after commas: the first name is shown.")
+        load_button = QPushButton("Load…")
+        save_button = QPushButton("Save…")
+        load_button.clicked.connect(self._load_vocabulary)
+        save_button.clicked.connect(self._save_vocabulary)
+        self._class_list = QListWidget()
+        self._class_list.setToolTip("Label value and colour of each class")
+        self._class_list.setMaximumHeight(140)
+
+        self._model_edit = QLineEdit(config.default_model())
+        self._weights_edit = QLineEdit(config.default_pretrained())
+        self._weights_edit.setToolTip("An open_clip pretrained tag (e.g. openai) or a checkpoint file")
+        browse = QPushButton("…")
+        browse.setFixedWidth(30)
+        browse.clicked.connect(self._browse_weights)
+        self._device_combo = QComboBox()
+        self._device_combo.addItem(config.default_device())
+        self._short_side = _spin(16, 4096, config.DEFAULT_SHORT_SIDE, "Resize so the short side has this many pixels")
+        self._window = _spin(16, 2048, config.DEFAULT_WINDOW, "Sliding-window size in pixels")
+        self._stride = _spin(1, 2048, config.DEFAULT_STRIDE, "Sliding-window step in pixels")
+        self._logit_scale = _double(0.1, 1000.0, config.DEFAULT_LOGIT_SCALE, 1, "Sharpness of the softmax")
+        self._threshold = _double(0.0, 1.0, config.DEFAULT_PROB_THRESHOLD, 2, "Leave pixels unlabelled below this probability")
+        self._confidence_box = QCheckBox("confidence layer")
+        self._confidence_box.setToolTip("Also show the winning class's probability as an image layer")
+        self._overwrite_box = QCheckBox("overwrite my edits")
+        self._overwrite_box.setToolTip("Re-running normally keeps pixels you painted or filled")
+
+        self._run_button = QPushButton("Segment")
+        self._run_button.setToolTip("Run SCLIP in the background; click again to cancel")
+        self._run_button.clicked.connect(self._toggle_run)
+        self._progress_bar = QProgressBar()
+        self._progress_bar.setRange(0, 1000)
+        self._progress_bar.setTextVisible(False)
+        self._status = QLabel("ready")
+        self._status.setWordWrap(True)
+
+        self._build_layout(load_button, save_button, browse)
+        self._connect_viewer()
+        self._vocabulary_edit.textChanged.connect(self._refresh_class_list)
+        self._image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self._refresh_images()
+        self._refresh_class_list()
+        self._find_devices()
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _build_layout(self, load_button, save_button, browse) -> None:
+        form = QFormLayout()
+        form.addRow("image", self._image_combo)
+        form.addRow("stack", self._slice_combo)
+
+        vocabulary_buttons = QHBoxLayout()
+        vocabulary_buttons.addWidget(QLabel("classes"))
+        vocabulary_buttons.addStretch()
+        vocabulary_buttons.addWidget(load_button)
+        vocabulary_buttons.addWidget(save_button)
+
+        weights_row = QHBoxLayout()
+        weights_row.addWidget(self._weights_edit)
+        weights_row.addWidget(browse)
+        advanced_form = QFormLayout()
+        advanced_form.addRow("model", self._model_edit)
+        advanced_form.addRow("weights", weights_row)
+        advanced_form.addRow("device", self._device_combo)
+        advanced_form.addRow("short side", self._short_side)
+        advanced_form.addRow("window", self._window)
+        advanced_form.addRow("stride", self._stride)
+        advanced_form.addRow("logit scale", self._logit_scale)
+        advanced_form.addRow("threshold", self._threshold)
+        advanced_form.addRow(self._confidence_box)
+        advanced_widget = QWidget()
+        advanced_widget.setLayout(advanced_form)
+        self._advanced = QCollapsible("Advanced")
+        self._advanced.addWidget(advanced_widget)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(vocabulary_buttons)
+        layout.addWidget(self._vocabulary_edit)
+        layout.addWidget(self._class_list)
+        layout.addWidget(self._overwrite_box)
+        layout.addWidget(self._advanced)
+        layout.addWidget(self._run_button)
+        layout.addWidget(self._progress_bar)
+        layout.addWidget(self._status)
+        layout.addStretch()
+
+    # -- viewer layers ----------------------------------------------------------------------------
+
+    def _connect_viewer(self) -> None:
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.reordered):
+            event.connect(self._refresh_images)
+
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _refresh_images(self, event=None) -> None:
+        current = self._image_combo.currentText()
+        self._image_combo.blockSignals(True)
+        self._image_combo.clear()
+        names = [layer.name for layer in self._image_layers()]
+        self._image_combo.addItems(names)
+        if current in names:
+            self._image_combo.setCurrentText(current)
+        self._image_combo.blockSignals(False)
+        self._on_image_changed()
+
+    def selected_image(self):
+        """The image layer chosen in the picker, or ``None``."""
+        name = self._image_combo.currentText()
+        return next((layer for layer in self._image_layers() if layer.name == name), None)
+
+    def _on_image_changed(self, *_) -> None:
+        layer = self.selected_image()
+        stacked = layer is not None and (layer.data.ndim - (1 if layer.rgb else 0)) > 2
+        self._slice_combo.setEnabled(stacked)
+        self._refresh_class_list()
+
+    def _labels_layer(self, image):
+        name = labels_name(image.name)
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _registry(self, labels) -> ClassRegistry:
+        if labels is None:
+            return ClassRegistry()
+        return labels.metadata.setdefault(_METADATA_KEY, {}).setdefault("classes", ClassRegistry())
+
+    # -- vocabulary -------------------------------------------------------------------------------
+
+    def vocabulary(self) -> Vocabulary:
+        """The vocabulary typed in the editor (raises VocabularyError)."""
+        return parse_vocabulary_text(self._vocabulary_edit.toPlainText())
+
+    def set_vocabulary(self, lines: list[str] | str) -> None:
+        text = lines if isinstance(lines, str) else "\n".join(lines)
+        self._vocabulary_edit.setPlainText(text)
+
+    def _refresh_class_list(self) -> None:
+        self._class_list.clear()
+        try:
+            vocabulary = self.vocabulary()
+        except SclipError as exc:
+            item = QListWidgetItem(str(exc))
+            item.setForeground(QColor("orange"))
+            self._class_list.addItem(item)
+            return
+        image = self.selected_image()
+        registry = self._registry(self._labels_layer(image) if image is not None else None)
+        uids, _ = registry.plan(vocabulary.classes)
+        for uid, names in zip(uids, vocabulary.classes):
+            swatch = QPixmap(14, 14)
+            swatch.fill(QColor(*label_color(uid)))
+            synonyms = f"  ({', '.join(names[1:])})" if len(names) > 1 else ""
+            self._class_list.addItem(QListWidgetItem(QIcon(swatch), f"{uid}: {names[0]}{synonyms}"))
+
+    def _load_vocabulary(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load vocabulary", "", "Text files (*.txt);;All files (*)")
+        if path:
+            try:
+                self.set_vocabulary(read_vocabulary_file(path).to_lines())
+            except SclipError as exc:
+                self._notify_error(exc)
+
+    def _save_vocabulary(self) -> None:
+        try:
+            lines = self.vocabulary().to_lines()
+        except SclipError as exc:
+            self._notify_error(exc)
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save vocabulary", "classes.txt", "Text files (*.txt)")
+        if path:
+            try:
+                Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            except OSError as exc:
+                self._notify_error(exc)
+
+    def _browse_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose CLIP weights", "", "Checkpoints (*.pt *.pth *.bin *.safetensors);;All files (*)"
+        )
+        if path:
+            self._weights_edit.setText(path)
+
+    # -- devices (found in the background: it imports torch) ---------------------------------------
+
+    def _find_devices(self) -> None:
+        from napari.qt.threading import create_worker
+
+        def available() -> list[str]:
+            from napari_sclip.engine.model import available_devices
+
+            return available_devices()
+
+        # Keep a reference: a worker that is garbage-collected never delivers its result.
+        self._device_worker = create_worker(available, _start_thread=False)
+        self._device_worker.returned.connect(self._set_devices)
+        self._device_worker.errored.connect(lambda exc: None)  # the default device stays usable
+        self._device_worker.start()
+
+    def _set_devices(self, devices: list[str]) -> None:
+        current = self._device_combo.currentText()
+        self._device_combo.clear()
+        self._device_combo.addItems(["auto", *devices])
+        if current in ("auto", *devices):
+            self._device_combo.setCurrentText(current)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def _toggle_run(self) -> None:
+        if self.running:
+            self.cancel()
+        else:
+            self.segment()
+
+    def _options(self) -> dict:
+        return {
+            "short_side": self._short_side.value(),
+            "window": self._window.value(),
+            "stride": self._stride.value(),
+            "logit_scale": self._logit_scale.value(),
+            "prob_threshold": self._threshold.value(),
+        }
+
+    def _get_segmenter(self):
+        from napari_sclip import Segmenter
+
+        wanted = (self._model_edit.text().strip(), self._weights_edit.text().strip(), self._device_combo.currentText())
+        seg = self._segmenter
+        if seg is None or (seg.model_name, seg.pretrained, seg.device_name) != wanted:
+            self._segmenter = Segmenter(*(value or None for value in wanted))
+        return self._segmenter
+
+    def segment(self) -> None:
+        """Start segmenting the selected image in a background worker."""
+        if self.running:
+            return
+        image = self.selected_image()
+        if image is None:
+            self._notify_error("add or select an image layer first")
+            return
+        try:
+            vocabulary = self.vocabulary()
+        except SclipError as exc:
+            self._notify_error(exc)
+            return
+        labels = self._labels_layer(image)
+        if labels is not None and not self._confirm_removals(labels, vocabulary):
+            return
+        current = None if self._slice_combo.currentText() == "all slices" else self.viewer.dims.current_step
+        job = SegmentJob(
+            data=image.data,
+            rgb=image.rgb,
+            regions=slice_regions(image.data.shape, image.rgb, current),
+            vocabulary=vocabulary,
+            options=self._options(),
+            contrast_limits=None if image.rgb and image.data.dtype == np.uint8 else tuple(image.contrast_limits),
+        )
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self._worker = create_worker(run_job, self._get_segmenter(), job, _start_thread=False)
+        self._worker.yielded.connect(self._on_progress)
+        self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results))
+        self._worker.errored.connect(self._notify_error)
+        self._worker.finished.connect(self._on_finished)
+        self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
+        self._run_button.setText("Cancel")
+        self._status.setText("starting…")
+        self._worker.start()
+
+    def cancel(self) -> None:
+        """Stop the running segmentation; nothing is written."""
+        if self._worker is not None:
+            self._status.setText("cancelling…")
+            self._worker.quit()
+
+    def _on_progress(self, step: JobProgress) -> None:
+        value = int(step.fraction * 1000)
+        self._progress_bar.setValue(value)
+        self._status.setText(step.message)
+        bar = self._progress
+        if bar is not None:
+            bar.set_description(f"SCLIP: {step.message}")
+            bar.update(value - bar.n)
+
+    def _on_finished(self) -> None:
+        aborted = self._worker is not None and self._worker.abort_requested
+        self._worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._run_button.setText("Segment")
+        self._progress_bar.setValue(0)
+        if aborted:
+            self._status.setText("cancelled: nothing was changed")
+
+    def _notify_error(self, error) -> None:
+        from napari.utils.notifications import show_error
+
+        message = str(error) if isinstance(error, (SclipError, str)) else f"{type(error).__name__}: {error}"
+        message = " ".join(message.split())
+        self._status.setText(f"error: {message}")
+        show_error(f"SCLIP: {message}")
+
+    # -- writing results --------------------------------------------------------------------------
+
+    def _confirm_removals(self, labels, vocabulary: Vocabulary) -> bool:
+        registry = self._registry(labels)
+        _, retired = registry.plan(vocabulary.classes)
+        tracker = self._tracker(labels)
+        painted = sorted(set(retired) & tracker.painted_values())
+        if not painted:
+            return True
+        names = ", ".join(registry.display_name(uid) for uid in painted)
+        answer = QMessageBox.question(
+            self,
+            "Remove classes with painted pixels?",
+            f"You painted pixels of {names}, which the new vocabulary no longer has. "
+            "Continue and set those pixels to unlabelled?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _tracker(self, labels) -> EditTracker:
+        tracker = self._trackers.get(id(labels))
+        if tracker is None or tracker.layer is not labels:
+            tracker = self._trackers[id(labels)] = EditTracker(labels)
+        return tracker
+
+    def _apply(self, image, vocabulary: Vocabulary, results: list) -> None:
+        """Write the worker's results into the image's labels layer (GUI thread)."""
+        if image not in self.viewer.layers:
+            self._status.setText("the image layer was removed; results dropped")
+            return
+        shape = image.data.shape[:-1] if image.rgb else image.data.shape
+        labels = self._labels_layer(image)
+        if labels is None or labels.data.shape != tuple(shape):
+            dtype = np.uint8 if len(vocabulary) < 255 else np.uint16
+            labels = self.viewer.add_labels(
+                np.zeros(shape, dtype), name=labels_name(image.name), scale=image.scale, translate=image.translate
+            )
+        registry = self._registry(labels)
+        tracker = self._tracker(labels)
+        _, retired = registry.plan(vocabulary.classes)
+        registry.update(vocabulary.classes)
+        if max(registry.names) > np.iinfo(labels.data.dtype).max:
+            labels.data = labels.data.astype(np.uint16)
+        lookup = registry.lookup_table()
+        overwrite = self._overwrite_box.isChecked()
+        changed = 0
+        with tracker.suspended(), labels.block_history():
+            if retired:
+                data = np.asarray(labels.data)
+                stale = np.isin(data, retired)
+                if stale.any():
+                    labels.data_setitem(np.nonzero(stale), 0)
+            for region, result in results:
+                keep = None if overwrite else tracker.mask[region]
+                changed += write_labels(labels, region, lookup[result.labels].astype(labels.data.dtype), keep)
+                if overwrite:
+                    tracker.mask[region] = False
+        style_labels_layer(labels, registry)
+        if self._confidence_box.isChecked():
+            confidence = self._write_confidence(image, shape, results)
+            # Keep the labels on top, where the brush works.
+            layers = self.viewer.layers
+            layers.move(layers.index(confidence), layers.index(labels))
+        self.viewer.layers.selection.active = labels
+        kept = int(tracker.mask.sum())
+        note = f", kept {kept} edited pixels" if kept and not overwrite else ""
+        self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
+
+    def _write_confidence(self, image, shape, results):
+        name = confidence_name(image.name)
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape == tuple(shape):
+            layer = self.viewer.layers[name]
+        else:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            layer = self.viewer.add_image(
+                np.zeros(shape, np.float32), name=name, scale=image.scale, translate=image.translate,
+                colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.6, visible=True,
+            )
+        for region, result in results:
+            layer.data[region] = result.confidence
+        layer.refresh()
+        return layer
+
+
+def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(low, high)
+    box.setValue(value)
+    box.setToolTip(tip)
+    return box
+
+
+def _double(low: float, high: float, value: float, decimals: int, tip: str) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setRange(low, high)
+    box.setDecimals(decimals)
+    box.setSingleStep(10 ** -decimals * 5 if decimals else 1)
+    box.setValue(value)
+    box.setToolTip(tip)
+    return box
