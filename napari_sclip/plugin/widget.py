@@ -7,6 +7,7 @@ the GUI thread.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ from napari_sclip.plugin.runner import JobProgress, SegmentJob, run_job, slice_r
 if TYPE_CHECKING:
     import napari
 
+_log = logging.getLogger(__name__)
 EXAMPLE_VOCABULARY = "person\nsky\ntree, plant\nbuilding\ngrass\n"
 _METADATA_KEY = "napari_sclip"
 
@@ -59,7 +61,6 @@ class SclipWidget(QWidget):
         self._worker = None
         self._progress = None
         self._segmenter = None
-        self._trackers: dict[int, EditTracker] = {}
 
         self._image_combo = QComboBox()
         self._image_combo.setToolTip("The image layer to segment")
@@ -199,6 +200,13 @@ class SclipWidget(QWidget):
             return ClassRegistry()
         return labels.metadata.setdefault(_METADATA_KEY, {}).setdefault("classes", ClassRegistry())
 
+    def _tracker(self, labels) -> EditTracker:
+        # Kept with the layer (not keyed by the layer object: plugins see napari's proxies of it).
+        state = labels.metadata.setdefault(_METADATA_KEY, {})
+        if "edits" not in state:
+            state["edits"] = EditTracker(labels)
+        return state["edits"]
+
     # -- vocabulary -------------------------------------------------------------------------------
 
     def vocabulary(self) -> Vocabulary:
@@ -266,7 +274,7 @@ class SclipWidget(QWidget):
             return available_devices()
 
         # Keep a reference: a worker that is garbage-collected never delivers its result.
-        self._device_worker = create_worker(available, _start_thread=False)
+        self._device_worker = create_worker(available, _start_thread=False, _ignore_errors=True)
         self._device_worker.returned.connect(self._set_devices)
         self._device_worker.errored.connect(lambda exc: None)  # the default device stays usable
         self._device_worker.start()
@@ -336,7 +344,8 @@ class SclipWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        self._worker = create_worker(run_job, self._get_segmenter(), job, _start_thread=False)
+        # Errors are ours to report (one line); they are not re-raised in the GUI thread.
+        self._worker = create_worker(run_job, self._get_segmenter(), job, _start_thread=False, _ignore_errors=True)
         self._worker.yielded.connect(self._on_progress)
         self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results))
         self._worker.errored.connect(self._notify_error)
@@ -375,6 +384,8 @@ class SclipWidget(QWidget):
     def _notify_error(self, error) -> None:
         from napari.utils.notifications import show_error
 
+        if isinstance(error, BaseException) and not isinstance(error, SclipError):
+            _log.error("SCLIP segmentation failed", exc_info=error)  # a bug: keep the traceback
         message = str(error) if isinstance(error, (SclipError, str)) else f"{type(error).__name__}: {error}"
         message = " ".join(message.split())
         self._status.setText(f"error: {message}")
@@ -400,44 +411,37 @@ class SclipWidget(QWidget):
         )
         return answer == QMessageBox.StandardButton.Yes
 
-    def _tracker(self, labels) -> EditTracker:
-        tracker = self._trackers.get(id(labels))
-        if tracker is None or tracker.layer is not labels:
-            tracker = self._trackers[id(labels)] = EditTracker(labels)
-        return tracker
-
     def _apply(self, image, vocabulary: Vocabulary, results: list) -> None:
         """Write the worker's results into the image's labels layer (GUI thread)."""
         if image not in self.viewer.layers:
             self._status.setText("the image layer was removed; results dropped")
             return
-        shape = image.data.shape[:-1] if image.rgb else image.data.shape
+        shape = tuple(image.data.shape[:-1] if image.rgb else image.data.shape)
         labels = self._labels_layer(image)
-        if labels is None or labels.data.shape != tuple(shape):
-            dtype = np.uint8 if len(vocabulary) < 255 else np.uint16
-            labels = self.viewer.add_labels(
-                np.zeros(shape, dtype), name=labels_name(image.name), scale=image.scale, translate=image.translate
-            )
+        if labels is not None and labels.data.shape != shape:
+            self._notify_error(f"layer '{labels.name}' does not have the image's shape; rename or remove it")
+            return
         registry = self._registry(labels)
-        tracker = self._tracker(labels)
         _, retired = registry.plan(vocabulary.classes)
         registry.update(vocabulary.classes)
-        if max(registry.names) > np.iinfo(labels.data.dtype).max:
-            labels.data = labels.data.astype(np.uint16)
         lookup = registry.lookup_table()
+        dtype = np.uint8 if max(registry.names) <= 255 else np.uint16
         overwrite = self._overwrite_box.isChecked()
-        changed = 0
-        with tracker.suspended(), labels.block_history():
-            if retired:
-                data = np.asarray(labels.data)
-                stale = np.isin(data, retired)
-                if stale.any():
-                    labels.data_setitem(np.nonzero(stale), 0)
+        if labels is None:
+            # A new layer: nothing to undo or protect, so no history is written.
+            data = np.zeros(shape, dtype)
             for region, result in results:
-                keep = None if overwrite else tracker.mask[region]
-                changed += write_labels(labels, region, lookup[result.labels].astype(labels.data.dtype), keep)
-                if overwrite:
-                    tracker.mask[region] = False
+                data[region] = lookup[result.labels]
+            labels = self.viewer.add_labels(
+                data, name=labels_name(image.name), scale=image.scale, translate=image.translate
+            )
+            labels.metadata[_METADATA_KEY] = {"classes": registry}
+            changed = int(sum(result.labels.size for _, result in results))
+        else:
+            if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
+                labels.data = labels.data.astype(dtype)
+            changed = self._update_labels(labels, results, lookup, retired, overwrite)
+        tracker = self._tracker(labels)
         style_labels_layer(labels, registry)
         if self._confidence_box.isChecked():
             confidence = self._write_confidence(image, shape, results)
@@ -448,6 +452,23 @@ class SclipWidget(QWidget):
         kept = int(tracker.mask.sum())
         note = f", kept {kept} edited pixels" if kept and not overwrite else ""
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
+
+    def _update_labels(self, labels, results: list, lookup: np.ndarray, retired: list[int], overwrite: bool) -> int:
+        """Re-run: write new labels around the person's edits, as one undo step."""
+        tracker = self._tracker(labels)
+        changed = 0
+        with tracker.suspended(), labels.block_history():
+            if retired:  # the person agreed that removed classes' pixels become unlabelled
+                stale = np.isin(np.asarray(labels.data), retired)
+                if stale.any():
+                    labels.data_setitem(np.nonzero(stale), 0)
+            for region, result in results:
+                keep = None if overwrite else tracker.mask[region]
+                new = lookup[result.labels].astype(labels.data.dtype)
+                changed += write_labels(labels, region, new, keep)
+                if overwrite:
+                    tracker.mask[region] = False
+        return changed
 
     def _write_confidence(self, image, shape, results):
         name = confidence_name(image.name)

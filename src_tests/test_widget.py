@@ -1,0 +1,237 @@
+"""The SCLIP widget in a real napari viewer (Xvfb), with the tiny test model.
+
+The model is chosen through the environment variables, as a site admin would.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MODEL, natural_image
+
+from napari_sclip.colors import label_color
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def widget(display, make_napari_viewer, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("NAPARI_SCLIP_MODEL", TINY_MODEL)
+    monkeypatch.setenv("NAPARI_SCLIP_PRETRAINED", str(tiny_checkpoint))
+    monkeypatch.setenv("NAPARI_SCLIP_DEVICE", "cpu")
+    viewer = make_napari_viewer()
+    _, dock = viewer.window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")
+    return dock
+
+
+def _run(qtbot, widget, timeout=120_000):
+    widget.segment()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def test_opens_through_the_manifest_with_env_defaults(widget, tiny_checkpoint):
+    from napari_sclip.plugin.widget import SclipWidget
+
+    assert isinstance(widget, SclipWidget)
+    assert widget._model_edit.text() == TINY_MODEL
+    assert widget._weights_edit.text() == str(tiny_checkpoint)
+    assert widget._device_combo.currentText() == "cpu"
+
+
+def test_segment_makes_a_named_coloured_labels_layer(widget, qtbot):
+    viewer = widget.viewer
+    image = viewer.add_image(natural_image(90, 120), name="photo", rgb=True, scale=(2, 3), translate=(5, 7))
+    widget.set_vocabulary(["person, astronaut", "sky", "rocket"])
+    _run(qtbot, widget)
+    labels = viewer.layers["photo labels"]
+    assert labels.data.shape == (90, 120)
+    assert set(np.unique(labels.data)) <= {1, 2, 3}
+    np.testing.assert_array_equal(labels.scale, image.scale)
+    np.testing.assert_array_equal(labels.translate, image.translate)
+    table = labels.features
+    assert dict(zip(table["index"], table["class_name"])) == {0: "unlabelled", 1: "person", 2: "sky", 3: "rocket"}
+    for value in (1, 2, 3):
+        np.testing.assert_allclose(labels.colormap.color_dict[value][:3], np.array(label_color(value)) / 255)
+    assert widget._run_button.text() == "Segment" and "done" in widget._status.text()
+
+    # The labels equal the engine's own result for the same image and classes.
+    from napari_sclip import Segmenter
+
+    expected = Segmenter().segment(image.data, ["person, astronaut", "sky", "rocket"])
+    np.testing.assert_array_equal(labels.data, expected.labels)
+
+
+def test_painted_pixels_survive_a_rerun_and_undo_restores(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(natural_image(80, 100), name="img", rgb=True)
+    widget.set_vocabulary(["cat", "dog"])
+    _run(qtbot, widget)
+    labels = viewer.layers["img labels"]
+    labels.brush_size = 5
+    labels.paint((40, 50), 2)  # a person's stroke
+    stroke = labels.data[38:43, 48:53].copy()
+    before = labels.data.copy()
+
+    widget.set_vocabulary(["cat", "dog", "bird"])  # appended: cat and dog keep 1 and 2
+    widget._logit_scale.setValue(100.0)
+    _run(qtbot, widget)
+    np.testing.assert_array_equal(labels.data[38:43, 48:53], stroke)
+    assert set(np.unique(labels.data)) <= {1, 2, 3}
+    assert "kept" in widget._status.text()
+
+    labels.undo()  # one Ctrl+Z undoes the whole re-run
+    np.testing.assert_array_equal(labels.data, before)
+
+
+def test_overwrite_my_edits(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(natural_image(60, 60), name="img", rgb=True)
+    widget.set_vocabulary(["cat", "dog"])
+    _run(qtbot, widget)
+    labels = viewer.layers["img labels"]
+    model_output = labels.data.copy()
+    labels.data_setitem((np.array([10]), np.array([10])), 0)  # erased by hand
+    widget._overwrite_box.setChecked(True)
+    _run(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, model_output)
+
+
+def test_removing_a_painted_class_asks_first(widget, qtbot, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer = widget.viewer
+    viewer.add_image(natural_image(60, 60), name="img", rgb=True)
+    widget.set_vocabulary(["cat", "dog"])
+    _run(qtbot, widget)
+    labels = viewer.layers["img labels"]
+    painted = 3 - int(labels.data[5, 5])  # the class the model did not choose there
+    labels.data_setitem((np.array([5]), np.array([5])), painted)
+    kept_class = ["cat", "dog"][2 - painted]
+    before = labels.data.copy()
+
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.StandardButton.No)
+    widget.set_vocabulary([kept_class])
+    widget.segment()
+    assert asked and not widget.running  # declined: nothing runs, nothing changes
+    np.testing.assert_array_equal(labels.data, before)
+
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    _run(qtbot, widget)
+    assert labels.data[5, 5] == 0  # the painted pixel of the removed class is now unlabelled
+    assert set(np.unique(labels.data)) <= {0, 3 - painted}
+
+
+def test_cancel_leaves_nothing_behind(widget, qtbot, monkeypatch):
+    from napari_sclip.plugin import runner
+
+    viewer = widget.viewer
+    viewer.add_image(natural_image(700, 900), name="big", rgb=True)
+    widget.set_vocabulary(["cat", "dog"])
+    started = []
+    original = runner.run_job
+
+    def slow_job(segmenter, job):
+        for step in original(segmenter, job):
+            started.append(step)
+            time.sleep(0.05)
+            yield step
+
+    monkeypatch.setattr("napari_sclip.plugin.widget.run_job", slow_job)
+    widget.segment()
+    assert widget._run_button.text() == "Cancel"
+    qtbot.waitUntil(lambda: len(started) >= 3, timeout=60_000)
+    widget._run_button.click()  # Cancel
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert "big labels" not in viewer.layers
+    assert widget._run_button.text() == "Segment" and "cancelled" in widget._status.text()
+
+
+def test_errors_become_a_message_and_the_widget_recovers(widget, qtbot, tmp_path):
+    viewer = widget.viewer
+    viewer.add_image(natural_image(40, 40), name="img", rgb=True)
+    widget._weights_edit.setText(str(tmp_path / "missing.pt"))
+    _run(qtbot, widget)
+    assert "weights file not found" in widget._status.text()
+    assert "img labels" not in viewer.layers
+    assert widget._run_button.text() == "Segment"
+
+    widget.set_vocabulary("cat\nCat\n")  # duplicate names: refused before any work starts
+    widget.segment()
+    assert not widget.running and "appears in classes 1 and 2" in widget._status.text()
+
+
+def test_gui_thread_stays_responsive(widget, qtbot):
+    """The largest gap between QTimer ticks while a CPU segmentation runs stays under 200 ms."""
+    from qtpy.QtCore import QTimer
+
+    viewer = widget.viewer
+    viewer.add_image(natural_image(600, 900), name="img", rgb=True)
+    widget.set_vocabulary(["cat", "dog", "grass"])
+    widget._short_side.setValue(1024)  # about a hundred windows: a run of a second or more
+    _run(qtbot, widget)  # warm: model loaded, text cached
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    widget._logit_scale.setValue(50.0)
+    _run(qtbot, widget)
+    timer.stop()
+    gaps = np.diff(ticks)
+    assert len(ticks) > 20
+    assert gaps.max() < 0.2, f"GUI thread blocked for {gaps.max() * 1000:.0f} ms"
+
+
+def test_stack_current_and_all_slices(widget, qtbot):
+    viewer = widget.viewer
+    stack = np.stack([natural_image(48, 64)[..., k] for k in range(3)]).astype(np.uint16) * 200
+    viewer.add_image(stack, name="stack")
+    widget.set_vocabulary(["cat", "dog"])
+    assert widget._slice_combo.isEnabled()
+
+    viewer.dims.set_current_step(0, 1)
+    widget._slice_combo.setCurrentText("current slice")
+    _run(qtbot, widget)
+    labels = viewer.layers["stack labels"]
+    assert labels.data.shape == (3, 48, 64)
+    assert labels.data[1].all() and not labels.data[0].any() and not labels.data[2].any()
+
+    widget._slice_combo.setCurrentText("all slices")
+    _run(qtbot, widget)
+    assert all(labels.data[z].all() for z in range(3))
+
+    from napari_sclip import Segmenter
+
+    expected = Segmenter().segment(stack[2], ["cat", "dog"], contrast_limits=viewer.layers["stack"].contrast_limits)
+    np.testing.assert_array_equal(labels.data[2], expected.labels)
+
+
+def test_confidence_layer(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(natural_image(50, 70), name="img", rgb=True)
+    widget._confidence_box.setChecked(True)
+    _run(qtbot, widget)
+    confidence = viewer.layers["img confidence"]
+    assert confidence.data.shape == (50, 70) and confidence.data.dtype == np.float32
+    assert 0 < confidence.data.min() and confidence.data.max() <= 1
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("img labels") > names.index("img confidence")  # labels stay on top
+
+
+def test_sample_data_and_gui_command(display, make_napari_viewer, monkeypatch, tiny_checkpoint):
+    from napari_sclip.cli import open_gui
+
+    monkeypatch.setenv("NAPARI_SCLIP_MODEL", TINY_MODEL)
+    monkeypatch.setenv("NAPARI_SCLIP_PRETRAINED", str(tiny_checkpoint))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-sclip", "coffee")
+    assert viewer.layers["coffee"].rgb
+    monkeypatch.setattr("napari.Viewer", lambda **kwargs: viewer)
+    opened, widget = open_gui([])
+    assert opened is viewer and "astronaut" in viewer.layers
+    assert widget.selected_image() is not None
