@@ -122,3 +122,12 @@ def test_engine_runs_inside_a_napari_window_on_mesa(display, tiny_dir, tiny_chec
     assert line.endswith("(40, 50)")
     if line.startswith("mesa-llvm"):
         assert "triton-hidden" in line
+
+
+def test_npe2_validates_the_manifest_with_imports():
+    done = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "--imports", "napari-sclip"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "valid" in done.stdout

@@ -235,3 +235,32 @@ def test_sample_data_and_gui_command(display, make_napari_viewer, monkeypatch, t
     opened, widget = open_gui([])
     assert opened is viewer and "astronaut" in viewer.layers
     assert widget.selected_image() is not None
+
+
+def test_vocabulary_file_load_and_save(widget, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    source = tmp_path / "in.txt"
+    source.write_text("# my classes\nperson, astronaut\n\nsky\n", encoding="utf-8")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(source), ""))
+    widget._load_vocabulary()
+    assert widget.vocabulary().classes == (("person", "astronaut"), ("sky",))
+    items = [widget._class_list.item(i).text() for i in range(widget._class_list.count())]
+    assert items == ["1: person  (astronaut)", "2: sky"]
+
+    target = tmp_path / "out.txt"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    widget._save_vocabulary()
+    assert target.read_text(encoding="utf-8") == "person, astronaut\nsky\n"
+
+
+def test_class_list_previews_values_against_the_layer(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(natural_image(40, 40), name="img", rgb=True)
+    widget.set_vocabulary(["cat", "dog"])
+    _run(qtbot, widget)
+    widget.set_vocabulary(["dog", "bird", "cat"])  # reordered, one added
+    items = [widget._class_list.item(i).text() for i in range(widget._class_list.count())]
+    assert items == ["2: dog", "3: bird", "1: cat"]
+    widget.set_vocabulary("cat\ncat\n")
+    assert "twice" in widget._class_list.item(0).text() or "appears" in widget._class_list.item(0).text()

@@ -1,0 +1,63 @@
+"""Take the user guide's screenshots from a real napari window.
+
+Run under a display (Xvfb works):
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py docs/images
+
+The model comes from the NAPARI_SCLIP_* environment variables, as in normal use; with the default
+(ViT-B-16 / openai) the pictures show real SCLIP output.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from qtpy.QtWidgets import QApplication
+
+from napari_sclip.cli import open_gui
+
+
+def pump(seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    viewer, widget = open_gui([])
+    window = viewer.window._qt_window
+    window.resize(1400, 860)
+    pump(2)
+    widget.set_vocabulary(["person, astronaut", "flag", "sky, space", "rocket, space shuttle"])
+    pump(0.5)
+    window.grab().save(str(out / "01-widget.png"))
+
+    widget.segment()
+    while widget.running:
+        pump(0.1)
+    pump(0.5)
+    window.grab().save(str(out / "02-segmented.png"))
+
+    labels = viewer.layers["astronaut labels"]
+    labels.mode = "paint"
+    labels.brush_size = 40
+    labels.selected_label = 2  # "flag": paint a correction
+    for x in range(40, 140, 10):
+        labels.paint((120, x), 2)
+    widget._overwrite_box.setChecked(False)
+    widget.set_vocabulary(["person, astronaut", "flag", "sky, space", "rocket, space shuttle", "helmet"])
+    widget.segment()
+    while widget.running:
+        pump(0.1)
+    pump(0.5)
+    window.grab().save(str(out / "03-rerun-keeps-edits.png"))
+    print(widget._status.text())
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images"))
