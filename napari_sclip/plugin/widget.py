@@ -71,6 +71,7 @@ class SclipWidget(QWidget):
         self._vocabulary_edit = QPlainTextEdit(EXAMPLE_VOCABULARY)
         self._vocabulary_edit.setPlaceholderText("One class per line; synonyms after commas:\ncar, automobile")
         self._vocabulary_edit.setToolTip("One class per line. Synonyms after commas: the first name is shown.")
+        self._vocabulary_edit.setMaximumHeight(150)
         load_button = QPushButton("Load…")
         save_button = QPushButton("Save…")
         load_button.clicked.connect(self._load_vocabulary)
@@ -334,7 +335,7 @@ class SclipWidget(QWidget):
             return
         current = None if self._slice_combo.currentText() == "all slices" else self.viewer.dims.current_step
         job = SegmentJob(
-            data=image.data,
+            data=image.data[0] if image.multiscale else image.data,  # the full-resolution level
             rgb=image.rgb,
             regions=slice_regions(image.data.shape, image.rgb, current),
             vocabulary=vocabulary,
