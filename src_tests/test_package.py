@@ -37,6 +37,18 @@ def test_import_is_cheap():
     assert done.stdout.strip() == "[]"
 
 
+def test_opening_the_widget_module_does_not_import_torch():
+    done = _run(
+        """
+        import sys
+        import napari_sclip.plugin.widget, napari_sclip.plugin.sample_data
+        print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_public_api_loads_on_demand():
     done = _run("import napari_sclip, sys; napari_sclip.Segmenter; print('torch' in sys.modules)")
     assert done.returncode == 0, done.stderr
