@@ -102,3 +102,23 @@ def test_class_colormap_and_features():
     assert list(table["index"]) == [0, 1, 2]
     assert list(table["class_name"]) == ["unlabelled", "cat", "dog"]
     assert list(table["active"]) == [False, False, True]
+
+
+def test_run_job_segments_each_slice_with_monotonic_progress(segmenter):
+    from napari_sclip.engine.progress import drive
+    from napari_sclip.engine.vocabulary import parse_vocabulary
+    from napari_sclip.plugin.runner import SegmentJob, run_job
+
+    stack = np.random.default_rng(0).integers(0, 4000, (3, 40, 50)).astype(np.uint16)
+    vocabulary = parse_vocabulary(["cat", "dog"])
+    job = SegmentJob(stack, rgb=False, regions=slice_regions(stack.shape, False, None),
+                     vocabulary=vocabulary, contrast_limits=(0, 4000))
+    steps = []
+    results = drive(run_job(segmenter, job), steps.append)
+    fractions = [s.fraction for s in steps]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("slice 3/3" in s.message for s in steps)
+    assert [r.region[0] for r in results] == [0, 1, 2]
+    assert all(r.confidence is None for r in results)  # not kept unless asked for
+    expected = segmenter.segment(stack[1], vocabulary, contrast_limits=(0, 4000))
+    np.testing.assert_array_equal(results[1].labels, expected.labels)

@@ -2,7 +2,7 @@
 
 The widget runs :func:`run_job` in a napari generator worker.  It yields :class:`JobProgress`
 after every batch of windows, so cancelling takes effect within one batch, and returns one
-:class:`~napari_sclip.SegmentationResult` per slice.
+:class:`SliceResult` per slice.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from napari_sclip.engine.vocabulary import Vocabulary
 Region = tuple  # an index into the labels array: ints for fixed axes, then two slice(None)
 
 _STAGE_TEXT = {"text": "encoding classes", "windows": "segmenting", "resize": "labelling"}
+# The share of one slice's progress bar each engine stage fills, so the bar only moves forward.
+_STAGE_SPAN = {"text": (0.0, 0.1), "windows": (0.1, 0.9), "resize": (0.9, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,15 @@ class JobProgress:
 
     fraction: float
     message: str
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """The labels (engine numbering, 1..C) of one 2D slice, and its confidence if kept."""
+
+    region: Region
+    labels: np.ndarray
+    confidence: np.ndarray | None
 
 
 @dataclass
@@ -45,6 +56,9 @@ class SegmentJob:
         Passed to :meth:`Segmenter.iter_segment` (``short_side``, ``window``, ...).
     contrast_limits
         The layer's contrast limits, for non-8-bit data.
+    keep_confidence
+        Return each slice's confidence too (a float32 image per slice: dropped unless needed, so
+        that "all slices" of a long stack stays small).
     """
 
     data: Any
@@ -53,6 +67,7 @@ class SegmentJob:
     vocabulary: Vocabulary
     options: dict[str, Any] = field(default_factory=dict)
     contrast_limits: Sequence[float] | None = None
+    keep_confidence: bool = False
 
 
 def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None) -> list[Region]:
@@ -69,12 +84,13 @@ def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None
     return [index + plane for index in itertools.product(*(range(n) for n in lead))]
 
 
-def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list]:
-    """Load the model if needed, then segment every region; returns ``[(region, result), ...]``."""
+def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list[SliceResult]]:
+    """Load the model if needed, then segment every region; returns one result per region."""
     yield JobProgress(0.0, f"loading {segmenter.model_name}")
     segmenter.load()
     results = []
     count = len(job.regions)
+    fraction = 0.0
     for k, region in enumerate(job.regions):
         index = region + (slice(None),) if job.rgb else region
         image = np.asarray(job.data[index])
@@ -84,9 +100,12 @@ def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list]:
             try:
                 step = next(steps)
             except StopIteration as stop:
-                results.append((region, stop.value))
+                confidence = stop.value.confidence if job.keep_confidence else None
+                results.append(SliceResult(region, stop.value.labels, confidence))
                 break
+            low, high = _STAGE_SPAN.get(step.stage, (0.0, 0.0))
             text = _STAGE_TEXT.get(step.stage, step.stage)
-            yield JobProgress((k + 0.98 * step.fraction) / count, f"{text} {step.done}/{step.total}{where}")
+            fraction = max(fraction, (k + low + (high - low) * step.fraction) / count)
+            yield JobProgress(fraction, f"{text} {step.done}/{step.total}{where}")
     yield JobProgress(1.0, "done")
     return results

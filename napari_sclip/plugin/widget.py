@@ -42,7 +42,7 @@ from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, re
 from napari_sclip.plugin.classes import ClassRegistry
 from napari_sclip.plugin.edits import EditTracker
 from napari_sclip.plugin.layers import confidence_name, labels_name, style_labels_layer, write_labels
-from napari_sclip.plugin.runner import JobProgress, SegmentJob, run_job, slice_regions
+from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
 
 if TYPE_CHECKING:
     import napari
@@ -341,6 +341,7 @@ class SclipWidget(QWidget):
             vocabulary=vocabulary,
             options=self._options(),
             contrast_limits=None if image.rgb and image.data.dtype == np.uint8 else tuple(image.contrast_limits),
+            keep_confidence=self._confidence_box.isChecked(),
         )
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -412,7 +413,7 @@ class SclipWidget(QWidget):
         )
         return answer == QMessageBox.StandardButton.Yes
 
-    def _apply(self, image, vocabulary: Vocabulary, results: list) -> None:
+    def _apply(self, image, vocabulary: Vocabulary, results: list[SliceResult]) -> None:
         """Write the worker's results into the image's labels layer (GUI thread)."""
         if image not in self.viewer.layers:
             self._status.setText("the image layer was removed; results dropped")
@@ -431,20 +432,20 @@ class SclipWidget(QWidget):
         if labels is None:
             # A new layer: nothing to undo or protect, so no history is written.
             data = np.zeros(shape, dtype)
-            for region, result in results:
-                data[region] = lookup[result.labels]
+            for item in results:
+                data[item.region] = lookup[item.labels]
             labels = self.viewer.add_labels(
                 data, name=labels_name(image.name), scale=image.scale, translate=image.translate
             )
             labels.metadata[_METADATA_KEY] = {"classes": registry}
-            changed = int(sum(result.labels.size for _, result in results))
+            changed = int(sum(item.labels.size for item in results))
         else:
             if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
                 labels.data = labels.data.astype(dtype)
             changed = self._update_labels(labels, results, lookup, retired, overwrite)
         tracker = self._tracker(labels)
         style_labels_layer(labels, registry)
-        if self._confidence_box.isChecked():
+        if all(item.confidence is not None for item in results):
             confidence = self._write_confidence(image, shape, results)
             # Keep the labels on top, where the brush works.
             layers = self.viewer.layers
@@ -454,7 +455,7 @@ class SclipWidget(QWidget):
         note = f", kept {kept} edited pixels" if kept and not overwrite else ""
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
 
-    def _update_labels(self, labels, results: list, lookup: np.ndarray, retired: list[int], overwrite: bool) -> int:
+    def _update_labels(self, labels, results: list[SliceResult], lookup: np.ndarray, retired: list[int], overwrite: bool) -> int:
         """Re-run: write new labels around the person's edits, as one undo step."""
         tracker = self._tracker(labels)
         changed = 0
@@ -463,12 +464,12 @@ class SclipWidget(QWidget):
                 stale = np.isin(np.asarray(labels.data), retired)
                 if stale.any():
                     labels.data_setitem(np.nonzero(stale), 0)
-            for region, result in results:
-                keep = None if overwrite else tracker.mask[region]
-                new = lookup[result.labels].astype(labels.data.dtype)
-                changed += write_labels(labels, region, new, keep)
+            for item in results:
+                keep = None if overwrite else tracker.mask[item.region]
+                new = lookup[item.labels].astype(labels.data.dtype)
+                changed += write_labels(labels, item.region, new, keep)
                 if overwrite:
-                    tracker.mask[region] = False
+                    tracker.mask[item.region] = False
         return changed
 
     def _write_confidence(self, image, shape, results):
@@ -482,8 +483,8 @@ class SclipWidget(QWidget):
                 np.zeros(shape, np.float32), name=name, scale=image.scale, translate=image.translate,
                 colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.6, visible=True,
             )
-        for region, result in results:
-            layer.data[region] = result.confidence
+        for item in results:
+            layer.data[item.region] = item.confidence
         layer.refresh()
         return layer
 
