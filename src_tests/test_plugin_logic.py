@@ -13,7 +13,7 @@ from napari_sclip.plugin.runner import slice_regions
 def test_new_vocabulary_is_numbered_in_order():
     registry = ClassRegistry()
     assert registry.update((("cat",), ("dog", "puppy"), ("bird",))) == [1, 2, 3]
-    np.testing.assert_array_equal(registry.lookup_table(), [0, 1, 2, 3])
+    assert registry.active == [1, 2, 3]
 
 
 def test_appending_and_reordering_never_renumber():
@@ -122,3 +122,34 @@ def test_run_job_segments_each_slice_with_monotonic_progress(segmenter):
     assert all(r.confidence is None for r in results)  # not kept unless asked for
     expected = segmenter.segment(stack[1], vocabulary, contrast_limits=(0, 4000))
     np.testing.assert_array_equal(results[1].labels, expected.labels)
+
+
+def test_banded_write_equals_one_write_and_is_one_undo_step(labels_layer):
+    from napari_sclip.engine.progress import drive
+    from napari_sclip.plugin.layers import iter_write_labels
+
+    rng = np.random.default_rng(3)
+    new = rng.integers(1, 4, (20, 30)).astype(np.uint8)
+    keep = rng.random((20, 30)) < 0.2
+    labels_layer.data[1] = 9
+    before = labels_layer.data.copy()
+    bands = []
+    steps = iter_write_labels(labels_layer, (1, slice(None), slice(None)), new, keep, band_pixels=90)
+    with labels_layer.block_history():
+        changed = drive(_counting(steps, bands))
+    assert len(bands) == 7  # 3 rows of 30 pixels per band
+    expected = np.where(keep, 9, new)
+    np.testing.assert_array_equal(labels_layer.data[1], expected)
+    assert changed == int((~keep).sum())
+    labels_layer.undo()
+    np.testing.assert_array_equal(labels_layer.data, before)
+
+
+def _counting(steps, seen):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+        seen.append(1)
+        yield

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 @dataclass
 class ClassRegistry:
@@ -50,7 +48,3 @@ class ClassRegistry:
 
     def display_name(self, uid: int) -> str:
         return self.names[uid][0]
-
-    def lookup_table(self) -> np.ndarray:
-        """Maps the engine's labels (0, then 1..C in vocabulary order) to uids."""
-        return np.array([0, *self.active], dtype=np.int64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Generator
+
 import numpy as np
 import pandas as pd
 
@@ -64,10 +66,27 @@ def write_labels(layer, region: tuple, new_values: np.ndarray, keep: np.ndarray 
     if not changed.any():
         return 0
     local = np.nonzero(changed)
-    offsets = [s.start or 0 if isinstance(s, slice) else s for s in region]
+    offsets = [(s.start or 0) if isinstance(s, slice) else s for s in region]
     full_index = _global_index(region, local, offsets)
     layer.data_setitem(full_index, new_values[changed], refresh=True)
     return int(changed.sum())
+
+
+def iter_write_labels(
+    layer, region: tuple, new_values: np.ndarray, keep: np.ndarray | None, band_pixels: int = 1 << 17
+) -> Generator[None, None, int]:
+    """:func:`write_labels` in bands of rows of about ``band_pixels`` pixels, yielding after each
+    band so that the caller can let the GUI's event loop run; returns how many pixels changed."""
+    rows, width = new_values.shape
+    band = max(1, band_pixels // max(width, 1))
+    changed = 0
+    for r0 in range(0, rows, band):
+        r1 = min(r0 + band, rows)
+        band_region = (*region[:-2], slice(r0, r1), region[-1])
+        band_keep = None if keep is None else keep[r0:r1]
+        changed += write_labels(layer, band_region, new_values[r0:r1], band_keep)
+        yield
+    return changed
 
 
 def _global_index(region: tuple, local: tuple[np.ndarray, ...], offsets: list[int]) -> tuple[np.ndarray, ...]:

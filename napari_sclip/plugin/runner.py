@@ -32,7 +32,8 @@ class JobProgress:
 
 @dataclass(frozen=True)
 class SliceResult:
-    """The labels (engine numbering, 1..C) of one 2D slice, and its confidence if kept."""
+    """The labels of one 2D slice (in the layer's numbering when the job gives ``label_values``,
+    else the engine's 1..C), and its confidence if kept."""
 
     region: Region
     labels: np.ndarray
@@ -59,6 +60,9 @@ class SegmentJob:
     keep_confidence
         Return each slice's confidence too (a float32 image per slice: dropped unless needed, so
         that "all slices" of a long stack stays small).
+    label_values
+        Maps the engine's labels (0, 1..C) to the labels layer's values; applied in the worker so
+        that the GUI thread only writes.
     """
 
     data: Any
@@ -68,6 +72,7 @@ class SegmentJob:
     options: dict[str, Any] = field(default_factory=dict)
     contrast_limits: Sequence[float] | None = None
     keep_confidence: bool = False
+    label_values: np.ndarray | None = None
 
 
 def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None) -> list[Region]:
@@ -101,7 +106,8 @@ def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list[Sli
                 step = next(steps)
             except StopIteration as stop:
                 confidence = stop.value.confidence if job.keep_confidence else None
-                results.append(SliceResult(region, stop.value.labels, confidence))
+                labels = stop.value.labels if job.label_values is None else job.label_values[stop.value.labels]
+                results.append(SliceResult(region, labels, confidence))
                 break
             low, high = _STAGE_SPAN.get(step.stage, (0.0, 0.0))
             text = _STAGE_TEXT.get(step.stage, step.stage)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generator
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QTimer
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -41,7 +41,7 @@ from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.plugin.classes import ClassRegistry
 from napari_sclip.plugin.edits import EditTracker
-from napari_sclip.plugin.layers import confidence_name, labels_name, style_labels_layer, write_labels
+from napari_sclip.plugin.layers import confidence_name, iter_write_labels, labels_name, style_labels_layer
 from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class SclipWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self._worker = None
+        self._writing = False
         self._progress = None
         self._segmenter = None
 
@@ -291,10 +292,11 @@ class SclipWidget(QWidget):
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        """Whether a segmentation is computing or its labels are being written."""
+        return self._worker is not None or self._writing
 
     def _toggle_run(self) -> None:
-        if self.running:
+        if self._worker is not None:
             self.cancel()
         else:
             self.segment()
@@ -334,6 +336,7 @@ class SclipWidget(QWidget):
         if labels is not None and not self._confirm_removals(labels, vocabulary):
             return
         current = None if self._slice_combo.currentText() == "all slices" else self.viewer.dims.current_step
+        uids, _ = self._registry(labels).plan(vocabulary.classes)
         job = SegmentJob(
             data=image.data[0] if image.multiscale else image.data,  # the full-resolution level
             rgb=image.rgb,
@@ -342,6 +345,7 @@ class SclipWidget(QWidget):
             options=self._options(),
             contrast_limits=None if image.rgb and image.data.dtype == np.uint8 else tuple(image.contrast_limits),
             keep_confidence=self._confidence_box.isChecked(),
+            label_values=np.array([0, *uids], dtype=np.uint8 if max(uids) <= 255 else np.uint16),
         )
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -425,52 +429,89 @@ class SclipWidget(QWidget):
             return
         registry = self._registry(labels)
         _, retired = registry.plan(vocabulary.classes)
-        registry.update(vocabulary.classes)
-        lookup = registry.lookup_table()
+        registry.update(vocabulary.classes)  # the worker already numbered the labels this way
         dtype = np.uint8 if max(registry.names) <= 255 else np.uint16
-        overwrite = self._overwrite_box.isChecked()
         if labels is None:
             # A new layer: nothing to undo or protect, so no history is written.
             data = np.zeros(shape, dtype)
             for item in results:
-                data[item.region] = lookup[item.labels]
+                data[item.region] = item.labels
             labels = self.viewer.add_labels(
                 data, name=labels_name(image.name), scale=image.scale, translate=image.translate
             )
             labels.metadata[_METADATA_KEY] = {"classes": registry}
-            changed = int(sum(item.labels.size for item in results))
-        else:
-            if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
-                labels.data = labels.data.astype(dtype)
-            changed = self._update_labels(labels, results, lookup, retired, overwrite)
+            self._finish(image, labels, registry, results, int(sum(item.labels.size for item in results)))
+            return
+        if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
+            labels.data = labels.data.astype(dtype)
+        steps = self._update_labels(labels, results, retired, self._overwrite_box.isChecked())
+        self._writing = True
+        self._run_button.setEnabled(False)
+        self._status.setText("writing labels…")
+        self._drive(steps, lambda changed: self._finish(image, labels, registry, results, changed))
+
+    def _drive(self, steps, done) -> None:
+        """Run a generator one step per event-loop turn (the GUI repaints in between), then call
+        ``done`` with its return value."""
+        try:
+            next(steps)
+        except StopIteration as stop:
+            done(stop.value)
+            return
+        QTimer.singleShot(0, lambda: self._drive(steps, done))
+
+    def _update_labels(
+        self, labels, results: list[SliceResult], retired: list[int], overwrite: bool
+    ) -> Generator[None, None, int]:
+        """Re-run: write new labels around the person's edits, as one undo step, in bands of rows.
+
+        The layer is not editable meanwhile, so no stroke can slip into the run's undo step.
+        """
+        tracker = self._tracker(labels)
+        editable = labels.editable
+        labels.editable = False
+        changed = 0
+        try:
+            with tracker.suspended(), labels.block_history():
+                for item in results:
+                    new = item.labels.astype(labels.data.dtype, copy=False)
+                    keep = None if overwrite else tracker.mask[item.region]
+                    if retired and keep is not None:
+                        # Kept pixels of a removed class become unlabelled (the person agreed).
+                        stale = keep & np.isin(np.asarray(labels.data[item.region]), retired)
+                        new = np.where(stale, 0, new).astype(new.dtype)
+                        keep = keep & ~stale
+                    changed += yield from iter_write_labels(labels, item.region, new, keep)
+                    if overwrite:
+                        tracker.mask[item.region] = False
+                if retired:  # slices this run did not segment may still hold removed classes
+                    done = [item.region for item in results]  # slices are unhashable before 3.12
+                    for region in slice_regions(labels.data.shape, False, None):
+                        if region in done:
+                            continue
+                        current = np.asarray(labels.data[region])
+                        stale = np.isin(current, retired)
+                        if stale.any():
+                            cleared = np.where(stale, 0, current).astype(current.dtype)
+                            changed += yield from iter_write_labels(labels, region, cleared, None)
+        finally:
+            labels.editable = editable
+        return changed
+
+    def _finish(self, image, labels, registry: ClassRegistry, results: list[SliceResult], changed: int) -> None:
+        self._writing = False
+        self._run_button.setEnabled(True)
         tracker = self._tracker(labels)
         style_labels_layer(labels, registry)
         if all(item.confidence is not None for item in results):
-            confidence = self._write_confidence(image, shape, results)
+            confidence = self._write_confidence(image, labels.data.shape, results)
             # Keep the labels on top, where the brush works.
             layers = self.viewer.layers
             layers.move(layers.index(confidence), layers.index(labels))
         self.viewer.layers.selection.active = labels
         kept = int(tracker.mask.sum())
-        note = f", kept {kept} edited pixels" if kept and not overwrite else ""
+        note = f", kept {kept} edited pixels" if kept and not self._overwrite_box.isChecked() else ""
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
-
-    def _update_labels(self, labels, results: list[SliceResult], lookup: np.ndarray, retired: list[int], overwrite: bool) -> int:
-        """Re-run: write new labels around the person's edits, as one undo step."""
-        tracker = self._tracker(labels)
-        changed = 0
-        with tracker.suspended(), labels.block_history():
-            if retired:  # the person agreed that removed classes' pixels become unlabelled
-                stale = np.isin(np.asarray(labels.data), retired)
-                if stale.any():
-                    labels.data_setitem(np.nonzero(stale), 0)
-            for item in results:
-                keep = None if overwrite else tracker.mask[item.region]
-                new = lookup[item.labels].astype(labels.data.dtype)
-                changed += write_labels(labels, item.region, new, keep)
-                if overwrite:
-                    tracker.mask[item.region] = False
-        return changed
 
     def _write_confidence(self, image, shape, results):
         name = confidence_name(image.name)
