@@ -101,7 +101,19 @@ def test_class_colormap_and_features():
     table = class_features(registry)
     assert list(table["index"]) == [0, 1, 2]
     assert list(table["class_name"]) == ["unlabelled", "cat", "dog"]
-    assert list(table["active"]) == [False, False, True]
+
+
+def test_hovering_shows_the_class_name():
+    from napari.layers import Labels
+
+    from napari_sclip.plugin.layers import style_labels_layer
+
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog", "puppy")))
+    layer = Labels(np.array([[1, 2], [2, 0]], np.uint8))
+    style_labels_layer(layer, registry)
+    assert "class_name: dog, synonyms: puppy" in layer.get_status((0, 1), world=True)["coordinates"]
+    assert "class_name: unlabelled" in layer.get_status((1, 1), world=True)["coordinates"]
 
 
 def test_run_job_segments_each_slice_with_monotonic_progress(segmenter):

@@ -41,7 +41,6 @@ def class_features(registry: ClassRegistry) -> pd.DataFrame:
             "index": [0, *uids],
             "class_name": ["unlabelled", *(registry.display_name(u) for u in uids)],
             "synonyms": ["", *(", ".join(registry.names[u][1:]) for u in uids)],
-            "active": [False, *(u in registry.active for u in uids)],
         }
     )
 

@@ -509,6 +509,7 @@ class SclipWidget(QWidget):
             layers = self.viewer.layers
             layers.move(layers.index(confidence), layers.index(labels))
         self.viewer.layers.selection.active = labels
+        self._refresh_class_list()
         kept = int(tracker.mask.sum())
         note = f", kept {kept} edited pixels" if kept and not self._overwrite_box.isChecked() else ""
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
