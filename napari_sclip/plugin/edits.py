@@ -23,9 +23,6 @@ class EditTracker:
         self._suspended = 0
         layer.events.paint.connect(self._on_paint)
 
-    def disconnect(self) -> None:
-        self.layer.events.paint.disconnect(self._on_paint)
-
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
         """Writes inside this block are the plugin's, not a person's."""
@@ -58,6 +55,3 @@ class EditTracker:
         if not self.mask.any():
             return set()
         return {int(v) for v in np.unique(np.asarray(self.layer.data)[self.mask])}
-
-    def reset(self) -> None:
-        self.mask[...] = False
