@@ -264,3 +264,16 @@ def test_class_list_previews_values_against_the_layer(widget, qtbot):
     assert items == ["2: dog", "3: bird", "1: cat"]
     widget.set_vocabulary("cat\ncat\n")
     assert "twice" in widget._class_list.item(0).text() or "appears" in widget._class_list.item(0).text()
+
+
+def test_an_existing_labels_layer_is_treated_as_someone_s_work(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(natural_image(40, 50), name="img", rgb=True)
+    manual = np.zeros((40, 50), np.uint8)
+    manual[5:15, 5:15] = 7  # drawn by hand before the plugin was used
+    viewer.add_labels(manual.copy(), name="img labels")
+    widget.set_vocabulary(["cat", "dog"])
+    _run(qtbot, widget)
+    labels = viewer.layers["img labels"]
+    assert (labels.data[5:15, 5:15] == 7).all()  # kept
+    assert set(np.unique(labels.data[20:, 20:])) <= {1, 2}  # the rest is segmented

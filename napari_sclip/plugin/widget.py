@@ -198,15 +198,19 @@ class SclipWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def _registry(self, labels) -> ClassRegistry:
-        if labels is None:
-            return ClassRegistry()
-        return labels.metadata.setdefault(_METADATA_KEY, {}).setdefault("classes", ClassRegistry())
+        """The layer's classes; a new, empty registry for layers napari-sclip has not written."""
+        state = labels.metadata.get(_METADATA_KEY, {}) if labels is not None else {}
+        return state.get("classes") or ClassRegistry()
 
     def _tracker(self, labels) -> EditTracker:
         # Kept with the layer (not keyed by the layer object: plugins see napari's proxies of it).
+        adopted = _METADATA_KEY not in labels.metadata
         state = labels.metadata.setdefault(_METADATA_KEY, {})
         if "edits" not in state:
             state["edits"] = EditTracker(labels)
+            if adopted:
+                # A labels layer napari-sclip did not make: its labels are someone's work.
+                state["edits"].mask[...] = np.asarray(labels.data) != 0
         return state["edits"]
 
     # -- vocabulary -------------------------------------------------------------------------------
@@ -333,8 +337,10 @@ class SclipWidget(QWidget):
             self._notify_error(exc)
             return
         labels = self._labels_layer(image)
-        if labels is not None and not self._confirm_removals(labels, vocabulary):
-            return
+        if labels is not None:
+            self._tracker(labels)  # adopt a layer made elsewhere before anything else reads it
+            if not self._confirm_removals(labels, vocabulary):
+                return
         current = None if self._slice_combo.currentText() == "all slices" else self.viewer.dims.current_step
         uids, _ = self._registry(labels).plan(vocabulary.classes)
         job = SegmentJob(
@@ -442,6 +448,7 @@ class SclipWidget(QWidget):
             labels.metadata[_METADATA_KEY] = {"classes": registry}
             self._finish(image, labels, registry, results, int(sum(item.labels.size for item in results)))
             return
+        labels.metadata.setdefault(_METADATA_KEY, {})["classes"] = registry
         if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
             labels.data = labels.data.astype(dtype)
         steps = self._update_labels(labels, results, retired, self._overwrite_box.isChecked())
