@@ -35,6 +35,10 @@ def main(out: Path) -> None:
     widget.set_vocabulary(["person, astronaut", "flag", "sky, space", "rocket, space shuttle"])
     pump(0.5)
     window.grab().save(str(out / "01-widget.png"))
+    widget._advanced.expand(animate=False)
+    pump(0.5)
+    window.grab().save(str(out / "04-advanced.png"))
+    widget._advanced.collapse(animate=False)
 
     widget.segment()
     while widget.running:
