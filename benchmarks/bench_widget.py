@@ -51,7 +51,7 @@ def main() -> None:
             ticks: list[float] = []
             timer = QTimer()
             timer.setInterval(10)
-            timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+            timer.timeout.connect(lambda ticks=ticks: ticks.append(time.perf_counter()))
             widget.set_vocabulary(vocabulary)
             timer.start()
             start = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from napari_sclip import __version__
 from napari_sclip.engine import config
@@ -152,13 +152,13 @@ def _segment(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     _check_out_dir(out, vocabulary, args.overwrite)
     segmenter = Segmenter(args.model, args.pretrained, args.device, batch_size=args.batch_size)
-    options = dict(
-        short_side=args.short_side,
-        window=args.window,
-        stride=args.stride,
-        logit_scale=args.logit_scale,
-        prob_threshold=args.prob_threshold,
-    )
+    options = {
+        "short_side": args.short_side,
+        "window": args.window,
+        "stride": args.stride,
+        "logit_scale": args.logit_scale,
+        "prob_threshold": args.prob_threshold,
+    }
     jobs = [(image, out / name) for image, name in zip(images, _output_names(images))]
     todo = [(image, target) for image, target in jobs if args.overwrite or not target.exists()]
     skipped = len(jobs) - len(todo)

@@ -32,6 +32,14 @@ def _run(qtbot, widget, timeout=120_000):
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
 
 
+def _segmented(qtbot, widget, shape, classes=("cat", "dog")):
+    """Add an RGB image "img", segment it into ``classes`` and return its labels layer."""
+    widget.viewer.add_image(natural_image(*shape), name="img", rgb=True)
+    widget.set_vocabulary(list(classes))
+    _run(qtbot, widget)
+    return widget.viewer.layers["img labels"]
+
+
 def test_opens_through_the_manifest_with_env_defaults(widget, tiny_checkpoint):
     from napari_sclip.plugin.widget import SclipWidget
 
@@ -65,11 +73,7 @@ def test_segment_makes_a_named_coloured_labels_layer(widget, qtbot):
 
 
 def test_painted_pixels_survive_a_rerun_and_undo_restores(widget, qtbot):
-    viewer = widget.viewer
-    viewer.add_image(natural_image(80, 100), name="img", rgb=True)
-    widget.set_vocabulary(["cat", "dog"])
-    _run(qtbot, widget)
-    labels = viewer.layers["img labels"]
+    labels = _segmented(qtbot, widget, (80, 100))
     labels.brush_size = 5
     labels.paint((40, 50), 2)  # a person's stroke
     stroke = labels.data[38:43, 48:53].copy()
@@ -87,11 +91,7 @@ def test_painted_pixels_survive_a_rerun_and_undo_restores(widget, qtbot):
 
 
 def test_overwrite_my_edits(widget, qtbot):
-    viewer = widget.viewer
-    viewer.add_image(natural_image(60, 60), name="img", rgb=True)
-    widget.set_vocabulary(["cat", "dog"])
-    _run(qtbot, widget)
-    labels = viewer.layers["img labels"]
+    labels = _segmented(qtbot, widget, (60, 60))
     model_output = labels.data.copy()
     labels.data_setitem((np.array([10]), np.array([10])), 0)  # erased by hand
     widget._overwrite_box.setChecked(True)
@@ -102,11 +102,7 @@ def test_overwrite_my_edits(widget, qtbot):
 def test_removing_a_painted_class_asks_first(widget, qtbot, monkeypatch):
     from qtpy.QtWidgets import QMessageBox
 
-    viewer = widget.viewer
-    viewer.add_image(natural_image(60, 60), name="img", rgb=True)
-    widget.set_vocabulary(["cat", "dog"])
-    _run(qtbot, widget)
-    labels = viewer.layers["img labels"]
+    labels = _segmented(qtbot, widget, (60, 60))
     painted = 3 - int(labels.data[5, 5])  # the class the model did not choose there
     labels.data_setitem((np.array([5]), np.array([5])), painted)
     kept_class = ["cat", "dog"][2 - painted]

@@ -13,7 +13,7 @@ The rule for non-8-bit data
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Generator
 
 T = TypeVar("T")
 

@@ -20,7 +20,8 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Generator, Sequence
+from typing import Any
+from collections.abc import Generator, Sequence
 
 import numpy as np
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Generator, Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 

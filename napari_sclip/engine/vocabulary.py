@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
+from collections.abc import Sequence
 
 from napari_sclip.engine.errors import VocabularyError
 

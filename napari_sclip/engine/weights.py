@@ -223,7 +223,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise ModelError(f"weights file {path} holds no state dict")
     openai_layout = bool(raw.pop("__torchscript__", False)) or any(k in raw for k in _OPENAI_EXTRA_KEYS)
     state = {
-        (key[len("module.") :] if key.startswith("module.") else key): value
+        key.removeprefix("module."): value
         for key, value in raw.items()
         if key not in _OPENAI_EXTRA_KEYS + _DERIVED_KEYS
     }

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Generator, Sequence
+from typing import Any
+from collections.abc import Generator, Sequence
 
 import numpy as np
 

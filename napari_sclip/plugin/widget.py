@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Generator
+from typing import TYPE_CHECKING
+from collections.abc import Generator
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -55,7 +56,7 @@ _METADATA_KEY = "napari_sclip"
 class SclipWidget(QWidget):
     """Type class names, click Segment, get an editable labels layer."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self._worker = None
