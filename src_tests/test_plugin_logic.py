@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_sclip.colors import label_color
-from napari_sclip.plugin.classes import ClassRegistry
+from napari_sclip.classes import ClassRegistry
 from napari_sclip.plugin.runner import slice_regions
 
 
@@ -165,3 +165,15 @@ def _counting(steps, seen):
             return stop.value
         seen.append(1)
         yield
+
+
+def test_registry_round_trips_through_json_and_gives_contiguous_train_ids():
+    import json
+
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog", "puppy"), ("bird",)))
+    registry.update((("bird",), ("cat",), ("fish",)))  # dog retired, fish appended as 4
+    assert registry.train_ids() == {1: 0, 3: 1, 4: 2}
+    restored = ClassRegistry.from_json(json.loads(json.dumps(registry.to_json())))
+    assert restored == registry
+    assert restored.update((("bird",), ("cat",), ("fish",), ("dog",))) == [3, 1, 4, 2]

@@ -1,6 +1,6 @@
 """The "SCLIP segmentation" dock widget (Qt, through qtpy only).
 
-Business logic lives in :mod:`.classes`, :mod:`.edits`, :mod:`.layers` and :mod:`.runner`; this
+Business logic lives in :mod:`napari_sclip.classes`, :mod:`.edits`, :mod:`.layers` and :mod:`.runner`; this
 module wires them to Qt controls and to a napari generator worker, so nothing slow ever runs on
 the GUI thread.
 """
@@ -40,7 +40,7 @@ from napari_sclip.colors import label_color
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
-from napari_sclip.plugin.classes import ClassRegistry
+from napari_sclip.classes import ClassRegistry
 from napari_sclip.plugin.edits import EditTracker
 from napari_sclip.plugin.layers import confidence_name, iter_write_labels, labels_name, style_labels_layer
 from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions

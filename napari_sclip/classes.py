@@ -1,4 +1,4 @@
-"""Class numbering that survives vocabulary edits.
+"""Class numbering that survives vocabulary edits (no napari, no torch).
 
 Each class gets a permanent label value (its *uid*) the first time it appears, in vocabulary
 order, so a new vocabulary is numbered ``1..C``.  Afterwards:
@@ -48,3 +48,34 @@ class ClassRegistry:
 
     def display_name(self, uid: int) -> str:
         return self.names[uid][0]
+
+    def train_ids(self) -> dict[int, int]:
+        """uid -> contiguous training id (0, 1, ...) of the active classes, in uid order, so a
+        class added later gets a later id.  Retired classes have none."""
+        return {uid: i for i, uid in enumerate(sorted(self.active))}
+
+    def to_json(self) -> list[dict]:
+        """Every class ever known, for a manifest: uid, names, and its position in the current
+        vocabulary (``None`` once retired)."""
+        return [
+            {
+                "uid": uid,
+                "name": names[0],
+                "synonyms": list(names[1:]),
+                "position": self.active.index(uid) if uid in self.active else None,
+            }
+            for uid, names in sorted(self.names.items())
+        ]
+
+    @classmethod
+    def from_json(cls, entries: list[dict]) -> ClassRegistry:
+        """The inverse of :meth:`to_json`."""
+        registry = cls()
+        positions = []
+        for entry in entries:
+            uid = int(entry["uid"])
+            registry.names[uid] = (str(entry["name"]), *(str(s) for s in entry.get("synonyms", [])))
+            if entry.get("position") is not None:
+                positions.append((int(entry["position"]), uid))
+        registry.active = [uid for _, uid in sorted(positions)]
+        return registry
