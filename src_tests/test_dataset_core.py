@@ -1,11 +1,16 @@
-"""Dataset format building blocks: safe paths and stable splits."""
+"""Dataset format building blocks: safe paths, stable splits, label encoding, class files and the
+manifest."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside, safe_relative
 from napari_sclip.dataset.splits import assign_split, unit_interval
 
@@ -57,3 +62,74 @@ def test_unit_interval_is_uniform_enough():
 def test_bad_ratios(ratios):
     with pytest.raises(DatasetError):
         assign_split("x", ratios)
+
+
+# -- label encoding, class files, manifest ---------------------------------------------------------
+
+
+@pytest.fixture
+def registry():
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog", "puppy"), ("bird",)))
+    registry.update((("bird",), ("cat",), ("fish",)))  # dog (2) retired, fish = 4
+    return registry
+
+
+def test_labels_to_mask_and_back(registry):
+    labels = np.array([[0, 1, 2], [3, 4, 9]], np.uint8)  # 2 is retired, 9 is no class
+    mask = fmt.labels_to_mask(labels, registry)
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, [[255, 0, 255], [1, 2, 255]])
+    np.testing.assert_array_equal(fmt.mask_to_labels(mask, registry), [[0, 1, 0], [3, 4, 0]])
+
+
+def test_plain_pillow_reads_the_training_ids(registry, tmp_path):
+    from PIL import Image
+
+    mask = fmt.labels_to_mask(np.array([[1, 3], [4, 0]], np.uint8), registry)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    image = Image.open(tmp_path / "m.png")
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image.convert("L")), [[0, 1], [2, 255]])
+
+
+def test_many_classes_need_sixteen_bit_masks():
+    registry = ClassRegistry()
+    registry.update(tuple((f"class {i}",) for i in range(300)))
+    with pytest.warns(UserWarning, match="16-bit"):
+        mask = fmt.labels_to_mask(np.array([[0, 300]], np.uint16), registry)
+    np.testing.assert_array_equal(mask, [[65535, 299]])
+
+
+def test_class_files(registry, tmp_path):
+    fmt.write_class_files(tmp_path, registry)
+    assert (tmp_path / "classes.txt").read_text() == "cat\nbird\nfish\n"  # uid order: 1, 3, 4
+    assert json.loads((tmp_path / "id2label.json").read_text()) == {"0": "cat", "1": "bird", "2": "fish"}
+    lines = (tmp_path / "labelmap.txt").read_text().splitlines()
+    assert lines[0].startswith("# label:color_rgb") and lines[1].startswith("cat:") and lines[1].endswith("::")
+
+
+def test_manifest_round_trip(registry, tmp_path):
+    manifest = fmt.build_manifest(registry, {"train": 0.8, "val": 0.2}, [{"model": "ViT-B-16"}], 2)
+    fmt.write_manifest(tmp_path, manifest)
+    read, restored = fmt.read_manifest(tmp_path)
+    assert read == manifest and restored == registry
+    dog = next(c for c in read["classes"] if c["name"] == "dog")
+    assert dog["position"] is None and dog["train_id"] is None  # retired, kept, never reused
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "dataset.json is missing"),
+        ("{not json", "cannot read"),
+        ('{"format": {"name": "other", "version": 1}, "classes": []}', "not 'napari-sclip-pseudo-labels'"),
+        ('{"format": {"name": "napari-sclip-pseudo-labels", "version": 99}, "classes": []}', "version 99"),
+        ('{"format": {"name": "napari-sclip-pseudo-labels", "version": 1}}', "malformed"),
+    ],
+)
+def test_bad_manifests_name_the_file(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "dataset.json").write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        fmt.read_manifest(tmp_path)

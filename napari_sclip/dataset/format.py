@@ -1,0 +1,162 @@
+"""The dataset's fixed files: the manifest (``dataset.json``), the class files that trainers and
+annotation tools read, and the mapping between napari label values and training ids.
+
+Label encoding
+--------------
+A napari label value is a class's permanent uid (:class:`napari_sclip.classes.ClassRegistry`).
+Masks store *training ids*: the active classes numbered 0, 1, ... in uid order, so a class added
+later gets a later id.  ``255`` means ignore/unlabelled (uid 0, and retired classes).  Above 255
+classes masks become 16-bit and the ignore value becomes 65535.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sclip import __version__
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.colors import label_color
+from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.io.label_maps import atomic_write
+
+FORMAT_NAME = "napari-sclip-pseudo-labels"
+FORMAT_VERSION = 1
+MANIFEST = "dataset.json"
+IGNORE_8BIT = 255
+IGNORE_16BIT = 65535
+
+
+def mask_dtype(registry: ClassRegistry) -> np.dtype:
+    """uint8 while the training ids and the ignore value fit, else uint16 (with a warning)."""
+    if len(registry.active) < IGNORE_8BIT:
+        return np.dtype(np.uint8)
+    warnings.warn(
+        f"{len(registry.active)} classes do not fit 8-bit masks; writing 16-bit PNG masks",
+        stacklevel=2,
+    )
+    return np.dtype(np.uint16)
+
+
+def ignore_value(dtype: np.dtype) -> int:
+    return IGNORE_8BIT if np.dtype(dtype) == np.uint8 else IGNORE_16BIT
+
+
+def uid_to_train_table(registry: ClassRegistry, dtype: np.dtype) -> np.ndarray:
+    """A lookup table: ``table[uid]`` is the training id, or the ignore value."""
+    size = max(registry.names, default=0) + 1
+    table = np.full(size, ignore_value(dtype), dtype=dtype)
+    for uid, train_id in registry.train_ids().items():
+        table[uid] = train_id
+    return table
+
+
+def train_to_uid_table(registry: ClassRegistry) -> dict[int, int]:
+    """training id -> uid (the inverse used when a mask comes back into napari)."""
+    return {train_id: uid for uid, train_id in registry.train_ids().items()}
+
+
+def labels_to_mask(labels: np.ndarray, registry: ClassRegistry) -> np.ndarray:
+    """napari label values -> training-id mask.  Values no class owns become ignore."""
+    dtype = mask_dtype(registry)
+    table = uid_to_train_table(registry, dtype)
+    values = np.asarray(labels).astype(np.int64, copy=False)
+    inside = (values >= 0) & (values < table.size)
+    return np.where(inside, table[np.clip(values, 0, table.size - 1)], ignore_value(dtype)).astype(dtype)
+
+
+def mask_to_labels(mask: np.ndarray, registry: ClassRegistry) -> np.ndarray:
+    """Training-id mask -> napari label values (ignore and unknown ids become 0)."""
+    mask = np.asarray(mask)
+    if mask.dtype not in (np.uint8, np.uint16):
+        raise DatasetError(f"masks must be 8- or 16-bit, got {mask.dtype}")
+    dtype = np.uint8 if max(registry.names, default=0) <= 255 else np.uint16
+    table = np.zeros(np.iinfo(mask.dtype).max + 1, dtype)
+    for train_id, uid in train_to_uid_table(registry).items():
+        table[train_id] = uid
+    return table[mask]
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_class_files(root: Path, registry: ClassRegistry) -> None:
+    """``classes.txt`` (line i = training id i), ``id2label.json`` and CVAT/Datumaro
+    ``labelmap.txt``, all in training-id order."""
+    ordered = sorted(registry.train_ids().items(), key=lambda item: item[1])
+    names = [registry.display_name(uid) for uid, _ in ordered]
+    _write_text(root / "classes.txt", "".join(f"{name}\n" for name in names))
+    id2label = {str(train_id): registry.display_name(uid) for uid, train_id in ordered}
+    _write_text(root / "id2label.json", json.dumps(id2label, indent=2, ensure_ascii=False) + "\n")
+    lines = ["# label:color_rgb:parts:actions"]
+    lines += [f"{registry.display_name(uid)}:{','.join(map(str, label_color(uid)))}::" for uid, _ in ordered]
+    _write_text(root / "labelmap.txt", "\n".join(lines) + "\n")
+
+
+def build_manifest(
+    registry: ClassRegistry,
+    ratios: dict[str, float],
+    models: list[dict[str, Any]],
+    vocabulary_version: int,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``dataset.json`` document.  ``previous`` keeps the creation time of an existing one."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    dtype = np.dtype(np.uint8) if len(registry.active) < IGNORE_8BIT else np.dtype(np.uint16)
+    train_ids = registry.train_ids()
+    return {
+        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+        "tool": {"name": "napari-sclip", "version": __version__},
+        "created": (previous or {}).get("created", now),
+        "updated": now,
+        "label_encoding": {
+            "mask": "single-channel PNG of training ids",
+            "dtype": dtype.name,
+            "ignore_index": ignore_value(dtype),
+            "training_ids": "active classes numbered 0.. in uid order; uid = napari label value",
+        },
+        "vocabulary_version": vocabulary_version,
+        "classes": [
+            {**entry, "train_id": train_ids.get(entry["uid"]), "color": list(label_color(entry["uid"]))}
+            for entry in registry.to_json()
+        ],
+        "models": models,
+        "splits": {"ratios": ratios},
+    }
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    _write_text(root / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry]:
+    """Read and check ``dataset.json``; returns it and its class registry.
+
+    Raises :class:`DatasetError` naming the file for anything missing, unreadable or malformed.
+    """
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{root} is not a napari-sclip dataset: {MANIFEST} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    try:
+        if manifest["format"]["name"] != FORMAT_NAME:
+            raise DatasetError(f"{path} describes a {manifest['format']['name']!r} dataset, not {FORMAT_NAME!r}")
+        version = int(manifest["format"]["version"])
+        if version > FORMAT_VERSION:
+            raise DatasetError(f"{path} has format version {version}; this napari-sclip reads up to {FORMAT_VERSION}")
+        registry = ClassRegistry.from_json(manifest["classes"])
+    except DatasetError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
+    return manifest, registry
