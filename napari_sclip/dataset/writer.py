@@ -1,0 +1,235 @@
+"""Writing samples into a dataset folder, one image at a time, so that a kill at any moment
+leaves a valid dataset.
+
+Each sample's files are written to temporary names and renamed into place, mask last but one and
+its ``meta/<id>.json`` last: a sample exists once its meta file does.  The per-split
+``metadata.jsonl`` index (what Hugging Face's imagefolder reads) is rebuilt from the meta files,
+atomically, by :meth:`DatasetWriter.rebuild_index`; after a kill it may lag behind by the samples
+written since, and the next run rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset import format as fmt
+from napari_sclip.dataset.paths import DatasetError, resolve_inside
+from napari_sclip.dataset.splits import DEFAULT_RATIOS, SPLIT_NAMES, assign_split, check_ratios
+from napari_sclip.io.label_maps import atomic_write
+
+#: Provenance mask values.
+MODEL, PAINTED, IGNORED_BY_PERSON = 0, 1, 2
+_FOLDERS = ("images", "masks", "confidence", "provenance", "meta")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_into(source: Path, handle) -> None:
+    with open(source, "rb") as original:
+        shutil.copyfileobj(original, handle)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Sample:
+    """One image and its labels, ready to be written.
+
+    Attributes
+    ----------
+    stem
+        The wanted id (usually the source file's stem); made unique by the writer.
+    labels
+        (H, W) napari label values (class uids; 0 = unlabelled).
+    image
+        The image as an array (written as PNG), unless ``source`` is given.
+    source
+        The original image file; copied as is (same bytes and format).
+    confidence
+        (H, W) winning probabilities in [0, 1], stored as ``round(255 p)``.
+    edited
+        (H, W) bool: pixels a person changed (provenance 1, or 2 where they set 0).
+    meta
+        Extra per-image facts (model, weights, method and parameters, review status, ...).
+    """
+
+    stem: str
+    labels: np.ndarray
+    image: np.ndarray | None = None
+    source: Path | None = None
+    confidence: np.ndarray | None = None
+    edited: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class DatasetWriter:
+    """Creates or updates a dataset folder.
+
+    Parameters
+    ----------
+    root
+        The dataset folder.  It is created if missing; an existing folder must be empty or hold a
+        napari-sclip dataset (anything else is refused, never written into).
+    registry
+        The classes; merged into an existing dataset's (uids are never reused).
+    ratios
+        Split ratios for new datasets; an existing dataset keeps its own.
+    """
+
+    def __init__(self, root: str | Path, registry: ClassRegistry, ratios: dict[str, float] | None = None):
+        self.root = Path(root).expanduser()
+        self.previous: dict[str, Any] | None = None
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"{self.root} exists and is not a folder")
+        if (self.root / fmt.MANIFEST).exists():
+            self.previous, existing = fmt.read_manifest(self.root)
+            ratios = self.previous["splits"]["ratios"]
+            for uid, names in existing.names.items():
+                if uid in registry.names and registry.names[uid][0].casefold() != names[0].casefold():
+                    raise DatasetError(
+                        f"class {uid} is {names[0]!r} in {self.root / fmt.MANIFEST} but {registry.names[uid][0]!r} here"
+                    )
+                registry.names.setdefault(uid, names)
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise DatasetError(f"{self.root} is not empty and not a napari-sclip dataset; choose a new or empty folder")
+        self.registry = registry
+        self.ratios = check_ratios(ratios or DEFAULT_RATIOS)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatasetError(f"cannot create dataset folder {self.root}: {exc.strerror or exc}") from None
+
+    # -- ids ---------------------------------------------------------------------------------------
+
+    def existing_meta(self, image_id: str) -> tuple[str, dict] | None:
+        """``(split, meta)`` of a sample already in the dataset, if any."""
+        for split in SPLIT_NAMES:
+            path = self.root / split / "meta" / f"{image_id}.json"
+            if path.is_file():
+                try:
+                    return split, json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError) as exc:
+                    raise DatasetError(f"cannot read {path}: {exc}") from None
+        return None
+
+    def image_id(self, stem: str, source_sha256: str | None) -> str:
+        """A unique id for ``stem``: the stem itself, unless another image already has it; then
+        the stem plus the start of the image's SHA-256."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".") or "image"
+        found = self.existing_meta(safe)
+        if found is None or source_sha256 is None or found[1].get("source", {}).get("sha256") == source_sha256:
+            return safe
+        return f"{safe}-{source_sha256[:8]}"
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def write(self, sample: Sample) -> str:
+        """Write one sample (atomically, file by file); returns its id."""
+        labels = np.asarray(sample.labels)
+        if labels.ndim != 2:
+            raise DatasetError(f"labels of {sample.stem!r} must be 2D, got shape {labels.shape}")
+        source_sha = sha256_of(sample.source) if sample.source is not None else None
+        image_id = self.image_id(sample.stem, source_sha)
+        split = assign_split(image_id, self.ratios)
+        base = self.root / split
+        for folder in _FOLDERS:
+            resolve_inside(self.root, f"{split}/{folder}").mkdir(parents=True, exist_ok=True)
+
+        if sample.source is not None:
+            suffix = sample.source.suffix.lower() or ".png"
+            image_name = f"images/{image_id}{suffix}"
+            target = resolve_inside(self.root, f"{split}/{image_name}")
+            atomic_write(target, lambda handle: _copy_into(sample.source, handle))
+            shape, dtype = labels.shape, "file"
+        elif sample.image is not None:
+            image_name = f"images/{image_id}.png"
+            atomic_write(resolve_inside(self.root, f"{split}/{image_name}"), lambda h: h.write(_png_bytes(np.asarray(sample.image))))
+            shape, dtype = np.asarray(sample.image).shape, str(np.asarray(sample.image).dtype)
+        else:
+            raise DatasetError(f"sample {sample.stem!r} has neither an image nor a source file")
+
+        mask = fmt.labels_to_mask(labels, self.registry)
+        atomic_write(resolve_inside(self.root, f"{split}/masks/{image_id}.png"), lambda h: h.write(_png_bytes(mask)))
+        if sample.confidence is not None:
+            levels = np.rint(np.clip(np.asarray(sample.confidence, np.float32), 0, 1) * 255).astype(np.uint8)
+            atomic_write(resolve_inside(self.root, f"{split}/confidence/{image_id}.png"), lambda h: h.write(_png_bytes(levels)))
+        edited = np.zeros(labels.shape, bool) if sample.edited is None else np.asarray(sample.edited, bool)
+        provenance = np.where(edited, np.where(labels == 0, IGNORED_BY_PERSON, PAINTED), MODEL).astype(np.uint8)
+        atomic_write(resolve_inside(self.root, f"{split}/provenance/{image_id}.png"), lambda h: h.write(_png_bytes(provenance)))
+
+        meta = {
+            "id": image_id,
+            "split": split,
+            "image": image_name,
+            "mask": f"masks/{image_id}.png",
+            "source": {
+                "path": str(sample.source) if sample.source is not None else None,
+                "sha256": source_sha,
+                "shape": list(shape),
+                "dtype": dtype,
+            },
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "edits": {
+                "painted_pixels": int((provenance == PAINTED).sum()),
+                "ignored_pixels": int((provenance == IGNORED_BY_PERSON).sum()),
+            },
+            "review_status": "edited" if edited.any() else "unreviewed",
+            **sample.meta,
+        }
+        text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
+        atomic_write(resolve_inside(self.root, f"{split}/meta/{image_id}.json"), lambda h: h.write(text.encode()))
+        return image_id
+
+    def rebuild_index(self, models: list[dict[str, Any]] | None = None, vocabulary_version: int = 1) -> dict[str, int]:
+        """Rewrite the class files, every split's ``metadata.jsonl`` and ``dataset.json`` from the
+        samples on disk; returns the number of samples per split."""
+        counts = {}
+        for split in SPLIT_NAMES:
+            meta_dir = self.root / split / "meta"
+            if not meta_dir.is_dir():
+                continue
+            rows = []
+            for path in sorted(meta_dir.glob("*.json")):
+                try:
+                    meta = json.loads(path.read_text(encoding="utf-8"))
+                    row = {"file_name": meta["image"], "label_file_name": meta["mask"], "id": meta["id"]}
+                except (OSError, json.JSONDecodeError, KeyError) as exc:
+                    raise DatasetError(f"cannot read {path}: {exc}") from None
+                for name in (row["file_name"], row["label_file_name"]):
+                    if not resolve_inside(self.root / split, name).is_file():
+                        raise DatasetError(f"{path} names {name}, which is missing")
+                row["review_status"] = meta.get("review_status", "unreviewed")
+                rows.append(row)
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            atomic_write(self.root / split / "metadata.jsonl", lambda h: h.write(text.encode("utf-8")))
+            counts[split] = len(rows)
+        fmt.write_class_files(self.root, self.registry)
+        manifest = fmt.build_manifest(self.registry, self.ratios, models or [], vocabulary_version, self.previous)
+        manifest["splits"]["counts"] = counts
+        fmt.write_manifest(self.root, manifest)
+        self.previous = manifest
+        return counts
+

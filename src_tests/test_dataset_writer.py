@@ -1,0 +1,139 @@
+"""Writing samples into a dataset folder: layout, ids, splits, atomicity, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import natural_image
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset import writer as writer_module
+from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+
+@pytest.fixture
+def registry():
+    registry = ClassRegistry()
+    registry.update((("person",), ("sky",), ("flag",)))
+    return registry
+
+
+def _sample(stem="astronaut", shape=(40, 50), seed=0, **extra):
+    rng = np.random.default_rng(seed)
+    return Sample(stem=stem, labels=rng.integers(0, 4, shape).astype(np.uint8), image=natural_image(*shape), **extra)
+
+
+def test_layout_masks_and_index(tmp_path, registry):
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    sample = _sample(confidence=np.full((40, 50), 0.5, np.float32))
+    sample.edited = np.zeros((40, 50), bool)
+    sample.edited[:5, :5] = True
+    image_id = writer.write(sample)
+    counts = writer.rebuild_index(models=[{"model": "ViT-B-16", "pretrained": "openai"}])
+    root = tmp_path / "ds"
+    split = next(s for s, n in counts.items() if n)
+    assert sum(counts.values()) == 1
+    for name in ("dataset.json", "classes.txt", "id2label.json", "labelmap.txt", f"{split}/metadata.jsonl"):
+        assert (root / name).is_file(), name
+    mask = Image.open(root / split / "masks" / f"{image_id}.png")
+    assert mask.mode == "L"
+    expected = np.where(sample.labels == 0, 255, sample.labels - 1)  # uids 1..3 -> train ids 0..2
+    np.testing.assert_array_equal(np.asarray(mask), expected)
+    assert np.asarray(Image.open(root / split / "confidence" / f"{image_id}.png")).max() == 128
+    provenance = np.asarray(Image.open(root / split / "provenance" / f"{image_id}.png"))
+    assert set(np.unique(provenance[:5, :5])) <= {1, 2} and (provenance[5:] == 0).all()
+    row = json.loads((root / split / "metadata.jsonl").read_text().splitlines()[0])
+    assert row["file_name"] == f"images/{image_id}.png" and row["label_file_name"] == f"masks/{image_id}.png"
+    meta = json.loads((root / split / "meta" / f"{image_id}.json").read_text())
+    assert meta["review_status"] == "edited" and meta["edits"]["painted_pixels"] + meta["edits"]["ignored_pixels"] == 25
+
+
+def test_source_files_are_copied_byte_for_byte_and_same_stems_get_distinct_ids(tmp_path, registry):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    Image.fromarray(natural_image(30, 30)).save(a / "img.jpg")
+    Image.fromarray(natural_image(30, 40)).save(b / "img.jpg")
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    labels = np.ones((30, 30), np.uint8)
+    first = writer.write(Sample("img", labels, source=a / "img.jpg"))
+    again = writer.write(Sample("img", labels, source=a / "img.jpg"))  # the same image: same id
+    second = writer.write(Sample("img", np.ones((30, 40), np.uint8), source=b / "img.jpg"))
+    assert first == again == "img" and second.startswith("img-") and second != first
+    copied = next((tmp_path / "ds").glob("*/images/img.jpg"))
+    assert copied.read_bytes() == (a / "img.jpg").read_bytes()
+
+
+def test_a_non_dataset_folder_is_never_written_into(tmp_path, registry):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(DatasetError, match="not empty and not a napari-sclip dataset"):
+        DatasetWriter(folder, registry)
+    assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
+
+
+def test_reopening_keeps_ratios_and_class_ids(tmp_path, registry):
+    writer = DatasetWriter(tmp_path / "ds", registry, ratios={"train": 0.5, "val": 0.5})
+    writer.write(_sample())
+    writer.rebuild_index()
+    grown = ClassRegistry.from_json(registry.to_json())
+    grown.update((("person",), ("sky",), ("flag",), ("rocket",)))
+    reopened = DatasetWriter(tmp_path / "ds", grown, ratios={"train": 0.9, "val": 0.1})
+    assert reopened.ratios == {"train": 0.5, "val": 0.5}
+    reopened.rebuild_index()
+    assert (tmp_path / "ds" / "classes.txt").read_text() == "person\nsky\nflag\nrocket\n"
+
+
+def test_a_kill_mid_write_leaves_no_partial_sample(tmp_path, registry, monkeypatch):
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    writer.write(_sample("first"))
+
+    def killed(array):
+        raise KeyboardInterrupt("killed while encoding a PNG")
+
+    monkeypatch.setattr(writer_module, "_png_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write(_sample("second", seed=1))
+    monkeypatch.undo()
+    assert not list((tmp_path / "ds").rglob("*.tmp"))  # no temporary files left behind
+    assert not list((tmp_path / "ds").rglob("meta/second.json"))  # the sample does not exist
+    counts = writer.rebuild_index()
+    assert sum(counts.values()) == 1  # still a valid dataset with the first sample
+
+
+def test_unwritable_location_fails_clearly(tmp_path, registry):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DatasetError, match="cannot create dataset folder"):
+        DatasetWriter(blocker / "ds", registry)
+
+
+def test_index_refuses_meta_files_that_point_outside(tmp_path, registry):
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    image_id = writer.write(_sample())
+    meta_path = next((tmp_path / "ds").glob(f"*/meta/{image_id}.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["mask"] = "../../../etc/passwd"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="invalid path"):
+        writer.rebuild_index()
+
+
+def test_hugging_face_imagefolder_loads_image_and_label(tmp_path, registry):
+    datasets = pytest.importorskip("datasets")
+    writer = DatasetWriter(tmp_path / "ds", registry, ratios={"train": 1.0})
+    for k in range(3):
+        writer.write(_sample(f"img{k}", seed=k))
+    writer.rebuild_index()
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "ds"))
+    assert {"image", "label"} <= set(loaded["train"].column_names)
+    row = loaded["train"][0]
+    mask_path = tmp_path / "ds" / "train" / "masks" / f"{row['id']}.png"
+    np.testing.assert_array_equal(np.asarray(row["label"]), np.asarray(Image.open(mask_path)))
+    assert row["image"].size == (50, 40)
