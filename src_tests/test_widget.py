@@ -273,3 +273,32 @@ def test_an_existing_labels_layer_is_treated_as_someone_s_work(widget, qtbot):
     labels = viewer.layers["img labels"]
     assert (labels.data[5:15, 5:15] == 7).all()  # kept
     assert set(np.unique(labels.data[20:, 20:])) <= {1, 2}  # the rest is segmented
+
+
+def test_a_dataset_reopens_for_more_editing(widget, qtbot, tmp_path):
+    from PIL import Image
+
+    from napari_sclip.classes import ClassRegistry
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog",)))
+    labels = np.ones((40, 50), np.uint8)
+    labels[:6, :6] = 2
+    edited = np.zeros((40, 50), bool)
+    edited[:6, :6] = True  # a person's correction, stored as provenance
+    source = tmp_path / "pet.png"
+    Image.fromarray(natural_image(40, 50)).save(source)
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    writer.write(Sample("pet", labels, source=source, edited=edited))
+    writer.rebuild_index()
+
+    viewer = widget.viewer
+    viewer.open(str(tmp_path / "ds"), plugin="napari-sclip")
+    assert [layer.name for layer in viewer.layers] == ["pet", "pet labels"]
+    widget._image_combo.setCurrentText("pet")
+    widget.set_vocabulary(["cat", "dog", "bird"])
+    _run(qtbot, widget)
+    reopened = viewer.layers["pet labels"]
+    assert (reopened.data[:6, :6] == 2).all()  # the stored correction survives the re-run
+    assert set(np.unique(reopened.data[10:, 10:])) <= {1, 2, 3}

@@ -42,6 +42,7 @@ from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.plugin.edits import EditTracker
+from napari_sclip.plugin.io import METADATA_KEY
 from napari_sclip.plugin.layers import confidence_name, iter_write_labels, labels_name, style_labels_layer
 from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
 
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 EXAMPLE_VOCABULARY = "person\nsky\ntree, plant\nbuilding\ngrass\n"
-_METADATA_KEY = "napari_sclip"
+_METADATA_KEY = METADATA_KEY
 
 
 class SclipWidget(QWidget):
@@ -173,6 +174,7 @@ class SclipWidget(QWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _refresh_images(self, event=None) -> None:
+        self._track_sclip_layers()
         current = self._image_combo.currentText()
         self._image_combo.blockSignals(True)
         self._image_combo.clear()
@@ -182,6 +184,14 @@ class SclipWidget(QWidget):
             self._image_combo.setCurrentText(current)
         self._image_combo.blockSignals(False)
         self._on_image_changed()
+
+    def _track_sclip_layers(self) -> None:
+        """Follow edits on every labels layer napari-sclip made or opened, from now on."""
+        from napari.layers import Labels
+
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and METADATA_KEY in layer.metadata:
+                self._tracker(layer)
 
     def selected_image(self):
         """The image layer chosen in the picker, or ``None``."""
@@ -212,6 +222,8 @@ class SclipWidget(QWidget):
             if adopted:
                 # A labels layer napari-sclip did not make: its labels are someone's work.
                 state["edits"].mask[...] = np.asarray(labels.data) != 0
+            elif "edited" in state:  # opened from a dataset: the stored person-edited mask
+                state["edits"].mask[...] = state.pop("edited")
         return state["edits"]
 
     # -- vocabulary -------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Reading samples back from a dataset folder (no napari)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset import format as fmt
+from napari_sclip.dataset.paths import DatasetError, resolve_inside
+from napari_sclip.dataset.splits import SPLIT_NAMES
+from napari_sclip.dataset.writer import PAINTED, IGNORED_BY_PERSON
+
+
+@dataclass
+class StoredSample:
+    """One sample as stored: the image, napari label values (uids), and what else is known."""
+
+    id: str
+    split: str
+    image: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray | None
+    edited: np.ndarray
+    meta: dict[str, Any]
+
+
+def find_dataset_root(path: str | Path) -> tuple[Path, str | None] | None:
+    """``(root, image_id)`` if ``path`` is a dataset folder (``image_id`` None) or one of its
+    images (``<root>/<split>/images/<id>.<ext>``); ``None`` otherwise."""
+    path = Path(path)
+    if path.is_dir() and (path / fmt.MANIFEST).is_file():
+        return path, None
+    if path.is_file() and path.parent.name == "images" and path.parent.parent.name in SPLIT_NAMES:
+        root = path.parent.parent.parent
+        if (root / fmt.MANIFEST).is_file():
+            return root, path.stem
+    return None
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except FileNotFoundError:
+        raise DatasetError(f"missing file {path}") from None
+    except Exception as exc:
+        raise DatasetError(f"cannot read {path}: {' '.join(str(exc).split())[:120]}") from None
+
+
+def sample_ids(root: Path) -> list[tuple[str, str]]:
+    """``(split, id)`` of every sample (those with a meta file), sorted."""
+    found = []
+    for split in SPLIT_NAMES:
+        meta_dir = root / split / "meta"
+        if meta_dir.is_dir():
+            found += [(split, path.stem) for path in sorted(meta_dir.glob("*.json"))]
+    return found
+
+
+def read_sample(root: Path, split: str, image_id: str, registry: ClassRegistry) -> StoredSample:
+    """Load one sample; masks come back as napari label values through the manifest's classes."""
+    from napari_sclip.io.images import read_image
+
+    meta_path = resolve_inside(root, f"{split}/meta/{image_id}.json")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        image_name, mask_name = meta["image"], meta["mask"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise DatasetError(f"cannot read {meta_path}: {exc}") from None
+    image = read_image(resolve_inside(root, f"{split}/{image_name}"))
+    mask = _read_png(resolve_inside(root, f"{split}/{mask_name}"))
+    labels = fmt.mask_to_labels(mask, registry)
+    confidence_path = resolve_inside(root, f"{split}/confidence/{image_id}.png")
+    confidence = _read_png(confidence_path).astype(np.float32) / 255 if confidence_path.is_file() else None
+    provenance_path = resolve_inside(root, f"{split}/provenance/{image_id}.png")
+    provenance = _read_png(provenance_path) if provenance_path.is_file() else np.zeros(labels.shape, np.uint8)
+    edited = np.isin(provenance, (PAINTED, IGNORED_BY_PERSON))
+    if provenance.shape != labels.shape:
+        raise DatasetError(f"{provenance_path} does not match the shape of its mask")
+    return StoredSample(image_id, split, image, labels, confidence, edited, meta)
