@@ -137,3 +137,34 @@ def test_hugging_face_imagefolder_loads_image_and_label(tmp_path, registry):
     mask_path = tmp_path / "ds" / "train" / "masks" / f"{row['id']}.png"
     np.testing.assert_array_equal(np.asarray(row["label"]), np.asarray(Image.open(mask_path)))
     assert row["image"].size == (50, 40)
+
+
+def test_export_images_writes_stacks_as_slices_and_updates_in_place(tmp_path, registry):
+    from napari_sclip.dataset.export import LabelledImage, export_images
+
+    stack_labels = np.ones((3, 20, 30), np.uint8)
+    stack = LabelledImage("stack", np.zeros((3, 20, 30), np.uint16), stack_labels, registry)
+    photo = LabelledImage("photo", natural_image(20, 30), np.full((20, 30), 2, np.uint8), registry, rgb=True,
+                          meta={"model": "ViT-B-16", "pretrained": "openai", "method": "sclip"})
+    steps = []
+    ids = export_images(tmp_path / "ds", [stack, photo], progress=lambda d, t: steps.append((d, t)))
+    assert ids == ["stack-000", "stack-001", "stack-002", "photo"] and steps[-1] == (4, 4)
+    manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert manifest["models"] == [{"model": "ViT-B-16", "pretrained": "openai", "method": "sclip"}]
+    photo.labels = np.full((20, 30), 3, np.uint8)
+    export_images(tmp_path / "ds", [photo])  # re-export: same id, new mask
+    mask = next((tmp_path / "ds").glob("*/masks/photo.png"))
+    assert (np.asarray(Image.open(mask)) == 2).all()  # uid 3 = flag = train id 2
+    assert sum(manifest["splits"]["counts"].values()) == 4
+
+
+def test_conflicting_layers_refuse_to_share_a_dataset(tmp_path, registry):
+    from napari_sclip.dataset.export import LabelledImage, export_images
+
+    other = ClassRegistry()
+    other.update((("tree",),))
+    items = [LabelledImage("a", natural_image(8, 8), np.ones((8, 8), np.uint8), registry, rgb=True),
+             LabelledImage("b", natural_image(8, 8), np.ones((8, 8), np.uint8), other, rgb=True)]
+    with pytest.raises(DatasetError, match="label 1 is 'person' in one layer and 'tree'"):
+        export_images(tmp_path / "ds", items)
+    assert not (tmp_path / "ds").exists()

@@ -5,6 +5,7 @@ The model is chosen through the environment variables, as a site admin would.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -302,3 +303,36 @@ def test_a_dataset_reopens_for_more_editing(widget, qtbot, tmp_path):
     reopened = viewer.layers["pet labels"]
     assert (reopened.data[:6, :6] == 2).all()  # the stored correction survives the re-run
     assert set(np.unique(reopened.data[10:, 10:])) <= {1, 2, 3}
+
+
+def test_export_dataset_and_reopen(widget, qtbot, tmp_path):
+    from PIL import Image
+
+    from napari_sclip.plugin.io import write_dataset
+
+    labels = _segmented(qtbot, widget, (40, 50))
+    labels.data_setitem((np.array([3]), np.array([4])), 0)  # a person erased one pixel
+    widget._confidence_box.setChecked(True)
+    target = tmp_path / "export"
+    widget.export_dataset(str(target))
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert "exported 1 image(s)" in widget._status.text()
+    mask = np.asarray(Image.open(next(target.glob("*/masks/img.png"))))
+    np.testing.assert_array_equal(mask, np.where(labels.data == 0, 255, labels.data - 1))
+    provenance = np.asarray(Image.open(next(target.glob("*/provenance/img.png"))))
+    assert provenance[3, 4] == 2 and provenance.sum() == 2  # "set to unlabelled by a person"
+    meta = json.loads(next(target.glob("*/meta/img.json")).read_text())
+    assert meta["model"] == TINY_MODEL and meta["window"] == 224
+
+    # napari's own "save layers" path (the writer contribution) gives the same masks
+    viewer = widget.viewer
+    layer_data = [viewer.layers["img"].as_layer_data_tuple(), labels.as_layer_data_tuple()]
+    write_dataset(str(tmp_path / "saved"), layer_data)
+    saved = np.asarray(Image.open(next((tmp_path / "saved").glob("*/masks/img.png"))))
+    np.testing.assert_array_equal(saved, mask)
+
+
+def test_export_without_labels_says_so(widget):
+    widget.viewer.add_image(natural_image(10, 10), name="img", rgb=True)
+    widget.export_dataset("/nonexistent")
+    assert "nothing to export" in widget._status.text()

@@ -1,6 +1,9 @@
-"""napari reader for pseudo-label datasets: a dataset folder, or one of its images, opens as
-image + labels layers with class names, colours, confidence and the person-edited mask, so that
-editing continues where it stopped."""
+"""napari reader and writer for pseudo-label datasets.
+
+A dataset folder, or one of its images, opens as image + labels layers with class names, colours,
+confidence and the person-edited mask, so that editing continues where it stopped.  Labels
+layers (with their images) save as a dataset.
+"""
 
 from __future__ import annotations
 
@@ -47,3 +50,60 @@ def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
             "labels",
         ))
     return layers
+
+
+def labelled_image(image_data, image_meta: dict, labels_data, labels_meta: dict, confidence=None):
+    """A :class:`~napari_sclip.dataset.export.LabelledImage` from napari layer data and metadata.
+
+    A labels layer napari-sclip did not make gets classes named after its values ("label 3").
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from napari_sclip.classes import ClassRegistry
+    from napari_sclip.dataset.export import LabelledImage
+
+    state = labels_meta.get("metadata", {}).get(METADATA_KEY, {})
+    registry = state.get("classes")
+    if registry is None:
+        registry = ClassRegistry()
+        values = [int(v) for v in np.unique(np.asarray(labels_data)) if v != 0]
+        registry.names = {v: (f"label {v}",) for v in values}
+        registry.active = values
+    edits = state.get("edits")
+    edited = edits.mask if edits is not None else state.get("edited")
+    source = (image_meta.get("source") or {}).get("path") if isinstance(image_meta.get("source"), dict) else None
+    source_path = Path(source) if source and Path(source).is_file() and np.asarray(labels_data).ndim == 2 else None
+    return LabelledImage(
+        name=image_meta["name"],
+        image=image_data,
+        labels=labels_data,
+        registry=registry,
+        rgb=bool(image_meta.get("rgb", False)),
+        confidence=confidence,
+        edited=edited,
+        source=source_path,
+        meta=dict(state.get("params", {})),
+    )
+
+
+def write_dataset(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
+    """npe2 writer hook: save labels layers, each with the image layer it was made from (named
+    "<image>" for "<image> labels"), as a dataset folder at ``path``."""
+    from napari_sclip.dataset.export import export_images
+    from napari_sclip.dataset.paths import DatasetError
+
+    images = {meta["name"]: (data, meta) for data, meta, kind in layer_data if kind == "image"}
+    items = []
+    for data, meta, kind in layer_data:
+        if kind != "labels":
+            continue
+        image_name = meta["name"].removesuffix(" labels")
+        if image_name not in images:
+            raise DatasetError(f"select the image layer {image_name!r} together with {meta['name']!r} to save a dataset")
+        image_data, image_meta = images[image_name]
+        confidence = images.get(confidence_name(image_name), (None, None))[0]
+        items.append(labelled_image(image_data, image_meta, data, meta, confidence))
+    export_images(path, items)
+    return [path]

@@ -42,7 +42,7 @@ from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.plugin.edits import EditTracker
-from napari_sclip.plugin.io import METADATA_KEY
+from napari_sclip.plugin.io import METADATA_KEY, labelled_image
 from napari_sclip.plugin.layers import confidence_name, iter_write_labels, labels_name, style_labels_layer
 from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
 
@@ -107,6 +107,9 @@ class SclipWidget(QWidget):
         self._progress_bar = QProgressBar()
         self._progress_bar.setRange(0, 1000)
         self._progress_bar.setTextVisible(False)
+        self._export_button = QPushButton("Export dataset…")
+        self._export_button.setToolTip("Save every labelled image in the viewer as a training dataset")
+        self._export_button.clicked.connect(self.export_dataset)
         self._status = QLabel("ready")
         self._status.setWordWrap(True)
 
@@ -157,6 +160,7 @@ class SclipWidget(QWidget):
         layout.addWidget(self._overwrite_box)
         layout.addWidget(self._advanced)
         layout.addWidget(self._run_button)
+        layout.addWidget(self._export_button)
         layout.addWidget(self._progress_bar)
         layout.addWidget(self._status)
         layout.addStretch()
@@ -371,8 +375,11 @@ class SclipWidget(QWidget):
 
         # Errors are ours to report (one line); they are not re-raised in the GUI thread.
         self._worker = create_worker(run_job, self._get_segmenter(), job, _start_thread=False, _ignore_errors=True)
+
         self._worker.yielded.connect(self._on_progress)
-        self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results))
+        segmenter = self._get_segmenter()
+        params = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, "method": "sclip", **job.options}
+        self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results, params))
         self._worker.errored.connect(self._notify_error)
         self._worker.finished.connect(self._on_finished)
         self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
@@ -402,6 +409,7 @@ class SclipWidget(QWidget):
             self._progress.close()
             self._progress = None
         self._run_button.setText("Segment")
+        self._run_button.setEnabled(not self._writing)
         self._progress_bar.setValue(0)
         if aborted:
             self._status.setText("cancelled: nothing was changed")
@@ -436,7 +444,7 @@ class SclipWidget(QWidget):
         )
         return answer == QMessageBox.StandardButton.Yes
 
-    def _apply(self, image, vocabulary: Vocabulary, results: list[SliceResult]) -> None:
+    def _apply(self, image, vocabulary: Vocabulary, results: list[SliceResult], params: dict) -> None:
         """Write the worker's results into the image's labels layer (GUI thread)."""
         if image not in self.viewer.layers:
             self._status.setText("the image layer was removed; results dropped")
@@ -458,10 +466,10 @@ class SclipWidget(QWidget):
             labels = self.viewer.add_labels(
                 data, name=labels_name(image.name), scale=image.scale, translate=image.translate
             )
-            labels.metadata[_METADATA_KEY] = {"classes": registry}
+            labels.metadata[_METADATA_KEY] = {"classes": registry, "params": params}
             self._finish(image, labels, registry, results, int(sum(item.labels.size for item in results)))
             return
-        labels.metadata.setdefault(_METADATA_KEY, {})["classes"] = registry
+        labels.metadata.setdefault(_METADATA_KEY, {}).update(classes=registry, params=params)
         if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
             labels.data = labels.data.astype(dtype)
         steps = self._update_labels(labels, results, retired, self._overwrite_box.isChecked())
@@ -533,6 +541,52 @@ class SclipWidget(QWidget):
         kept = int(tracker.mask.sum())
         note = f", kept {kept} edited pixels" if kept and not self._overwrite_box.isChecked() else ""
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
+
+    # -- export -----------------------------------------------------------------------------------
+
+    def labelled_images(self) -> list:
+        """Every image layer that has a "<image> labels" layer of its shape, ready to export."""
+        items = []
+        for image in self._image_layers():
+            labels = self._labels_layer(image)
+            if labels is None:
+                continue
+            confidence_layer = confidence_name(image.name)
+            confidence = self.viewer.layers[confidence_layer].data if confidence_layer in self.viewer.layers else None
+            self._tracker(labels)  # make sure the edits are part of the export
+            image_meta = {"name": image.name, "rgb": image.rgb, "source": {"path": image.source.path}}
+            items.append(labelled_image(image.data, image_meta, labels.data, {"metadata": labels.metadata}, confidence))
+        return items
+
+    def export_dataset(self, folder: str | None = None) -> None:
+        """Export every labelled image to a dataset folder (asks for it), in the background."""
+        if self.running:
+            return
+        try:
+            items = self.labelled_images()
+            if not items:
+                raise SclipError("nothing to export: segment an image first")
+        except SclipError as exc:
+            self._notify_error(exc)
+            return
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Export dataset to (a new or empty folder, or a dataset)")
+            if not folder:
+                return
+        from napari.qt.threading import create_worker
+
+        from napari_sclip.dataset.export import export_images
+
+        def job():
+            return folder, export_images(folder, items)
+
+        self._worker = create_worker(job, _start_thread=False, _ignore_errors=True)
+        self._worker.returned.connect(lambda result: self._status.setText(f"exported {len(result[1])} image(s) to {result[0]}"))
+        self._worker.errored.connect(self._notify_error)
+        self._worker.finished.connect(self._on_finished)
+        self._run_button.setEnabled(False)  # samples are written atomically; the export just runs
+        self._status.setText(f"exporting to {folder}…")
+        self._worker.start()
 
     def _write_confidence(self, image, shape, results):
         name = confidence_name(image.name)

@@ -1,0 +1,100 @@
+"""Exporting labelled images (arrays, as napari holds them) into a dataset folder (no napari)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+
+@dataclass
+class LabelledImage:
+    """An image and its labels: 2D, or stacks whose 2D slices become separate samples.
+
+    ``rgb`` says whether the image's last axis holds colour channels.  ``source`` is the image
+    file it came from, if any (copied as is for 2D images).
+    """
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    registry: ClassRegistry
+    rgb: bool = False
+    confidence: np.ndarray | None = None
+    edited: np.ndarray | None = None
+    source: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_registries(registries: Sequence[ClassRegistry]) -> ClassRegistry:
+    """One class table for several layers; a uid naming two different classes is an error."""
+    merged = ClassRegistry()
+    for registry in registries:
+        for uid, names in registry.names.items():
+            known = merged.names.get(uid)
+            if known is not None and known[0].casefold() != names[0].casefold():
+                raise DatasetError(
+                    f"label {uid} is {known[0]!r} in one layer and {names[0]!r} in another; "
+                    "export them to separate datasets"
+                )
+            merged.names.setdefault(uid, names)
+        merged.active += [uid for uid in registry.active if uid not in merged.active]
+    return merged
+
+
+def export_images(
+    root: str | Path,
+    items: Sequence[LabelledImage],
+    ratios: dict[str, float] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Write every item (every 2D slice of stacks) into the dataset at ``root``; returns the ids.
+
+    Re-exporting into the same folder updates the samples in place.
+    """
+    if not items:
+        raise DatasetError("nothing to export: no image has a labels layer")
+    writer = DatasetWriter(root, merge_registries([item.registry for item in items]), ratios)
+    samples = [sample for item in items for sample in _samples(item)]
+    ids = []
+    for k, sample in enumerate(samples):
+        ids.append(writer.write(sample))
+        if progress:
+            progress(k + 1, len(samples))
+    writer.rebuild_index(models=_models(items))
+    return ids
+
+
+def _samples(item: LabelledImage) -> list[Sample]:
+    labels = np.asarray(item.labels)
+    if labels.ndim == 2:
+        return [Sample(item.name, labels, image=None if item.source else np.asarray(item.image),
+                       source=item.source, confidence=item.confidence, edited=item.edited, meta=item.meta)]
+    samples = []
+    for index in np.ndindex(*labels.shape[:-2]):
+        suffix = "-".join(f"{i:03d}" for i in index)
+        samples.append(Sample(
+            f"{item.name}-{suffix}",
+            labels[index],
+            image=np.asarray(item.image[index]),
+            confidence=None if item.confidence is None else item.confidence[index],
+            edited=None if item.edited is None else item.edited[index],
+            meta={**item.meta, "slice": list(index)},
+        ))
+    return samples
+
+
+def _models(items: Sequence[LabelledImage]) -> list[dict[str, Any]]:
+    seen = []
+    for item in items:
+        model = {k: item.meta[k] for k in ("model", "pretrained", "method") if k in item.meta}
+        if model and model not in seen:
+            seen.append(model)
+    return seen
