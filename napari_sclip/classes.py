@@ -49,11 +49,6 @@ class ClassRegistry:
     def display_name(self, uid: int) -> str:
         return self.names[uid][0]
 
-    def train_ids(self) -> dict[int, int]:
-        """uid -> contiguous training id (0, 1, ...) of the active classes, in uid order, so a
-        class added later gets a later id.  Retired classes have none."""
-        return {uid: i for i, uid in enumerate(sorted(self.active))}
-
     def to_json(self) -> list[dict]:
         """Every class ever known, for a manifest: uid, names, and its position in the current
         vocabulary (``None`` once retired)."""

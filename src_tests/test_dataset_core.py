@@ -75,18 +75,26 @@ def registry():
     return registry
 
 
+def test_new_training_ids_follow_uid_order_and_old_ones_never_change(registry):
+    ids = fmt.extend_train_ids({}, registry)
+    assert ids == {1: 0, 3: 1, 4: 2}  # dog (2) was retired before the first export
+    registry.update((("cat",), ("fish",), ("dog",), ("owl",)))  # bird retired, dog back, owl = 5
+    assert fmt.extend_train_ids(ids, registry) == {1: 0, 3: 1, 4: 2, 2: 3, 5: 4}
+
+
 def test_labels_to_mask_and_back(registry):
-    labels = np.array([[0, 1, 2], [3, 4, 9]], np.uint8)  # 2 is retired, 9 is no class
-    mask = fmt.labels_to_mask(labels, registry)
+    ids = fmt.extend_train_ids({}, registry)
+    labels = np.array([[0, 1, 2], [3, 4, 9]], np.uint8)  # 2 has no training id, 9 is no class
+    mask = fmt.labels_to_mask(labels, ids)
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, [[255, 0, 255], [1, 2, 255]])
-    np.testing.assert_array_equal(fmt.mask_to_labels(mask, registry), [[0, 1, 0], [3, 4, 0]])
+    np.testing.assert_array_equal(fmt.mask_to_labels(mask, ids), [[0, 1, 0], [3, 4, 0]])
 
 
 def test_plain_pillow_reads_the_training_ids(registry, tmp_path):
     from PIL import Image
 
-    mask = fmt.labels_to_mask(np.array([[1, 3], [4, 0]], np.uint8), registry)
+    mask = fmt.labels_to_mask(np.array([[1, 3], [4, 0]], np.uint8), fmt.extend_train_ids({}, registry))
     Image.fromarray(mask).save(tmp_path / "m.png")
     image = Image.open(tmp_path / "m.png")
     assert image.mode == "L"
@@ -97,12 +105,12 @@ def test_many_classes_need_sixteen_bit_masks():
     registry = ClassRegistry()
     registry.update(tuple((f"class {i}",) for i in range(300)))
     with pytest.warns(UserWarning, match="16-bit"):
-        mask = fmt.labels_to_mask(np.array([[0, 300]], np.uint16), registry)
+        mask = fmt.labels_to_mask(np.array([[0, 300]], np.uint16), fmt.extend_train_ids({}, registry))
     np.testing.assert_array_equal(mask, [[65535, 299]])
 
 
 def test_class_files(registry, tmp_path):
-    fmt.write_class_files(tmp_path, registry)
+    fmt.write_class_files(tmp_path, registry, fmt.extend_train_ids({}, registry))
     assert (tmp_path / "classes.txt").read_text() == "cat\nbird\nfish\n"  # uid order: 1, 3, 4
     assert json.loads((tmp_path / "id2label.json").read_text()) == {"0": "cat", "1": "bird", "2": "fish"}
     lines = (tmp_path / "labelmap.txt").read_text().splitlines()
@@ -110,10 +118,11 @@ def test_class_files(registry, tmp_path):
 
 
 def test_manifest_round_trip(registry, tmp_path):
-    manifest = fmt.build_manifest(registry, {"train": 0.8, "val": 0.2}, [{"model": "ViT-B-16"}], 2)
+    ids = fmt.extend_train_ids({}, registry)
+    manifest = fmt.build_manifest(registry, ids, {"train": 0.8, "val": 0.2}, [{"model": "ViT-B-16"}], 2)
     fmt.write_manifest(tmp_path, manifest)
-    read, restored = fmt.read_manifest(tmp_path)
-    assert read == manifest and restored == registry
+    read, restored, restored_ids = fmt.read_manifest(tmp_path)
+    assert read == manifest and restored == registry and restored_ids == ids
     dog = next(c for c in read["classes"] if c["name"] == "dog")
     assert dog["position"] is None and dog["train_id"] is None  # retired, kept, never reused
 
@@ -126,6 +135,8 @@ def test_manifest_round_trip(registry, tmp_path):
         ('{"format": {"name": "other", "version": 1}, "classes": []}', "not 'napari-sclip-pseudo-labels'"),
         ('{"format": {"name": "napari-sclip-pseudo-labels", "version": 99}, "classes": []}', "version 99"),
         ('{"format": {"name": "napari-sclip-pseudo-labels", "version": 1}}', "malformed"),
+        ('{"format": {"name": "napari-sclip-pseudo-labels", "version": 1}, "classes": '
+         '[{"uid": 1, "name": "a", "train_id": 3}]}', "not 0..0"),
     ],
 )
 def test_bad_manifests_name_the_file(tmp_path, content, message):

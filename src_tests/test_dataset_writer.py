@@ -158,6 +158,21 @@ def test_export_images_writes_stacks_as_slices_and_updates_in_place(tmp_path, re
     assert sum(manifest["splits"]["counts"].values()) == 4
 
 
+def test_training_ids_survive_a_removed_class_and_a_new_one(tmp_path, registry):
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    first = writer.write(_sample("first"))
+    writer.rebuild_index()
+    old_mask = np.asarray(Image.open(next((tmp_path / "ds").glob(f"*/masks/{first}.png"))))
+    later = ClassRegistry.from_json(registry.to_json())
+    later.update((("person",), ("flag",), ("rocket",)))  # sky removed in napari, rocket added
+    again = DatasetWriter(tmp_path / "ds", later)
+    again.write(Sample("second", np.full((40, 50), 4, np.uint8), image=natural_image(40, 50)))
+    again.rebuild_index()
+    assert (tmp_path / "ds" / "classes.txt").read_text() == "person\nsky\nflag\nrocket\n"
+    np.testing.assert_array_equal(np.asarray(Image.open(next((tmp_path / "ds").glob(f"*/masks/{first}.png")))), old_mask)
+    assert (np.asarray(Image.open(next((tmp_path / "ds").glob("*/masks/second.png")))) == 3).all()
+
+
 def test_conflicting_layers_refuse_to_share_a_dataset(tmp_path, registry):
     from napari_sclip.dataset.export import LabelledImage, export_images
 

@@ -167,13 +167,12 @@ def _counting(steps, seen):
         yield
 
 
-def test_registry_round_trips_through_json_and_gives_contiguous_train_ids():
+def test_registry_round_trips_through_json():
     import json
 
     registry = ClassRegistry()
     registry.update((("cat",), ("dog", "puppy"), ("bird",)))
     registry.update((("bird",), ("cat",), ("fish",)))  # dog retired, fish appended as 4
-    assert registry.train_ids() == {1: 0, 3: 1, 4: 2}
     restored = ClassRegistry.from_json(json.loads(json.dumps(registry.to_json())))
     assert restored == registry
     assert restored.update((("bird",), ("cat",), ("fish",), ("dog",))) == [3, 1, 4, 2]

@@ -4,9 +4,10 @@ annotation tools read, and the mapping between napari label values and training 
 Label encoding
 --------------
 A napari label value is a class's permanent uid (:class:`napari_sclip.classes.ClassRegistry`).
-Masks store *training ids*: the active classes numbered 0, 1, ... in uid order, so a class added
-later gets a later id.  ``255`` means ignore/unlabelled (uid 0, and retired classes).  Above 255
-classes masks become 16-bit and the ignore value becomes 65535.
+Masks store *training ids*: 0, 1, 2, ... given to classes as they enter the dataset (in uid order
+within one export) and never changed afterwards, so masks written earlier stay valid when classes
+are added, and a class removed from a vocabulary keeps its id.  ``255`` means ignore/unlabelled
+(uid 0, and classes without an id).  Above 254 classes masks become 16-bit, ignore = 65535.
 """
 
 from __future__ import annotations
@@ -31,14 +32,26 @@ IGNORE_8BIT = 255
 IGNORE_16BIT = 65535
 
 
-def mask_dtype(registry: ClassRegistry) -> np.dtype:
+TrainIds = dict[int, int]  # uid -> training id
+
+
+def extend_train_ids(train_ids: TrainIds, registry: ClassRegistry) -> TrainIds:
+    """Keep every existing training id; give the registry's active classes that have none the next
+    ids, in uid order."""
+    extended = dict(train_ids)
+    next_id = max(extended.values(), default=-1) + 1
+    for uid in sorted(registry.active):
+        if uid not in extended:
+            extended[uid] = next_id
+            next_id += 1
+    return extended
+
+
+def mask_dtype(train_ids: TrainIds) -> np.dtype:
     """uint8 while the training ids and the ignore value fit, else uint16 (with a warning)."""
-    if len(registry.active) < IGNORE_8BIT:
+    if len(train_ids) < IGNORE_8BIT:
         return np.dtype(np.uint8)
-    warnings.warn(
-        f"{len(registry.active)} classes do not fit 8-bit masks; writing 16-bit PNG masks",
-        stacklevel=2,
-    )
+    warnings.warn(f"{len(train_ids)} classes do not fit 8-bit masks; writing 16-bit PNG masks", stacklevel=2)
     return np.dtype(np.uint16)
 
 
@@ -46,37 +59,24 @@ def ignore_value(dtype: np.dtype) -> int:
     return IGNORE_8BIT if np.dtype(dtype) == np.uint8 else IGNORE_16BIT
 
 
-def uid_to_train_table(registry: ClassRegistry, dtype: np.dtype) -> np.ndarray:
-    """A lookup table: ``table[uid]`` is the training id, or the ignore value."""
-    size = max(registry.names, default=0) + 1
-    table = np.full(size, ignore_value(dtype), dtype=dtype)
-    for uid, train_id in registry.train_ids().items():
-        table[uid] = train_id
-    return table
-
-
-def train_to_uid_table(registry: ClassRegistry) -> dict[int, int]:
-    """training id -> uid (the inverse used when a mask comes back into napari)."""
-    return {train_id: uid for uid, train_id in registry.train_ids().items()}
-
-
-def labels_to_mask(labels: np.ndarray, registry: ClassRegistry) -> np.ndarray:
-    """napari label values -> training-id mask.  Values no class owns become ignore."""
-    dtype = mask_dtype(registry)
-    table = uid_to_train_table(registry, dtype)
+def labels_to_mask(labels: np.ndarray, train_ids: TrainIds) -> np.ndarray:
+    """napari label values -> training-id mask.  Values without a training id become ignore."""
+    dtype = mask_dtype(train_ids)
     values = np.asarray(labels).astype(np.int64, copy=False)
-    inside = (values >= 0) & (values < table.size)
-    return np.where(inside, table[np.clip(values, 0, table.size - 1)], ignore_value(dtype)).astype(dtype)
+    table = np.full(max([*train_ids, int(values.max(initial=0))]) + 1, ignore_value(dtype), dtype=dtype)
+    for uid, train_id in train_ids.items():
+        table[uid] = train_id
+    return table[np.clip(values, 0, None)]
 
 
-def mask_to_labels(mask: np.ndarray, registry: ClassRegistry) -> np.ndarray:
+def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
     """Training-id mask -> napari label values (ignore and unknown ids become 0)."""
     mask = np.asarray(mask)
     if mask.dtype not in (np.uint8, np.uint16):
         raise DatasetError(f"masks must be 8- or 16-bit, got {mask.dtype}")
-    dtype = np.uint8 if max(registry.names, default=0) <= 255 else np.uint16
+    dtype = np.uint8 if max(train_ids, default=0) <= 255 else np.uint16
     table = np.zeros(np.iinfo(mask.dtype).max + 1, dtype)
-    for train_id, uid in train_to_uid_table(registry).items():
+    for uid, train_id in train_ids.items():
         table[train_id] = uid
     return table[mask]
 
@@ -85,10 +85,10 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def write_class_files(root: Path, registry: ClassRegistry) -> None:
+def write_class_files(root: Path, registry: ClassRegistry, train_ids: TrainIds) -> None:
     """``classes.txt`` (line i = training id i), ``id2label.json`` and CVAT/Datumaro
     ``labelmap.txt``, all in training-id order."""
-    ordered = sorted(registry.train_ids().items(), key=lambda item: item[1])
+    ordered = sorted(train_ids.items(), key=lambda item: item[1])
     names = [registry.display_name(uid) for uid, _ in ordered]
     _write_text(root / "classes.txt", "".join(f"{name}\n" for name in names))
     id2label = {str(train_id): registry.display_name(uid) for uid, train_id in ordered}
@@ -100,6 +100,7 @@ def write_class_files(root: Path, registry: ClassRegistry) -> None:
 
 def build_manifest(
     registry: ClassRegistry,
+    train_ids: TrainIds,
     ratios: dict[str, float],
     models: list[dict[str, Any]],
     vocabulary_version: int,
@@ -109,8 +110,7 @@ def build_manifest(
     from datetime import datetime, timezone
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    dtype = np.dtype(np.uint8) if len(registry.active) < IGNORE_8BIT else np.dtype(np.uint16)
-    train_ids = registry.train_ids()
+    dtype = np.dtype(np.uint8) if len(train_ids) < IGNORE_8BIT else np.dtype(np.uint16)
     return {
         "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "tool": {"name": "napari-sclip", "version": __version__},
@@ -120,7 +120,7 @@ def build_manifest(
             "mask": "single-channel PNG of training ids",
             "dtype": dtype.name,
             "ignore_index": ignore_value(dtype),
-            "training_ids": "active classes numbered 0.. in uid order; uid = napari label value",
+            "training_ids": "given as classes enter the dataset, never changed; uid = napari label value",
         },
         "vocabulary_version": vocabulary_version,
         "classes": [
@@ -136,8 +136,8 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     _write_text(root / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry]:
-    """Read and check ``dataset.json``; returns it and its class registry.
+def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry, TrainIds]:
+    """Read and check ``dataset.json``; returns it, its class registry and its training ids.
 
     Raises :class:`DatasetError` naming the file for anything missing, unreadable or malformed.
     """
@@ -155,8 +155,11 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry]:
         if version > FORMAT_VERSION:
             raise DatasetError(f"{path} has format version {version}; this napari-sclip reads up to {FORMAT_VERSION}")
         registry = ClassRegistry.from_json(manifest["classes"])
+        train_ids = {int(c["uid"]): int(c["train_id"]) for c in manifest["classes"] if c.get("train_id") is not None}
+        if sorted(train_ids.values()) != list(range(len(train_ids))):
+            raise DatasetError(f"{path} has training ids that are not 0..{len(train_ids) - 1}")
     except DatasetError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise DatasetError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
-    return manifest, registry
+    return manifest, registry, train_ids

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
 from napari_sclip.dataset.splits import SPLIT_NAMES
@@ -64,7 +63,7 @@ def sample_ids(root: Path) -> list[tuple[str, str]]:
     return found
 
 
-def read_sample(root: Path, split: str, image_id: str, registry: ClassRegistry) -> StoredSample:
+def read_sample(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) -> StoredSample:
     """Load one sample; masks come back as napari label values through the manifest's classes."""
     from napari_sclip.io.images import read_image
 
@@ -76,7 +75,7 @@ def read_sample(root: Path, split: str, image_id: str, registry: ClassRegistry) 
         raise DatasetError(f"cannot read {meta_path}: {exc}") from None
     image = read_image(resolve_inside(root, f"{split}/{image_name}"))
     mask = _read_png(resolve_inside(root, f"{split}/{mask_name}"))
-    labels = fmt.mask_to_labels(mask, registry)
+    labels = fmt.mask_to_labels(mask, train_ids)
     confidence_path = resolve_inside(root, f"{split}/confidence/{image_id}.png")
     confidence = _read_png(confidence_path).astype(np.float32) / 255 if confidence_path.is_file() else None
     provenance_path = resolve_inside(root, f"{split}/provenance/{image_id}.png")

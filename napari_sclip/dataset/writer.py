@@ -94,7 +94,8 @@ class DatasetWriter:
         The dataset folder.  It is created if missing; an existing folder must be empty or hold a
         napari-sclip dataset (anything else is refused, never written into).
     registry
-        The classes; merged into an existing dataset's (uids are never reused).
+        The classes; merged into an existing dataset's (uids are never reused, and classes keep
+        their training ids: those of new classes come after the existing ones).
     ratios
         Split ratios for new datasets; an existing dataset keeps its own.
     """
@@ -102,10 +103,11 @@ class DatasetWriter:
     def __init__(self, root: str | Path, registry: ClassRegistry, ratios: dict[str, float] | None = None):
         self.root = Path(root).expanduser()
         self.previous: dict[str, Any] | None = None
+        train_ids: fmt.TrainIds = {}
         if self.root.exists() and not self.root.is_dir():
             raise DatasetError(f"{self.root} exists and is not a folder")
         if (self.root / fmt.MANIFEST).exists():
-            self.previous, existing = fmt.read_manifest(self.root)
+            self.previous, existing, train_ids = fmt.read_manifest(self.root)
             ratios = self.previous["splits"]["ratios"]
             for uid, names in existing.names.items():
                 if uid in registry.names and registry.names[uid][0].casefold() != names[0].casefold():
@@ -116,6 +118,7 @@ class DatasetWriter:
         elif self.root.exists() and any(self.root.iterdir()):
             raise DatasetError(f"{self.root} is not empty and not a napari-sclip dataset; choose a new or empty folder")
         self.registry = registry
+        self.train_ids = fmt.extend_train_ids(train_ids, registry)
         self.ratios = check_ratios(ratios or DEFAULT_RATIOS)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -171,7 +174,7 @@ class DatasetWriter:
         else:
             raise DatasetError(f"sample {sample.stem!r} has neither an image nor a source file")
 
-        mask = fmt.labels_to_mask(labels, self.registry)
+        mask = fmt.labels_to_mask(labels, self.train_ids)
         atomic_write(resolve_inside(self.root, f"{split}/masks/{image_id}.png"), lambda h: h.write(_png_bytes(mask)))
         if sample.confidence is not None:
             levels = np.rint(np.clip(np.asarray(sample.confidence, np.float32), 0, 1) * 255).astype(np.uint8)
@@ -226,8 +229,8 @@ class DatasetWriter:
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             atomic_write(self.root / split / "metadata.jsonl", lambda h: h.write(text.encode("utf-8")))
             counts[split] = len(rows)
-        fmt.write_class_files(self.root, self.registry)
-        manifest = fmt.build_manifest(self.registry, self.ratios, models or [], vocabulary_version, self.previous)
+        fmt.write_class_files(self.root, self.registry, self.train_ids)
+        manifest = fmt.build_manifest(self.registry, self.train_ids, self.ratios, models or [], vocabulary_version, self.previous)
         manifest["splits"]["counts"] = counts
         fmt.write_manifest(self.root, manifest)
         self.previous = manifest

@@ -29,11 +29,11 @@ def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
     from napari_sclip.dataset.reader import find_dataset_root, read_sample, sample_ids
 
     root, only = find_dataset_root(path)
-    _, registry = fmt.read_manifest(root)
+    _, registry, train_ids = fmt.read_manifest(root)
     wanted = [(split, image_id) for split, image_id in sample_ids(root) if only in (None, image_id)]
     layers: list[tuple[Any, dict, str]] = []
     for split, image_id in wanted:
-        sample = read_sample(root, split, image_id, registry)
+        sample = read_sample(root, split, image_id, train_ids)
         rgb = sample.image.ndim == 3 and sample.image.shape[-1] in (3, 4)
         layers.append((sample.image, {"name": image_id, "rgb": rgb, "metadata": {"dataset": str(root), "split": split}}, "image"))
         if sample.confidence is not None:
