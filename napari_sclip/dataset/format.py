@@ -23,7 +23,7 @@ from napari_sclip import __version__
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
 from napari_sclip.dataset.paths import DatasetError
-from napari_sclip.io.label_maps import atomic_write
+from napari_sclip._files import atomic_write
 
 FORMAT_NAME = "napari-sclip-pseudo-labels"
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
 from napari_sclip.dataset.splits import DEFAULT_RATIOS, SPLIT_NAMES, assign_split, check_ratios
-from napari_sclip.io.label_maps import atomic_write
+from napari_sclip._files import atomic_write
 
 #: Provenance mask values.
 MODEL, PAINTED, IGNORED_BY_PERSON = 0, 1, 2
@@ -169,19 +169,19 @@ class DatasetWriter:
             shape, dtype = labels.shape, "file"
         elif sample.image is not None:
             image_name = f"images/{image_id}.png"
-            atomic_write(resolve_inside(self.root, f"{split}/{image_name}"), lambda h: h.write(_png_bytes(np.asarray(sample.image))))
+            self._write_png(f"{split}/{image_name}", np.asarray(sample.image))
             shape, dtype = np.asarray(sample.image).shape, str(np.asarray(sample.image).dtype)
         else:
             raise DatasetError(f"sample {sample.stem!r} has neither an image nor a source file")
 
         mask = fmt.labels_to_mask(labels, self.train_ids)
-        atomic_write(resolve_inside(self.root, f"{split}/masks/{image_id}.png"), lambda h: h.write(_png_bytes(mask)))
+        self._write_png(f"{split}/masks/{image_id}.png", mask)
         if sample.confidence is not None:
             levels = np.rint(np.clip(np.asarray(sample.confidence, np.float32), 0, 1) * 255).astype(np.uint8)
-            atomic_write(resolve_inside(self.root, f"{split}/confidence/{image_id}.png"), lambda h: h.write(_png_bytes(levels)))
+            self._write_png(f"{split}/confidence/{image_id}.png", levels)
         edited = np.zeros(labels.shape, bool) if sample.edited is None else np.asarray(sample.edited, bool)
         provenance = np.where(edited, np.where(labels == 0, IGNORED_BY_PERSON, PAINTED), MODEL).astype(np.uint8)
-        atomic_write(resolve_inside(self.root, f"{split}/provenance/{image_id}.png"), lambda h: h.write(_png_bytes(provenance)))
+        self._write_png(f"{split}/provenance/{image_id}.png", provenance)
 
         meta = {
             "id": image_id,
@@ -205,6 +205,10 @@ class DatasetWriter:
         text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
         atomic_write(resolve_inside(self.root, f"{split}/meta/{image_id}.json"), lambda h: h.write(text.encode()))
         return image_id
+
+    def _write_png(self, relative: str, array: np.ndarray) -> None:
+        encoded = _png_bytes(array)  # encode first: a failure leaves nothing behind
+        atomic_write(resolve_inside(self.root, relative), lambda handle: handle.write(encoded))
 
     def rebuild_index(self, models: list[dict[str, Any]] | None = None, vocabulary_version: int = 1) -> dict[str, int]:
         """Rewrite the class files, every split's ``metadata.jsonl`` and ``dataset.json`` from the

@@ -12,8 +12,6 @@ of the 77 positions for typical names.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -21,6 +19,7 @@ from collections.abc import Generator, Sequence
 
 import numpy as np
 
+from napari_sclip._files import atomic_write
 from napari_sclip.engine import config
 from napari_sclip.engine._torch import F, torch
 from napari_sclip.engine.model import LoadedModel, autocast, precision_of
@@ -105,10 +104,7 @@ class TextEncoder:
             return
         try:
             self._disk_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._disk_dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, feature.numpy())
-            os.replace(tmp, self._disk_path(name))
+            atomic_write(self._disk_path(name), lambda handle: np.save(handle, feature.numpy()))
         except OSError as exc:
             self._disk_ok = False
             warnings.warn(f"text-embedding cache disabled, cannot write {self._disk_dir}: {exc}", stacklevel=2)

@@ -8,8 +8,6 @@ opens in any viewer in colour and in any loader as integers.  Files are written 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,22 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from napari_sclip._files import atomic_write
 from napari_sclip.colors import label_color, label_palette
 
 UNLABELLED = "unlabelled"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` by calling ``write(handle)`` on a temporary file in the same folder, then
-    renaming it over ``path``: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:

@@ -73,8 +73,9 @@ def labelled_image(image_data, image_meta: dict, labels_data, labels_meta: dict,
         registry.active = values
     edits = state.get("edits")
     edited = edits.mask if edits is not None else state.get("edited")
-    source = (image_meta.get("source") or {}).get("path") if isinstance(image_meta.get("source"), dict) else None
-    source_path = Path(source) if source and Path(source).is_file() and np.asarray(labels_data).ndim == 2 else None
+    # A 2D image read from a file is copied as is; stacks are written slice by slice.
+    source = (image_meta.get("source") or {}).get("path")
+    source_path = Path(source) if source and Path(source).is_file() and np.ndim(labels_data) == 2 else None
     return LabelledImage(
         name=image_meta["name"],
         image=image_data,

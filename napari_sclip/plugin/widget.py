@@ -373,12 +373,11 @@ class SclipWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        # Errors are ours to report (one line); they are not re-raised in the GUI thread.
-        self._worker = create_worker(run_job, self._get_segmenter(), job, _start_thread=False, _ignore_errors=True)
-
-        self._worker.yielded.connect(self._on_progress)
         segmenter = self._get_segmenter()
         params = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, "method": "sclip", **job.options}
+        # Errors are ours to report (one line); they are not re-raised in the GUI thread.
+        self._worker = create_worker(run_job, segmenter, job, _start_thread=False, _ignore_errors=True)
+        self._worker.yielded.connect(self._on_progress)
         self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results, params))
         self._worker.errored.connect(self._notify_error)
         self._worker.finished.connect(self._on_finished)
