@@ -37,11 +37,13 @@ def test_import_is_cheap():
     assert done.stdout.strip() == "[]"
 
 
-def test_opening_the_widget_module_does_not_import_torch():
+def test_opening_the_widget_and_reader_does_not_import_torch():
     done = _run(
         """
         import sys
         import napari_sclip.plugin.widget, napari_sclip.plugin.sample_data
+        from napari_sclip.plugin.io import get_reader
+        get_reader(".")  # napari asks every reader about every path it opens
         print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
         """
     )
