@@ -68,11 +68,12 @@ def _checkpoint(folder: Path) -> Path:
 
 def bench_text(segmenter, names: list[str], repeats: int) -> dict:
     import torch
-    from reference_sclip import text_features_reference
 
     from napari_sclip.engine import text as text_module
     from napari_sclip.engine.progress import drive
     from napari_sclip.engine.text import TextEncoder, prompt_templates
+
+    from reference_sclip import text_features_reference
 
     model = segmenter.load()
 
@@ -96,10 +97,11 @@ def bench_text(segmenter, names: list[str], repeats: int) -> dict:
 def bench_image(segmenter, classes: list[str], repeats: int, shape=(448, 640)) -> dict:
     import numpy as np
     import torch
-    from conftest import natural_image
-    from reference_sclip import sclip_reference
 
     from napari_sclip.engine.vocabulary import parse_vocabulary
+
+    from conftest import natural_image
+    from reference_sclip import sclip_reference
 
     rgb = natural_image(*shape)
     vocabulary = parse_vocabulary(classes)

@@ -27,11 +27,11 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-if TYPE_CHECKING:
-    from napari_sclip.engine.errors import SclipError
-    from napari_sclip.engine.progress import Progress
-    from napari_sclip.engine.segmenter import SegmentationResult, Segmenter
-    from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from napari_sclip.engine.errors import SclipError  # noqa: F401
+    from napari_sclip.engine.progress import Progress  # noqa: F401
+    from napari_sclip.engine.segmenter import SegmentationResult, Segmenter  # noqa: F401
+    from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

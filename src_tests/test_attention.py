@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_clip
-from reference_sclip import csa_reference, image_features_reference
-
 from napari_sclip.engine.sclip import (
     correlative_self_attention,
     interpolate_positional_embedding,
     sclip_patch_features,
 )
+
+from conftest import make_tiny_clip
+from reference_sclip import csa_reference, image_features_reference
 
 
 @pytest.mark.parametrize("heads", [1, 2, 8])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_MODEL, natural_image
-
 from napari_sclip import Segmenter
 from napari_sclip.cli import main
 from napari_sclip.colors import label_color
+
+from conftest import TINY_MODEL, natural_image
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import natural_image
-
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
 from napari_sclip.plugin.io import METADATA_KEY, get_reader
+
+from conftest import natural_image
 
 
 @pytest.fixture

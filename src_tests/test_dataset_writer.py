@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import natural_image
-
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import writer as writer_module
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+from conftest import natural_image
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_layout_masks_and_index(tmp_path, registry):
     sample.edited = np.zeros((40, 50), bool)
     sample.edited[:5, :5] = True
     image_id = writer.write(sample)
-    counts = writer.rebuild_index(models=[{"model": "ViT-B-16", "pretrained": "openai"}])
+    counts = writer.rebuild_index()
     root = tmp_path / "ds"
     split = next(s for s, n in counts.items() if n)
     assert sum(counts.values()) == 1

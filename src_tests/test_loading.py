@@ -3,18 +3,19 @@ and the errors a user meets on the way."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, make_tiny_clip, natural_image
-
 from napari_sclip import Segmenter
-from napari_sclip.engine import config, model as model_module, weights as weights_module
+from napari_sclip.engine import config
+from napari_sclip.engine import model as model_module
+from napari_sclip.engine import weights as weights_module
 from napari_sclip.engine.errors import DeviceError, ModelError
 from napari_sclip.engine.model import build_model, load_model, resolve_device
 from napari_sclip.engine.weights import WeightsFile, read_state_dict
+
+from conftest import TINY_MODEL, make_tiny_clip, natural_image
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sclip.colors import label_color
 from napari_sclip.classes import ClassRegistry
+from napari_sclip.colors import label_color
 from napari_sclip.plugin.runner import slice_regions
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, natural_image
-from reference_sclip import sclip_reference
-
 from napari_sclip import Progress, SegmentationResult, Segmenter
 from napari_sclip.engine import segmenter as segmenter_module
 from napari_sclip.engine.errors import ImageError, ParameterError, VocabularyError
+
+from conftest import TINY_MODEL, natural_image
+from reference_sclip import sclip_reference
 
 CLASSES = ["person, astronaut", "sky", "flag, banner", "rocket"]
 

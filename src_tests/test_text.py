@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL
-from reference_sclip import text_features_reference
-
 from napari_sclip.engine import text as text_module
 from napari_sclip.engine.text import TextEncoder, encode_tokens, prompt_templates
+
+from conftest import TINY_MODEL
+from reference_sclip import text_features_reference
 
 
 def test_templates_are_openais_80():
@@ -75,8 +75,9 @@ def test_corrupt_disk_entry_is_recomputed(segmenter, monkeypatch, tmp_path):
 
 def test_cache_key_includes_the_weights(segmenter, tiny_dir, monkeypatch):
     """Other weights under the same model name never reuse these embeddings."""
-    from conftest import make_tiny_clip
     from napari_sclip import Segmenter
+
+    from conftest import make_tiny_clip
 
     other_path = tiny_dir / "other.pt"
     torch.save(make_tiny_clip(seed=99).state_dict(), other_path)

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY_MODEL, natural_image
-
 from napari_sclip.colors import label_color
+
+from conftest import TINY_MODEL, natural_image
 
 pytestmark = pytest.mark.gui
 

@@ -68,15 +68,15 @@ def export_images(
         ids.append(writer.write(sample))
         if progress:
             progress(k + 1, len(samples))
-    writer.rebuild_index(models=_models(items))
+    writer.rebuild_index()
     return ids
 
 
 def _samples(item: LabelledImage) -> list[Sample]:
     labels = np.asarray(item.labels)
     if labels.ndim == 2:
-        return [Sample(item.name, labels, image=None if item.source else np.asarray(item.image),
-                       source=item.source, confidence=item.confidence, edited=item.edited, meta=item.meta)]
+        return [Sample(item.name, labels, image=np.asarray(item.image), source=item.source,
+                       confidence=item.confidence, edited=item.edited, meta=item.meta)]
     samples = []
     for index in np.ndindex(*labels.shape[:-2]):
         suffix = "-".join(f"{i:03d}" for i in index)
@@ -90,11 +90,3 @@ def _samples(item: LabelledImage) -> list[Sample]:
         ))
     return samples
 
-
-def _models(items: Sequence[LabelledImage]) -> list[dict[str, Any]]:
-    seen = []
-    for item in items:
-        model = {k: item.meta[k] for k in ("model", "pretrained", "method") if k in item.meta}
-        if model and model not in seen:
-            seen.append(model)
-    return seen

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from napari_sclip import __version__
+from napari_sclip._files import atomic_write_bytes
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
 from napari_sclip.dataset.paths import DatasetError
-from napari_sclip._files import atomic_write
 
 FORMAT_NAME = "napari-sclip-pseudo-labels"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
 
 
 def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_class_files(root: Path, registry: ClassRegistry, train_ids: TrainIds) -> None:

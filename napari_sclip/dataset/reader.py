@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
 from napari_sclip.dataset.splits import SPLIT_NAMES
-from napari_sclip.dataset.writer import PAINTED, IGNORED_BY_PERSON
+from napari_sclip.dataset.writer import IGNORED_BY_PERSON, PAINTED, read_meta
 
 
 @dataclass
@@ -68,11 +67,8 @@ def read_sample(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) 
     from napari_sclip.io.images import read_image
 
     meta_path = resolve_inside(root, f"{split}/meta/{image_id}.json")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        image_name, mask_name = meta["image"], meta["mask"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise DatasetError(f"cannot read {meta_path}: {exc}") from None
+    meta = read_meta(meta_path)
+    image_name, mask_name = meta["image"], meta["mask"]
     image = read_image(resolve_inside(root, f"{split}/{image_name}"))
     mask = _read_png(resolve_inside(root, f"{split}/{mask_name}"))
     labels = fmt.mask_to_labels(mask, train_ids)

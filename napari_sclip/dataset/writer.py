@@ -20,15 +20,19 @@ from typing import Any
 
 import numpy as np
 
+from napari_sclip._files import atomic_write, atomic_write_bytes
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
 from napari_sclip.dataset.splits import DEFAULT_RATIOS, SPLIT_NAMES, assign_split, check_ratios
-from napari_sclip._files import atomic_write
 
 #: Provenance mask values.
 MODEL, PAINTED, IGNORED_BY_PERSON = 0, 1, 2
 _FOLDERS = ("images", "masks", "confidence", "provenance", "meta")
+#: Source files in these formats are copied byte for byte; others are stored as PNG.
+COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Per-image facts that identify the model (collected into the manifest's ``models``).
+_MODEL_KEYS = ("model", "pretrained", "method")
 
 
 def sha256_of(path: Path) -> str:
@@ -42,6 +46,41 @@ def sha256_of(path: Path) -> str:
 def _copy_into(source: Path, handle) -> None:
     with open(source, "rb") as original:
         shutil.copyfileobj(original, handle)
+
+
+def storable_image(image: np.ndarray) -> np.ndarray:
+    """The image as Pillow writes it to PNG and trainers read it back: 8-bit grayscale, RGB and
+    RGBA and 16-bit grayscale as they are; anything else (float, 16-bit colour, 2 channels, ...)
+    through the engine's 8-bit rule."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        return image
+    if image.dtype == np.uint16 and image.ndim == 2:
+        return image
+    from napari_sclip.engine.image import to_rgb_uint8
+
+    return to_rgb_uint8(image)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A sample's ``meta/<id>.json``, checked for the keys every sample has."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not all(isinstance(meta.get(key), str) for key in ("id", "image", "mask")):
+            raise KeyError("id, image and mask")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    except KeyError as exc:
+        raise DatasetError(f"{path} lacks {exc.args[0]}") from None
+    return meta
+
+
+def is_edited(meta: dict[str, Any]) -> bool:
+    """Whether a person touched a stored sample (painted, set pixels to ignore, or reviewed it)."""
+    edits = meta.get("edits") or {}
+    return bool(edits.get("painted_pixels") or edits.get("ignored_pixels")) or meta.get(
+        "review_status", "unreviewed"
+    ) != "unreviewed"
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -65,9 +104,13 @@ class Sample:
     labels
         (H, W) napari label values (class uids; 0 = unlabelled).
     image
-        The image as an array (written as PNG), unless ``source`` is given.
+        The image as an array; written as PNG (see :func:`storable_image`) unless ``source`` is a
+        PNG or JPEG file.
     source
-        The original image file; copied as is (same bytes and format).
+        The original image file: recorded with its SHA-256, and copied as is (same bytes) when it
+        is a PNG or JPEG.
+    source_sha256
+        The source file's SHA-256, if already known (saves reading it again).
     confidence
         (H, W) winning probabilities in [0, 1], stored as ``round(255 p)``.
     edited
@@ -80,6 +123,7 @@ class Sample:
     labels: np.ndarray
     image: np.ndarray | None = None
     source: Path | None = None
+    source_sha256: str | None = None
     confidence: np.ndarray | None = None
     edited: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -98,17 +142,22 @@ class DatasetWriter:
         their training ids: those of new classes come after the existing ones).
     ratios
         Split ratios for new datasets; an existing dataset keeps its own.
+
+    The vocabulary version (recorded in the manifest and with every sample written) is 1 for a new
+    dataset, and goes up by one when ``registry``'s current vocabulary differs from the dataset's.
     """
 
     def __init__(self, root: str | Path, registry: ClassRegistry, ratios: dict[str, float] | None = None):
         self.root = Path(root).expanduser()
         self.previous: dict[str, Any] | None = None
         train_ids: fmt.TrainIds = {}
+        existing_active: list[tuple[str, ...]] = []
         if self.root.exists() and not self.root.is_dir():
             raise DatasetError(f"{self.root} exists and is not a folder")
         if (self.root / fmt.MANIFEST).exists():
             self.previous, existing, train_ids = fmt.read_manifest(self.root)
             ratios = self.previous["splits"]["ratios"]
+            existing_active = [existing.names[uid] for uid in existing.active]
             for uid, names in existing.names.items():
                 if uid in registry.names and registry.names[uid][0].casefold() != names[0].casefold():
                     raise DatasetError(
@@ -117,6 +166,7 @@ class DatasetWriter:
                 registry.names.setdefault(uid, names)
         elif self.root.exists() and any(self.root.iterdir()):
             raise DatasetError(f"{self.root} is not empty and not a napari-sclip dataset; choose a new or empty folder")
+        self.vocabulary_version = _vocabulary_version(self.previous, existing_active, registry)
         self.registry = registry
         self.train_ids = fmt.extend_train_ids(train_ids, registry)
         self.ratios = check_ratios(ratios or DEFAULT_RATIOS)
@@ -132,11 +182,19 @@ class DatasetWriter:
         for split in SPLIT_NAMES:
             path = self.root / split / "meta" / f"{image_id}.json"
             if path.is_file():
-                try:
-                    return split, json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError) as exc:
-                    raise DatasetError(f"cannot read {path}: {exc}") from None
+                return split, read_meta(path)
         return None
+
+    def samples_by_source(self) -> dict[str, tuple[str, dict]]:
+        """``sha256 -> (split, meta)`` of every stored sample that came from a file."""
+        found = {}
+        for split in SPLIT_NAMES:
+            for path in sorted((self.root / split / "meta").glob("*.json")):
+                meta = read_meta(path)
+                sha = (meta.get("source") or {}).get("sha256")
+                if sha:
+                    found[sha] = (split, meta)
+        return found
 
     def image_id(self, stem: str, source_sha256: str | None) -> str:
         """A unique id for ``stem``: the stem itself, unless another image already has it; then
@@ -154,25 +212,26 @@ class DatasetWriter:
         labels = np.asarray(sample.labels)
         if labels.ndim != 2:
             raise DatasetError(f"labels of {sample.stem!r} must be 2D, got shape {labels.shape}")
-        source_sha = sha256_of(sample.source) if sample.source is not None else None
+        source_sha = sample.source_sha256 or (sha256_of(sample.source) if sample.source is not None else None)
         image_id = self.image_id(sample.stem, source_sha)
         split = assign_split(image_id, self.ratios)
-        base = self.root / split
         for folder in _FOLDERS:
             resolve_inside(self.root, f"{split}/{folder}").mkdir(parents=True, exist_ok=True)
 
-        if sample.source is not None:
-            suffix = sample.source.suffix.lower() or ".png"
-            image_name = f"images/{image_id}{suffix}"
+        copy = sample.source is not None and sample.source.suffix.lower() in COPIED_SUFFIXES
+        if copy:
+            image_name = f"images/{image_id}{sample.source.suffix.lower()}"
             target = resolve_inside(self.root, f"{split}/{image_name}")
             atomic_write(target, lambda handle: _copy_into(sample.source, handle))
-            shape, dtype = labels.shape, "file"
         elif sample.image is not None:
             image_name = f"images/{image_id}.png"
-            self._write_png(f"{split}/{image_name}", np.asarray(sample.image))
-            shape, dtype = np.asarray(sample.image).shape, str(np.asarray(sample.image).dtype)
+            self._write_png(f"{split}/{image_name}", storable_image(sample.image))
         else:
-            raise DatasetError(f"sample {sample.stem!r} has neither an image nor a source file")
+            raise DatasetError(f"sample {sample.stem!r} needs its image as an array, or a PNG or JPEG file")
+        if sample.image is not None:
+            shape, dtype = np.shape(sample.image), str(np.asarray(sample.image).dtype)
+        else:
+            shape, dtype = labels.shape, "file"
 
         mask = fmt.labels_to_mask(labels, self.train_ids)
         self._write_png(f"{split}/masks/{image_id}.png", mask)
@@ -200,43 +259,56 @@ class DatasetWriter:
                 "ignored_pixels": int((provenance == IGNORED_BY_PERSON).sum()),
             },
             "review_status": "edited" if edited.any() else "unreviewed",
+            "vocabulary_version": self.vocabulary_version,
             **sample.meta,
         }
         text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
-        atomic_write(resolve_inside(self.root, f"{split}/meta/{image_id}.json"), lambda h: h.write(text.encode()))
+        atomic_write_bytes(resolve_inside(self.root, f"{split}/meta/{image_id}.json"), text.encode("utf-8"))
         return image_id
 
     def _write_png(self, relative: str, array: np.ndarray) -> None:
         encoded = _png_bytes(array)  # encode first: a failure leaves nothing behind
-        atomic_write(resolve_inside(self.root, relative), lambda handle: handle.write(encoded))
+        atomic_write_bytes(resolve_inside(self.root, relative), encoded)
 
-    def rebuild_index(self, models: list[dict[str, Any]] | None = None, vocabulary_version: int = 1) -> dict[str, int]:
+    def rebuild_index(self) -> dict[str, int]:
         """Rewrite the class files, every split's ``metadata.jsonl`` and ``dataset.json`` from the
         samples on disk; returns the number of samples per split."""
-        counts = {}
+        counts, models = {}, []
         for split in SPLIT_NAMES:
             meta_dir = self.root / split / "meta"
             if not meta_dir.is_dir():
                 continue
             rows = []
             for path in sorted(meta_dir.glob("*.json")):
-                try:
-                    meta = json.loads(path.read_text(encoding="utf-8"))
-                    row = {"file_name": meta["image"], "label_file_name": meta["mask"], "id": meta["id"]}
-                except (OSError, json.JSONDecodeError, KeyError) as exc:
-                    raise DatasetError(f"cannot read {path}: {exc}") from None
+                meta = read_meta(path)
+                row = {"file_name": meta["image"], "label_file_name": meta["mask"], "id": meta["id"]}
                 for name in (row["file_name"], row["label_file_name"]):
                     if not resolve_inside(self.root / split, name).is_file():
                         raise DatasetError(f"{path} names {name}, which is missing")
                 row["review_status"] = meta.get("review_status", "unreviewed")
                 rows.append(row)
+                model = {key: meta[key] for key in _MODEL_KEYS if key in meta}
+                if model and model not in models:
+                    models.append(model)
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            atomic_write(self.root / split / "metadata.jsonl", lambda h: h.write(text.encode("utf-8")))
+            atomic_write_bytes(self.root / split / "metadata.jsonl", text.encode("utf-8"))
             counts[split] = len(rows)
         fmt.write_class_files(self.root, self.registry, self.train_ids)
-        manifest = fmt.build_manifest(self.registry, self.train_ids, self.ratios, models or [], vocabulary_version, self.previous)
+        manifest = fmt.build_manifest(
+            self.registry, self.train_ids, self.ratios, models, self.vocabulary_version, self.previous
+        )
         manifest["splits"]["counts"] = counts
         fmt.write_manifest(self.root, manifest)
         self.previous = manifest
         return counts
 
+
+
+def _vocabulary_version(
+    previous: dict[str, Any] | None, previous_active: list[tuple[str, ...]], registry: ClassRegistry
+) -> int:
+    if previous is None:
+        return 1
+    version = int(previous.get("vocabulary_version", 1))
+    current = [registry.names[uid] for uid in registry.active]
+    return version if current == previous_active else version + 1

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
-from collections.abc import Callable, Generator
 
 T = TypeVar("T")
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Generator, Sequence
 
 import numpy as np
 

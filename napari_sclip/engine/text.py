@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import threading
 import warnings
-from pathlib import Path
 from collections.abc import Generator, Sequence
+from pathlib import Path
 
 import numpy as np
 

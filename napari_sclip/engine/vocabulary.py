@@ -7,10 +7,10 @@ over its names, as the SCLIP authors' code does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
-from collections.abc import Sequence
 
 from napari_sclip.engine.errors import VocabularyError
 

@@ -7,8 +7,8 @@ from collections.abc import Generator
 import numpy as np
 import pandas as pd
 
-from napari_sclip.colors import label_color
 from napari_sclip.classes import ClassRegistry
+from napari_sclip.colors import label_color
 
 #: Shown for label values that no class owns (e.g. painted with a free label number).
 UNKNOWN_COLOR = (0.6, 0.6, 0.6, 1.0)

@@ -8,9 +8,9 @@ after every batch of windows, so cancelling takes effect within one batch, and r
 from __future__ import annotations
 
 import itertools
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Generator, Sequence
 
 import numpy as np
 

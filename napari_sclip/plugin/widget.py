@@ -8,9 +8,9 @@ the GUI thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
-from collections.abc import Generator
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -36,14 +36,19 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
-from napari_sclip.classes import ClassRegistry
 from napari_sclip.plugin.edits import EditTracker
 from napari_sclip.plugin.io import METADATA_KEY, labelled_image
-from napari_sclip.plugin.layers import confidence_name, iter_write_labels, labels_name, style_labels_layer
+from napari_sclip.plugin.layers import (
+    confidence_name,
+    iter_write_labels,
+    labels_name,
+    style_labels_layer,
+)
 from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
 
 if TYPE_CHECKING:
