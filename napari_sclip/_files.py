@@ -1,8 +1,9 @@
-"""Atomic file writes, shared by the text cache, the label-map writer and the dataset format."""
+"""Atomic file writes, shared by the text cache and the dataset format and exports."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,3 +27,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """:func:`atomic_write` of ready-made bytes."""
     atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """:func:`atomic_write` of ``source``'s bytes to ``target``."""
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+
+    atomic_write(target, copy)

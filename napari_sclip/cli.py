@@ -1,9 +1,11 @@
 """The ``napari-sclip`` command line.
 
-``napari-sclip segment IMAGE... --classes "cat; dog, puppy" --out DIR`` segments images or folders
-of images and writes one indexed PNG label map per image plus ``classes.json``;
-``napari-sclip info`` describes the installation.  Errors are one line on stderr and a non-zero
-exit status; ``--debug`` shows tracebacks.
+* ``segment IMAGE... --classes-file FILE --out DATASET`` pseudo-labels images or folders of images
+  into a dataset folder (``docs/dataset.md``); it resumes where an interrupted run stopped;
+* ``export-coco DATASET OUT.json`` and ``export-voc DATASET OUT/`` convert a dataset;
+* ``gui`` opens napari with the widget; ``info`` describes the installation.
+
+Errors are one line on stderr and a non-zero exit status; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser(
         "segment",
-        help="segment images and write label maps",
-        description="Segment images (or folders of images) into the given classes and write one "
-        "indexed PNG label map per image (0 = unlabelled, i = class i) and classes.json to --out.",
+        help="pseudo-label images into a dataset folder",
+        description="Segment images (or folders of images) into the given classes and write them "
+        "into a dataset folder: images, 8-bit training-id masks, confidence, provenance and a "
+        "manifest (see docs/dataset.md).  Images already in the dataset (same SHA-256) are skipped, "
+        "so an interrupted run continues where it stopped.",
     )
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     vocab = seg.add_mutually_exclusive_group(required=True)
@@ -48,7 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     vocab.add_argument(
         "--classes-file", metavar="FILE", help="text file, one class per line, synonyms after commas"
     )
-    seg.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    seg.add_argument(
+        "--out", required=True, metavar="DATASET", help="dataset folder (new, empty, or a dataset to add to)"
+    )
     seg.add_argument("--model", default=None, help=f"open_clip model (default: {config.default_model()})")
     seg.add_argument(
         "--pretrained",
@@ -65,11 +71,43 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         default=config.DEFAULT_PROB_THRESHOLD,
         metavar="P",
-        help="label 0 where the winning probability is below P",
+        help="leave pixels unlabelled (ignore, 255) where the winning probability is below P",
     )
     seg.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
-    seg.add_argument("--overwrite", action="store_true", help="replace label maps that already exist")
+    seg.add_argument(
+        "--splits",
+        type=_split_ratios,
+        default=None,
+        metavar="RATIOS",
+        help='split ratios of a new dataset, e.g. "train=0.7,val=0.2,test=0.1" (default train=0.8,val=0.2)',
+    )
+    seg.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="label images already in the dataset again (never those a person edited or reviewed)",
+    )
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    coco = commands.add_parser(
+        "export-coco",
+        help="write a dataset as COCO JSON (compressed RLE)",
+        description="Write a dataset as COCO JSON: one annotation per class per 8-connected "
+        "component, with pycocotools' compressed RLE.  Image paths are relative to DATASET.",
+    )
+    coco.add_argument("dataset", metavar="DATASET")
+    coco.add_argument("out", metavar="OUT.json")
+    coco.add_argument("--overwrite", action="store_true", help="replace OUT.json if it exists")
+    coco.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    voc = commands.add_parser(
+        "export-voc",
+        help="write a dataset in VOC / CVAT 'Segmentation mask 1.1' layout",
+        description="Write a dataset in the Pascal VOC layout that CVAT ('Segmentation mask 1.1') "
+        "and Datumaro import: palette PNG masks, labelmap.txt, image lists per split.",
+    )
+    voc.add_argument("dataset", metavar="DATASET")
+    voc.add_argument("out", metavar="OUT", help="folder: new, empty, or an earlier export to update")
+    voc.add_argument("--quiet", action="store_true", help="no progress bar")
 
     gui = commands.add_parser(
         "gui",
@@ -91,41 +129,17 @@ def _load_vocabulary(args: argparse.Namespace):
     return parse_vocabulary_text(args.classes, separator=";")
 
 
-def _output_names(images: list[Path]) -> list[str]:
-    """``<stem>.png`` per image; repeated stems get ``-2``, ``-3``, ..."""
-    names, used = [], set()
-    for image in images:
-        name, k = f"{image.stem}.png", 1
-        while name.lower() in used:
-            k += 1
-            name = f"{image.stem}-{k}.png"
-        used.add(name.lower())
-        names.append(name)
-    return names
+def _split_ratios(text: str) -> dict[str, float]:
+    """``"train=0.7,val=0.3"`` -> ``{"train": 0.7, "val": 0.3}`` (checked by the dataset writer)."""
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=ratio pairs such as train=0.8,val=0.2, got {text!r}") from None
 
 
-def _check_out_dir(out: Path, vocabulary, overwrite: bool) -> None:
-    import json
-
-    from napari_sclip.engine.errors import ParameterError
-
-    legend = out / "classes.json"
-    if out.exists() and not out.is_dir():
-        raise ParameterError(f"--out {out} exists and is not a folder")
-    if legend.is_file() and not overwrite:
-        try:
-            previous = [[c["name"], *c["synonyms"]] for c in json.loads(legend.read_text())["classes"][1:]]
-        except (ValueError, KeyError, TypeError, OSError):
-            raise ParameterError(f"{legend} is not a napari-sclip legend; choose another --out") from None
-        if previous != [list(names) for names in vocabulary.classes]:
-            raise ParameterError(
-                f"{out} holds label maps for another vocabulary; choose another --out, or pass "
-                "--overwrite to replace them"
-            )
-
-
-def _progress_postfix(bar, name: str):
-    """A progress callback that shows the current stage of one image in the bar's postfix."""
+def _progress_postfix(bar):
+    """A progress callback that shows the current image's stage in the bar's postfix."""
     labels = {"download": "downloading weights", "load": "loading model", "text": "encoding classes",
               "windows": "windows", "resize": "labelling"}
 
@@ -134,7 +148,7 @@ def _progress_postfix(bar, name: str):
             size = f" {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB" if step.total else ""
             bar.set_postfix_str(labels["download"] + size)
         else:
-            bar.set_postfix_str(f"{name}: {labels.get(step.stage, step.stage)} {step.done}/{step.total}")
+            bar.set_postfix_str(f"{labels.get(step.stage, step.stage)} {step.done}/{step.total}")
 
     return show
 
@@ -142,15 +156,14 @@ def _progress_postfix(bar, name: str):
 def _segment(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from napari_sclip.engine.errors import ImageError
+    from napari_sclip.dataset.batch import label_images
+    from napari_sclip.dataset.splits import check_ratios
     from napari_sclip.engine.segmenter import Segmenter
-    from napari_sclip.io.images import find_images, read_image
-    from napari_sclip.io.label_maps import write_classes_json, write_label_png
+    from napari_sclip.io.images import find_images
 
     vocabulary = _load_vocabulary(args)
     images = find_images(args.images)
-    out = Path(args.out).expanduser()
-    _check_out_dir(out, vocabulary, args.overwrite)
+    ratios = check_ratios(args.splits) if args.splits else None
     segmenter = Segmenter(args.model, args.pretrained, args.device, batch_size=args.batch_size)
     options = {
         "short_side": args.short_side,
@@ -159,38 +172,64 @@ def _segment(args: argparse.Namespace) -> int:
         "logit_scale": args.logit_scale,
         "prob_threshold": args.prob_threshold,
     }
-    jobs = [(image, out / name) for image, name in zip(images, _output_names(images))]
-    todo = [(image, target) for image, target in jobs if args.overwrite or not target.exists()]
-    skipped = len(jobs) - len(todo)
+    out = Path(args.out).expanduser()
+    counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures: list[str] = []
-
-    bar = tqdm(total=len(todo), unit="image", disable=args.quiet, dynamic_ncols=True)
+    bar = tqdm(total=len(images), unit="image", disable=args.quiet, dynamic_ncols=True)
+    show = _progress_postfix(bar)
     try:
-        for image_path, target in todo:
-            bar.set_postfix_str(image_path.name)
-            try:
-                image = read_image(image_path)
-                # Image problems are checked before the model loads, and only skip this image.
-                show = _progress_postfix(bar, image_path.name)
-                result = segmenter.segment(image, vocabulary, progress=show, **options)
-            except ImageError as exc:
-                failures.append(f"{image_path}: {exc}")
-                bar.update(1)
-                continue
-            out.mkdir(parents=True, exist_ok=True)
-            write_label_png(target, result.labels, len(vocabulary))
-            write_classes_json(out / "classes.json", vocabulary.classes, result.params)
+        run = label_images(
+            images, vocabulary, out, segmenter, options=options, overwrite=args.overwrite,
+            ratios=ratios, progress=show,
+        )
+        for item in run:
+            counts[item.status] += 1
+            if item.status == "failed":
+                failures.append(f"{item.path}: {item.reason}")
             bar.update(1)
     finally:
         bar.close()
 
     for failure in failures:
         print(f"napari-sclip: skipped {failure}", file=sys.stderr)
-    done = len(todo) - len(failures)
-    note = f", {skipped} already there (use --overwrite to redo)" if skipped else ""
     if not args.quiet:
-        print(f"wrote {done} label map(s) to {out}{note}", file=sys.stderr)
+        notes = [f"{counts['written']} image(s) labelled into {out}"]
+        if counts["skipped"]:
+            notes.append(f"{counts['skipped']} already there (--overwrite labels them again)")
+        if counts["kept"]:
+            notes.append(f"{counts['kept']} kept: edited or reviewed by a person")
+        if counts["failed"]:
+            notes.append(f"{counts['failed']} failed")
+        print("; ".join(notes), file=sys.stderr)
     return EXIT_SOME_FAILED if failures else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="image", disable=args.quiet, dynamic_ncols=True)
+
+    def show(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        if args.command == "export-coco":
+            from napari_sclip.dataset.coco import export_coco
+
+            counts = export_coco(args.dataset, args.out, overwrite=args.overwrite, progress=show)
+            summary = f"{counts['images']} image(s), {counts['annotations']} annotation(s), {counts['categories']} categories"
+        else:
+            from napari_sclip.dataset.voc import export_voc
+
+            per_split = export_voc(args.dataset, args.out, progress=show)
+            summary = ", ".join(f"{n} {split}" for split, n in per_split.items()) or "no images"
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"wrote {args.out}: {summary}", file=sys.stderr)
+    return 0
 
 
 def open_gui(images: Sequence[str] = ()):
@@ -251,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    command = {"segment": _segment, "gui": _gui, "info": _info}[args.command]
+    command = {"segment": _segment, "export-coco": _export, "export-voc": _export, "gui": _gui, "info": _info}[
+        args.command
+    ]
     try:
         return command(args)
     except SclipError as exc:

@@ -1,7 +1,8 @@
-"""The command line: outputs, legends, skipping, and one-line errors."""
+"""The command line: datasets, resuming, edits kept, exports, and one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,7 +11,6 @@ from PIL import Image
 
 from napari_sclip import Segmenter
 from napari_sclip.cli import main
-from napari_sclip.colors import label_color
 
 from conftest import TINY_MODEL, natural_image
 
@@ -30,73 +30,166 @@ def model_args(tiny_checkpoint):
     return ["--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint), "--device", "cpu", "--quiet"]
 
 
-def test_segment_folder_writes_label_maps_and_legend(images, model_args, tmp_path):
+def _dataset_masks(root):
+    """{id: mask array} of every sample in a dataset folder."""
+    return {path.stem: np.asarray(Image.open(path)) for path in sorted(root.glob("*/masks/*.png"))}
+
+
+def test_segment_folder_writes_a_dataset(images, model_args, tmp_path):
     out = tmp_path / "out"
     assert main(["segment", str(images), "--classes", "person, astronaut; sky; rocket", "--out", str(out), *model_args]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "classes.json"]
 
-    written = Image.open(out / "a.png")
-    assert written.mode == "P"
-    palette = np.array(written.getpalette()[: 4 * 3]).reshape(4, 3)
-    assert [tuple(c) for c in palette] == [label_color(v) for v in range(4)]
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["format"]["name"] == "napari-sclip-pseudo-labels" and manifest["vocabulary_version"] == 1
+    assert [(c["name"], c["synonyms"], c["train_id"]) for c in manifest["classes"]] == [
+        ("person", ["astronaut"], 0), ("sky", [], 1), ("rocket", [], 2)
+    ]
+    assert manifest["models"] == [{"model": TINY_MODEL, "pretrained": model_args[3], "method": "sclip"}]
+    assert (out / "classes.txt").read_text() == "person\nsky\nrocket\n"
 
+    rows = [json.loads(line) for split in ("train", "val") if (out / split / "metadata.jsonl").exists()
+            for line in (out / split / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(row["id"] for row in rows) == ["a", "b"]
+
+    split = next(s for s in ("train", "val") if (out / s / "meta" / "a.json").exists())
+    assert (out / split / "images" / "a.png").read_bytes() == (images / "a.png").read_bytes()
+    mask = Image.open(out / split / "masks" / "a.png")
+    assert mask.mode == "L"
     expected = Segmenter(TINY_MODEL, model_args[3], "cpu").segment(
         np.asarray(Image.open(images / "a.png")), ["person, astronaut", "sky", "rocket"]
     )
-    np.testing.assert_array_equal(np.asarray(written), expected.labels)
+    np.testing.assert_array_equal(np.asarray(mask), np.where(expected.labels > 0, expected.labels - 1, 255))
+    confidence = np.asarray(Image.open(out / split / "confidence" / "a.png"))
+    np.testing.assert_array_equal(confidence, np.rint(expected.confidence * 255).astype(np.uint8))
+    assert not np.asarray(Image.open(out / split / "provenance" / "a.png")).any()
 
-    legend = json.loads((out / "classes.json").read_text())
-    assert [(c["value"], c["name"], c["synonyms"]) for c in legend["classes"]] == [
-        (0, "unlabelled", []),
-        (1, "person", ["astronaut"]),
-        (2, "sky", []),
-        (3, "rocket", []),
-    ]
-    assert legend["params"]["model"] == TINY_MODEL and legend["params"]["window"] == 224
+    meta = json.loads((out / split / "meta" / "a.json").read_text())
+    assert meta["source"]["sha256"] == hashlib.sha256((images / "a.png").read_bytes()).hexdigest()
+    assert meta["method"] == "sclip" and meta["window"] == 224 and meta["model"] == TINY_MODEL
+    assert meta["review_status"] == "unreviewed" and meta["vocabulary_version"] == 1
 
 
-def test_classes_file_and_parameters(images, model_args, tmp_path):
+def test_classes_file_parameters_and_splits(images, model_args, tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("person\nsky, clouds\n")
     out = tmp_path / "out"
     code = main(
         ["segment", str(images / "a.png"), "--classes-file", str(vocab), "--out", str(out),
-         "--prob-threshold", "0.99", "--short-side", "224", *model_args]
+         "--prob-threshold", "0.99", "--short-side", "224", "--splits", "val=1", *model_args]
     )
     assert code == 0
-    labels = np.asarray(Image.open(out / "a.png"))
-    assert labels.shape == (120, 160) and (labels == 0).mean() > 0.5  # a high threshold leaves 0s
-    assert json.loads((out / "classes.json").read_text())["params"]["short_side"] == 224
+    mask = np.asarray(Image.open(out / "val" / "masks" / "a.png"))
+    assert mask.shape == (120, 160) and (mask == 255).mean() > 0.5  # a high threshold leaves ignore
+    assert json.loads((out / "val" / "meta" / "a.json").read_text())["short_side"] == 224
+    assert json.loads((out / "dataset.json").read_text())["splits"]["ratios"] == {"val": 1.0}
 
 
-def test_existing_maps_are_kept_unless_overwrite(images, model_args, tmp_path, capsys):
+def test_resume_after_a_kill_mid_write(images, model_args, tmp_path, monkeypatch, capsys):
+    """A kill while the second image's mask is being written leaves a valid dataset holding the
+    first; the next run labels only what is missing, and ends as an uninterrupted run does."""
+    from napari_sclip.dataset import writer as writer_module
+    from napari_sclip.dataset.format import read_manifest
+
+    Image.fromarray(natural_image(64, 80)).save(images / "c.png")
+    args = ["segment", str(images), "--classes", "a; b", *model_args]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    real_write = writer_module.atomic_write_bytes
+    masks_written = []
+
+    def killed_on_second_mask(path, data):
+        if path.parent.name == "masks":
+            masks_written.append(path)
+            if len(masks_written) == 2:
+                raise KeyboardInterrupt
+        real_write(path, data)
+
     out = tmp_path / "out"
-    args = ["segment", str(images), "--classes", "a; b", "--out", str(out), *model_args]
-    assert main(args) == 0
-    edited = np.zeros((120, 160), np.uint8)
-    Image.fromarray(edited).save(out / "a.png")  # an annotator's correction
-    assert main(args) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), edited)
-    assert main([*args, "--overwrite"]) == 0
-    assert np.asarray(Image.open(out / "a.png")).any()
-
-
-def test_another_vocabulary_is_refused_in_the_same_folder(images, model_args, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["segment", str(images), "--classes", "a; b", "--out", str(out), *model_args]) == 0
+    monkeypatch.setattr(writer_module, "atomic_write_bytes", killed_on_second_mask)
+    assert main([*args, "--out", str(out)]) == 130
+    monkeypatch.undo()
+    read_manifest(out)  # still a dataset
+    assert list(_dataset_masks(out)) == ["a"] and not list(out.rglob("*.tmp"))
+    assert len(list(out.glob("*/meta/*.json"))) == 1
     capsys.readouterr()
-    assert main(["segment", str(images), "--classes", "b; a", "--out", str(out), *model_args]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("napari-sclip: error:") and "another vocabulary" in err and "\n" not in err
+
+    calls = []
+    original = Segmenter.segment
+    monkeypatch.setattr(Segmenter, "segment", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert main([*args, "--out", str(out)]) == 0
+    assert len(calls) == 2  # b and c; a was kept
+    whole, resumed = _dataset_masks(tmp_path / "whole"), _dataset_masks(out)
+    assert list(whole) == list(resumed) == ["a", "b", "c"]
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], resumed[key])
+    rows = sum(len(p.read_text().splitlines()) for p in out.glob("*/metadata.jsonl"))
+    assert rows == 3
 
 
-def test_same_stems_get_distinct_outputs(tmp_path, model_args):
-    for sub in ("x", "y"):
-        (tmp_path / sub).mkdir()
-        Image.fromarray(natural_image(40, 40)).save(tmp_path / sub / "img.png")
+def test_overwrite_never_replaces_a_persons_edits(images, model_args, tmp_path, capsys):
+    from napari_sclip.dataset.batch import dataset_registry
+    from napari_sclip.dataset.reader import read_sample, sample_ids
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+    from napari_sclip.engine.vocabulary import parse_vocabulary
+
     out = tmp_path / "out"
-    assert main(["segment", str(tmp_path / "x"), str(tmp_path / "y"), "--classes", "a; b", "--out", str(out), *model_args]) == 0
-    assert sorted(p.name for p in out.glob("img*.png")) == ["img-2.png", "img.png"]
+    args = ["segment", str(images), "--classes", "a; b", "--out", str(out), *model_args[:-1]]  # not --quiet
+    assert main(args) == 0
+    assert main(args) == 0  # nothing new
+    assert "2 already there" in capsys.readouterr().err
+
+    vocabulary = parse_vocabulary(["a", "b"])
+    writer = DatasetWriter(out, dataset_registry(out, vocabulary))
+    split, _ = next(s for s in sample_ids(out) if s[1] == "a")
+    stored = read_sample(out, split, "a", writer.train_ids)
+    painted = stored.labels.copy()
+    painted[:20] = 2
+    writer.write(Sample("a", painted, image=stored.image, source=images / "a.png", edited=painted != stored.labels))
+    writer.rebuild_index()
+    before = _dataset_masks(out)
+
+    assert main([*args, "--overwrite", "--prob-threshold", "0.99"]) == 0
+    assert "1 kept: edited or reviewed by a person" in capsys.readouterr().err
+    after = _dataset_masks(out)
+    np.testing.assert_array_equal(after["a"], before["a"])  # the person's edit survives
+    assert (after["b"] == 255).mean() > (before["b"] == 255).mean()  # b was labelled again
+
+
+def test_new_classes_append_training_ids(images, model_args, tmp_path):
+    out = tmp_path / "out"
+    assert main(["segment", str(images / "a.png"), "--classes", "a; b", "--out", str(out), *model_args]) == 0
+    first = _dataset_masks(out)
+    assert main(["segment", str(images), "--classes", "b; c; a", "--out", str(out), *model_args]) == 0
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert {c["name"]: c["train_id"] for c in manifest["classes"]} == {"a": 0, "b": 1, "c": 2}
+    assert manifest["vocabulary_version"] == 2
+    np.testing.assert_array_equal(_dataset_masks(out)["a"], first["a"])  # untouched
+    meta_b = json.loads(next(out.glob("*/meta/b.json")).read_text())
+    assert meta_b["vocabulary_version"] == 2
+    assert (out / "classes.txt").read_text() == "a\nb\nc\n"
+
+
+def test_same_stems_get_distinct_ids_and_duplicates_are_skipped(tmp_path, model_args, capsys):
+    for sub, seed in (("x", 0), ("y", 1)):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.roll(natural_image(40, 40), seed * 7, axis=1)).save(tmp_path / sub / "img.png")
+    (tmp_path / "x" / "z-copy.png").write_bytes((tmp_path / "x" / "img.png").read_bytes())
+    out = tmp_path / "out"
+    code = main(["segment", str(tmp_path / "x"), str(tmp_path / "y"), "--classes", "a; b", "--out", str(out), *model_args[:-1]])
+    assert code == 0
+    digest = hashlib.sha256((tmp_path / "y" / "img.png").read_bytes()).hexdigest()
+    assert sorted(_dataset_masks(out)) == ["img", f"img-{digest[:8]}"]
+    assert "1 already there" in capsys.readouterr().err  # z-copy.png has img.png's bytes
+
+
+def test_a_folder_that_is_not_a_dataset_is_refused(images, model_args, tmp_path, capsys):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    assert main(["segment", str(images), "--classes", "a", "--out", str(out), *model_args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not empty and not a napari-sclip dataset" in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
 
 
 def test_bad_images_are_skipped_with_a_line_each(tmp_path, model_args, capsys):
@@ -112,7 +205,7 @@ def test_bad_images_are_skipped_with_a_line_each(tmp_path, model_args, capsys):
     assert code == 2
     assert "broken.png: cannot read image" in err and "stack.tif: image of shape (4, 32, 32)" in err
     assert "Traceback" not in err
-    assert (tmp_path / "out" / "good.png").exists()
+    assert list(_dataset_masks(tmp_path / "out")) == ["good"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def find_dataset_root(path: str | Path) -> tuple[Path, str | None] | None:
     return None
 
 
-def _read_png(path: Path) -> np.ndarray:
+def read_png(path: Path) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -70,13 +71,37 @@ def read_sample(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) 
     meta = read_meta(meta_path)
     image_name, mask_name = meta["image"], meta["mask"]
     image = read_image(resolve_inside(root, f"{split}/{image_name}"))
-    mask = _read_png(resolve_inside(root, f"{split}/{mask_name}"))
+    mask = read_png(resolve_inside(root, f"{split}/{mask_name}"))
     labels = fmt.mask_to_labels(mask, train_ids)
     confidence_path = resolve_inside(root, f"{split}/confidence/{image_id}.png")
-    confidence = _read_png(confidence_path).astype(np.float32) / 255 if confidence_path.is_file() else None
+    confidence = read_png(confidence_path).astype(np.float32) / 255 if confidence_path.is_file() else None
     provenance_path = resolve_inside(root, f"{split}/provenance/{image_id}.png")
-    provenance = _read_png(provenance_path) if provenance_path.is_file() else np.zeros(labels.shape, np.uint8)
+    provenance = read_png(provenance_path) if provenance_path.is_file() else np.zeros(labels.shape, np.uint8)
     edited = np.isin(provenance, (PAINTED, IGNORED_BY_PERSON))
     if provenance.shape != labels.shape:
         raise DatasetError(f"{provenance_path} does not match the shape of its mask")
     return StoredSample(image_id, split, image, labels, confidence, edited, meta)
+
+
+@dataclass
+class StoredMask:
+    """One sample's mask as stored (training ids), and where its image is."""
+
+    id: str
+    split: str
+    image_path: Path
+    mask: np.ndarray
+    meta: dict[str, Any]
+
+
+def stored_masks(root: Path) -> Iterator[StoredMask]:
+    """Every sample's training-id mask, in (split, id) order, with checked paths."""
+    for split, image_id in sample_ids(root):
+        meta = read_meta(resolve_inside(root, f"{split}/meta/{image_id}.json"))
+        image_path = resolve_inside(root, f"{split}/{meta['image']}")
+        if not image_path.is_file():
+            raise DatasetError(f"missing file {image_path}")
+        mask = read_png(resolve_inside(root, f"{split}/{meta['mask']}"))
+        if mask.ndim != 2:
+            raise DatasetError(f"{root / split / meta['mask']} is not a single-channel mask")
+        yield StoredMask(image_id, split, image_path, mask, meta)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_sclip._files import atomic_write, atomic_write_bytes
+from napari_sclip._files import atomic_copy, atomic_write_bytes
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
@@ -41,11 +40,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _copy_into(source: Path, handle) -> None:
-    with open(source, "rb") as original:
-        shutil.copyfileobj(original, handle)
 
 
 def storable_image(image: np.ndarray) -> np.ndarray:
@@ -116,7 +110,9 @@ class Sample:
     edited
         (H, W) bool: pixels a person changed (provenance 1, or 2 where they set 0).
     meta
-        Extra per-image facts (model, weights, method and parameters, review status, ...).
+        Per-image facts carried into ``meta/<id>.json``: model, weights, method and parameters,
+        and for a sample read back from a dataset its stored ``source``, ``created``,
+        ``review_status`` and ``vocabulary_version`` (kept as they are).
     """
 
     stem: str
@@ -212,26 +208,28 @@ class DatasetWriter:
         labels = np.asarray(sample.labels)
         if labels.ndim != 2:
             raise DatasetError(f"labels of {sample.stem!r} must be 2D, got shape {labels.shape}")
+        carried = dict(sample.meta)
         source_sha = sample.source_sha256 or (sha256_of(sample.source) if sample.source is not None else None)
-        image_id = self.image_id(sample.stem, source_sha)
-        split = assign_split(image_id, self.ratios)
+        source = carried.pop("source", None) or {
+            "path": str(sample.source) if sample.source is not None else None,
+            "sha256": source_sha,
+            "shape": list(np.shape(sample.image) if sample.image is not None else labels.shape),
+            "dtype": str(np.asarray(sample.image).dtype) if sample.image is not None else "file",
+        }
+        image_id = self.image_id(sample.stem, source.get("sha256"))
+        previous = self.existing_meta(image_id)
+        split = previous[0] if previous else assign_split(image_id, self.ratios)
         for folder in _FOLDERS:
             resolve_inside(self.root, f"{split}/{folder}").mkdir(parents=True, exist_ok=True)
 
-        copy = sample.source is not None and sample.source.suffix.lower() in COPIED_SUFFIXES
-        if copy:
+        if sample.source is not None and sample.source.suffix.lower() in COPIED_SUFFIXES:
             image_name = f"images/{image_id}{sample.source.suffix.lower()}"
-            target = resolve_inside(self.root, f"{split}/{image_name}")
-            atomic_write(target, lambda handle: _copy_into(sample.source, handle))
+            atomic_copy(sample.source, resolve_inside(self.root, f"{split}/{image_name}"))
         elif sample.image is not None:
             image_name = f"images/{image_id}.png"
             self._write_png(f"{split}/{image_name}", storable_image(sample.image))
         else:
             raise DatasetError(f"sample {sample.stem!r} needs its image as an array, or a PNG or JPEG file")
-        if sample.image is not None:
-            shape, dtype = np.shape(sample.image), str(np.asarray(sample.image).dtype)
-        else:
-            shape, dtype = labels.shape, "file"
 
         mask = fmt.labels_to_mask(labels, self.train_ids)
         self._write_png(f"{split}/masks/{image_id}.png", mask)
@@ -242,28 +240,27 @@ class DatasetWriter:
         provenance = np.where(edited, np.where(labels == 0, IGNORED_BY_PERSON, PAINTED), MODEL).astype(np.uint8)
         self._write_png(f"{split}/provenance/{image_id}.png", provenance)
 
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta = {
             "id": image_id,
             "split": split,
             "image": image_name,
             "mask": f"masks/{image_id}.png",
-            "source": {
-                "path": str(sample.source) if sample.source is not None else None,
-                "sha256": source_sha,
-                "shape": list(shape),
-                "dtype": dtype,
-            },
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "created": carried.pop("created", now),
+            "updated": now,
             "edits": {
                 "painted_pixels": int((provenance == PAINTED).sum()),
                 "ignored_pixels": int((provenance == IGNORED_BY_PERSON).sum()),
             },
-            "review_status": "edited" if edited.any() else "unreviewed",
-            "vocabulary_version": self.vocabulary_version,
-            **sample.meta,
+            "review_status": "edited" if edited.any() else carried.get("review_status", "unreviewed"),
+            "vocabulary_version": carried.get("vocabulary_version", self.vocabulary_version),
         }
+        meta.update((key, value) for key, value in carried.items() if key not in meta)
         text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
         atomic_write_bytes(resolve_inside(self.root, f"{split}/meta/{image_id}.json"), text.encode("utf-8"))
+        if previous and previous[1].get("image") != image_name:  # e.g. .jpg before, .png now
+            resolve_inside(self.root, f"{split}/{previous[1]['image']}").unlink(missing_ok=True)
         return image_id
 
     def _write_png(self, relative: str, array: np.ndarray) -> None:

@@ -35,7 +35,8 @@ def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
     for split, image_id in wanted:
         sample = read_sample(root, split, image_id, train_ids)
         rgb = sample.image.ndim == 3 and sample.image.shape[-1] in (3, 4)
-        layers.append((sample.image, {"name": image_id, "rgb": rgb, "metadata": {"dataset": str(root), "split": split}}, "image"))
+        stored_image = root / split / sample.meta["image"]
+        layers.append((sample.image, {"name": image_id, "rgb": rgb, "metadata": {"dataset_image": str(stored_image)}}, "image"))
         if sample.confidence is not None:
             layers.append((sample.confidence, {"name": confidence_name(image_id), "colormap": "magma",
                                                "contrast_limits": (0.0, 1.0), "opacity": 0.6, "visible": False}, "image"))
@@ -73,8 +74,8 @@ def labelled_image(image_data, image_meta: dict, labels_data, labels_meta: dict,
         registry.active = values
     edits = state.get("edits")
     edited = edits.mask if edits is not None else state.get("edited")
-    # A 2D image read from a file is copied as is; stacks are written slice by slice.
-    source = (image_meta.get("source") or {}).get("path")
+    # A 2D image read from a file (or from a dataset) is copied as is; stacks go slice by slice.
+    source = (image_meta.get("metadata") or {}).get("dataset_image") or (image_meta.get("source") or {}).get("path")
     source_path = Path(source) if source and Path(source).is_file() and np.ndim(labels_data) == 2 else None
     return LabelledImage(
         name=image_meta["name"],
@@ -85,7 +86,8 @@ def labelled_image(image_data, image_meta: dict, labels_data, labels_meta: dict,
         confidence=confidence,
         edited=edited,
         source=source_path,
-        meta=dict(state.get("params", {})),
+        # What the dataset knew of this image, updated by any run made since it was opened.
+        meta={**state.get("meta", {}), **state.get("params", {})},
     )
 
 

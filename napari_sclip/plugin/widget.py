@@ -558,7 +558,8 @@ class SclipWidget(QWidget):
             confidence_layer = confidence_name(image.name)
             confidence = self.viewer.layers[confidence_layer].data if confidence_layer in self.viewer.layers else None
             self._tracker(labels)  # make sure the edits are part of the export
-            image_meta = {"name": image.name, "rgb": image.rgb, "source": {"path": image.source.path}}
+            image_meta = {"name": image.name, "rgb": image.rgb, "source": {"path": image.source.path},
+                          "metadata": image.metadata}
             items.append(labelled_image(image.data, image_meta, labels.data, {"metadata": labels.metadata}, confidence))
         return items
 

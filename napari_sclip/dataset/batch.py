@@ -1,0 +1,142 @@
+"""Pseudo-labelling image files into a dataset, the engine's way (no napari): what
+``napari-sclip segment`` runs, usable from Python as well.
+
+A run can be stopped at any moment and started again: each image's files are written atomically
+(:class:`~napari_sclip.dataset.writer.DatasetWriter`), the dataset's index is written before the
+first image and refreshed as the run goes, and an image whose SHA-256 is already in the dataset is
+skipped.  With ``overwrite`` such an image is labelled again, unless a person edited or reviewed
+it: those masks are never replaced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset import format as fmt
+from napari_sclip.dataset.writer import DatasetWriter, Sample, is_edited, sha256_of
+
+if TYPE_CHECKING:
+    from napari_sclip.engine.progress import ProgressCallback
+    from napari_sclip.engine.segmenter import Segmenter
+    from napari_sclip.engine.vocabulary import Vocabulary
+
+#: The index is refreshed after this many new samples, or this many seconds, whichever is first.
+INDEX_EVERY_SAMPLES = 25
+INDEX_EVERY_SECONDS = 60.0
+
+Status = Literal["written", "skipped", "kept", "failed"]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """What happened to one image.
+
+    ``status`` is ``"written"`` (labelled now), ``"skipped"`` (already in the dataset),
+    ``"kept"`` (already there and edited or reviewed by a person, so not labelled again even with
+    ``overwrite``) or ``"failed"`` (unreadable or unusable image; ``reason`` says why).
+    """
+
+    path: Path
+    status: Status
+    image_id: str | None = None
+    reason: str = ""
+
+
+def dataset_registry(root: Path, vocabulary: Vocabulary) -> ClassRegistry:
+    """The dataset's classes (if ``root`` holds one) with ``vocabulary`` adopted: its classes keep
+    their uids when the dataset knows them by name, and new ones get new uids."""
+    registry = ClassRegistry()
+    if (root / fmt.MANIFEST).is_file():
+        _, registry, _ = fmt.read_manifest(root)
+    registry.update(vocabulary.classes)
+    return registry
+
+
+def label_images(
+    paths: Sequence[Path],
+    vocabulary: Vocabulary,
+    root: str | Path,
+    segmenter: Segmenter,
+    *,
+    options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    ratios: Mapping[str, float] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Iterator[BatchItem]:
+    """Segment the images at ``paths`` into the dataset at ``root``, yielding one
+    :class:`BatchItem` per image as it is done.
+
+    Parameters
+    ----------
+    options
+        Keyword arguments for :meth:`Segmenter.segment` (short side, window, threshold, ...).
+    overwrite
+        Label images already in the dataset again (never those a person edited or reviewed).
+    ratios
+        Split ratios for a new dataset; an existing one keeps its own.
+    progress
+        Called with the engine's :class:`~napari_sclip.engine.progress.Progress` reports for the
+        image being labelled.
+
+    Raises
+    ------
+    DatasetError
+        ``root`` is not a dataset (nor empty), or its manifest is damaged.
+    SclipError
+        The model cannot be loaded or the options are wrong (bad images only fail their own item).
+    """
+    from napari_sclip.engine.errors import ImageError
+    from napari_sclip.io.images import read_image
+
+    root = Path(root).expanduser()
+    registry = dataset_registry(root, vocabulary)
+    uids = np.array([0, *registry.active], dtype=np.int64)  # segmenter label value -> uid
+    writer = DatasetWriter(root, registry, dict(ratios) if ratios else None)
+    writer.rebuild_index()  # the folder is a dataset before its first sample
+    stored = writer.samples_by_source()
+    unindexed, last_index = 0, time.monotonic()
+    try:
+        for path in paths:
+            path = Path(path)
+            try:
+                sha = sha256_of(path)
+            except OSError as exc:
+                yield BatchItem(path, "failed", reason=f"cannot read {path}: {exc.strerror or exc}")
+                continue
+            if sha in stored:
+                _, meta = stored[sha]
+                if not overwrite or is_edited(meta):
+                    yield BatchItem(path, "kept" if overwrite else "skipped", meta["id"])
+                    continue
+            try:
+                image = read_image(path)
+                result = segmenter.segment(image, vocabulary, progress=progress, **dict(options or {}))
+            except ImageError as exc:
+                yield BatchItem(path, "failed", reason=str(exc))
+                continue
+            sample = Sample(
+                path.stem,
+                uids[result.labels],
+                image=image,
+                source=path,
+                source_sha256=sha,
+                confidence=result.confidence,
+                meta=dict(result.params),
+            )
+            image_id = writer.write(sample)
+            stored[sha] = writer.existing_meta(image_id)
+            unindexed += 1
+            if unindexed >= INDEX_EVERY_SAMPLES or time.monotonic() - last_index > INDEX_EVERY_SECONDS:
+                writer.rebuild_index()
+                unindexed, last_index = 0, time.monotonic()
+            yield BatchItem(path, "written", image_id)
+    finally:
+        if unindexed:
+            writer.rebuild_index()
