@@ -1,1 +1,1 @@
-"""Reading images and writing label maps; no torch, no napari."""
+"""Reading image files; no torch, no napari."""
