@@ -104,3 +104,16 @@ def display():
             pytest.fail("CI must run the GUI tests under Xvfb (install xvfb; pytest-xvfb starts it)")
         pytest.skip("no X display: install xvfb so that pytest-xvfb can start one")
     return os.environ["DISPLAY"]
+
+
+def same_files_apart_from_timestamps(first: Path, second: Path) -> None:
+    """Two dataset folders hold the same files; JSON files may differ in created/updated only."""
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for relative in files:
+        a, b = (first / relative).read_bytes(), (second / relative).read_bytes()
+        if relative.suffix == ".json":
+            a, b = json.loads(a), json.loads(b)
+            for document in (a, b):
+                document.pop("created", None), document.pop("updated", None)
+        assert a == b, relative

@@ -13,7 +13,7 @@ from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
 from napari_sclip.plugin.io import METADATA_KEY, get_reader, write_dataset
 
-from conftest import natural_image
+from conftest import natural_image, same_files_apart_from_timestamps
 
 
 @pytest.fixture
@@ -72,29 +72,17 @@ def test_missing_mask_is_named(dataset):
         get_reader(str(root))(str(root))
 
 
-def _same_files_apart_from_timestamps(first, second):
-    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
-    for relative in files:
-        a, b = (first / relative).read_bytes(), (second / relative).read_bytes()
-        if relative.suffix == ".json":
-            a, b = json.loads(a), json.loads(b)
-            for document in (a, b):
-                document.pop("created", None), document.pop("updated", None)
-        assert a == b, relative
-
-
 def test_export_import_export_gives_identical_files(dataset, tmp_path):
     """The napari path: the reader's layers, saved by the writer contribution, give the same
     files (in a new folder, and in place), timestamps apart."""
     root = dataset[0]
     layers = get_reader(str(root))(str(root))
     assert write_dataset(str(tmp_path / "again"), layers) == [str(tmp_path / "again")]
-    _same_files_apart_from_timestamps(root, tmp_path / "again")
+    same_files_apart_from_timestamps(root, tmp_path / "again")
 
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     write_dataset(str(root), get_reader(str(root))(str(root)))  # in place
-    _same_files_apart_from_timestamps(root, tmp_path / "again")
+    same_files_apart_from_timestamps(root, tmp_path / "again")
     for path, data in before.items():
         if path.suffix != ".json":
             assert path.read_bytes() == data, path

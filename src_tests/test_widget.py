@@ -332,6 +332,64 @@ def test_export_dataset_and_reopen(widget, qtbot, tmp_path):
     np.testing.assert_array_equal(saved, mask)
 
 
+def test_export_the_selected_images_or_all_and_round_trip(widget, qtbot, tmp_path):
+    """Selected layers choose what is exported; a dataset opened in napari and exported again
+    gives the same files."""
+    from conftest import same_files_apart_from_timestamps
+
+    viewer = widget.viewer
+    _segmented(qtbot, widget, (40, 50))
+    viewer.add_image(natural_image(30, 60), name="second", rgb=True)
+    widget._image_combo.setCurrentText("second")
+    _run(qtbot, widget)
+    viewer.layers["second labels"].data_setitem((np.array([2]), np.array([3])), 0)
+
+    viewer.layers.selection = {viewer.layers["second labels"]}
+    widget.export_dataset(str(tmp_path / "chosen"))
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert sorted(p.stem for p in (tmp_path / "chosen").glob("*/masks/*.png")) == ["second"]
+    assert "exported 1 image(s)" in widget._status.text()
+
+    viewer.layers.selection = set()
+    widget.export_dataset(str(tmp_path / "all"))
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert sorted(p.stem for p in (tmp_path / "all").glob("*/masks/*.png")) == ["img", "second"]
+
+    viewer.layers.clear()
+    viewer.open(str(tmp_path / "all"), plugin="napari-sclip")
+    viewer.layers.selection = set()
+    widget.export_dataset(str(tmp_path / "again"))
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    same_files_apart_from_timestamps(tmp_path / "all", tmp_path / "again")
+
+
+def test_export_can_be_cancelled(widget, qtbot, tmp_path, monkeypatch):
+    from napari_sclip.dataset import export as export_module
+
+    _segmented(qtbot, widget, (40, 50))
+    stack = np.stack([natural_image(30, 40)] * 6)
+    widget.viewer.add_image(stack, name="stack", rgb=True)
+    widget.viewer.add_labels(np.ones((6, 30, 40), np.uint8), name="stack labels")
+    real = export_module.DatasetWriter.write
+
+    def slow_write(self, sample):
+        time.sleep(0.2)
+        return real(self, sample)
+
+    monkeypatch.setattr(export_module.DatasetWriter, "write", slow_write)
+    widget.export_dataset(str(tmp_path / "ds"))
+    qtbot.waitUntil(lambda: widget._progress_bar.value() > 0, timeout=30_000)
+    widget._run_button.click()  # "Cancel"
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert widget._status.text().startswith("export cancelled after")
+    written = sorted(p.stem for p in (tmp_path / "ds").glob("*/meta/*.json"))
+    assert 0 < len(written) < 7
+    indexed = [json.loads(line)["id"] for f in (tmp_path / "ds").glob("*/metadata.jsonl")
+               for line in f.read_text().splitlines()]
+    assert sorted(indexed) == written  # the index matches what was written
+    assert widget._run_button.text() == "Segment"
+
+
 def test_export_without_labels_says_so(widget):
     widget.viewer.add_image(natural_image(10, 10), name="img", rgb=True)
     widget.export_dataset("/nonexistent")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,27 +49,44 @@ def merge_registries(registries: Sequence[ClassRegistry]) -> ClassRegistry:
     return merged
 
 
+def iter_export(
+    root: str | Path, items: Sequence[LabelledImage], ratios: dict[str, float] | None = None
+) -> Generator[tuple[int, int], None, list[str]]:
+    """Write every item (every 2D slice of stacks) into the dataset at ``root``, yielding
+    ``(samples done, samples in all)`` after each; returns the ids.
+
+    Closing the generator early stops between samples and still leaves a complete index of what
+    was written.  Re-exporting into the same folder updates the samples in place.
+    """
+    if not items:
+        raise DatasetError("nothing to export: no image has a labels layer")
+    writer = DatasetWriter(root, merge_registries([item.registry for item in items]), ratios)
+    samples = [sample for item in items for sample in _samples(item)]
+    ids: list[str] = []
+    try:
+        for sample in samples:
+            ids.append(writer.write(sample))
+            yield len(ids), len(samples)
+    finally:
+        writer.rebuild_index()
+    return ids
+
+
 def export_images(
     root: str | Path,
     items: Sequence[LabelledImage],
     ratios: dict[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Write every item (every 2D slice of stacks) into the dataset at ``root``; returns the ids.
-
-    Re-exporting into the same folder updates the samples in place.
-    """
-    if not items:
-        raise DatasetError("nothing to export: no image has a labels layer")
-    writer = DatasetWriter(root, merge_registries([item.registry for item in items]), ratios)
-    samples = [sample for item in items for sample in _samples(item)]
-    ids = []
-    for k, sample in enumerate(samples):
-        ids.append(writer.write(sample))
+    """:func:`iter_export` run to the end, calling ``progress(done, total)`` after each sample."""
+    export = iter_export(root, items, ratios)
+    while True:
+        try:
+            done, total = next(export)
+        except StopIteration as stop:
+            return stop.value
         if progress:
-            progress(k + 1, len(samples))
-    writer.rebuild_index()
-    return ids
+            progress(done, total)
 
 
 def _samples(item: LabelledImage) -> list[Sample]:

@@ -8,7 +8,9 @@ the GUI thread.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +70,7 @@ class SclipWidget(QWidget):
         self._worker = None
         self._writing = False
         self._progress = None
+        self._stop_export: threading.Event | None = None
         self._segmenter = None
 
         self._image_combo = QComboBox()
@@ -113,7 +116,10 @@ class SclipWidget(QWidget):
         self._progress_bar.setRange(0, 1000)
         self._progress_bar.setTextVisible(False)
         self._export_button = QPushButton("Export dataset…")
-        self._export_button.setToolTip("Save every labelled image in the viewer as a training dataset")
+        self._export_button.setToolTip(
+            "Save labelled images as a training dataset: those whose image or labels layer is "
+            "selected, or all of them when none is"
+        )
         self._export_button.clicked.connect(self.export_dataset)
         self._status = QLabel("ready")
         self._status.setWordWrap(True)
@@ -392,10 +398,13 @@ class SclipWidget(QWidget):
         self._worker.start()
 
     def cancel(self) -> None:
-        """Stop the running segmentation; nothing is written."""
+        """Stop the running segmentation (nothing is written) or export (between images)."""
         if self._worker is not None:
             self._status.setText("cancelling…")
-            self._worker.quit()
+            if self._stop_export is not None:
+                self._stop_export.set()  # the export finishes its index on the worker thread
+            else:
+                self._worker.quit()
 
     def _on_progress(self, step: JobProgress) -> None:
         value = int(step.fraction * 1000)
@@ -409,6 +418,7 @@ class SclipWidget(QWidget):
     def _on_finished(self) -> None:
         aborted = self._worker is not None and self._worker.abort_requested
         self._worker = None
+        self._stop_export = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -548,13 +558,15 @@ class SclipWidget(QWidget):
 
     # -- export -----------------------------------------------------------------------------------
 
-    def labelled_images(self) -> list:
-        """Every image layer that has a "<image> labels" layer of its shape, ready to export."""
+    def labelled_images(self, selected_only: bool = False) -> list:
+        """The image layers that have a "<image> labels" layer of their shape, ready to export;
+        with ``selected_only``, those whose image or labels layer is selected (all if none is)."""
+        pairs = [(image, self._labels_layer(image)) for image in self._image_layers()]
+        pairs = [(image, labels) for image, labels in pairs if labels is not None]
+        selection = self.viewer.layers.selection
+        chosen = [(image, labels) for image, labels in pairs if image in selection or labels in selection]
         items = []
-        for image in self._image_layers():
-            labels = self._labels_layer(image)
-            if labels is None:
-                continue
+        for image, labels in chosen if selected_only and chosen else pairs:
             confidence_layer = confidence_name(image.name)
             confidence = self.viewer.layers[confidence_layer].data if confidence_layer in self.viewer.layers else None
             self._tracker(labels)  # make sure the edits are part of the export
@@ -564,11 +576,12 @@ class SclipWidget(QWidget):
         return items
 
     def export_dataset(self, folder: str | None = None) -> None:
-        """Export every labelled image to a dataset folder (asks for it), in the background."""
+        """Export the selected labelled images (all when none is selected) to a dataset folder
+        (asks for it), in the background; the Cancel button stops it between images."""
         if self.running:
             return
         try:
-            items = self.labelled_images()
+            items = self.labelled_images(selected_only=True)
             if not items:
                 raise SclipError("nothing to export: segment an image first")
         except SclipError as exc:
@@ -580,16 +593,29 @@ class SclipWidget(QWidget):
                 return
         from napari.qt.threading import create_worker
 
-        from napari_sclip.dataset.export import export_images
+        from napari_sclip.dataset.export import iter_export
+
+        stop = self._stop_export = threading.Event()
 
         def job():
-            return folder, export_images(folder, items)
+            written = 0
+            with closing(iter_export(folder, items)) as export:
+                for written, total in export:
+                    yield JobProgress(written / total, f"exporting {written}/{total} image(s)")
+                    if stop.is_set():
+                        break
+            return written
+
+        def report(written: int) -> None:
+            what = "export cancelled after" if stop.is_set() else "exported"
+            self._status.setText(f"{what} {written} image(s) to {folder}")
 
         self._worker = create_worker(job, _start_thread=False, _ignore_errors=True)
-        self._worker.returned.connect(lambda result: self._status.setText(f"exported {len(result[1])} image(s) to {result[0]}"))
+        self._worker.yielded.connect(self._on_progress)
+        self._worker.returned.connect(report)
         self._worker.errored.connect(self._notify_error)
         self._worker.finished.connect(self._on_finished)
-        self._run_button.setEnabled(False)  # samples are written atomically; the export just runs
+        self._run_button.setText("Cancel")
         self._status.setText(f"exporting to {folder}…")
         self._worker.start()
 
