@@ -126,6 +126,53 @@ def test_resume_after_a_kill_mid_write(images, model_args, tmp_path, monkeypatch
     assert rows == 3
 
 
+def test_a_real_kill_leaves_a_valid_dataset_and_the_rerun_completes(tmp_path, tiny_dir, tiny_checkpoint):
+    """SIGKILL while the CLI writes (no cleanup code runs), then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from napari_sclip.dataset.format import read_manifest
+    from napari_sclip.dataset.reader import read_sample, sample_ids
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(8):
+        Image.fromarray(np.roll(natural_image(200, 260), 9 * k, axis=1)).save(folder / f"im{k}.png")
+    out = tmp_path / "out"
+    code = (
+        f"import sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"from conftest import register_tiny_model; register_tiny_model(Path({str(tiny_dir)!r})); "
+        "from napari_sclip.cli import main; "
+        f"sys.exit(main(['segment', {str(folder)!r}, '--classes', 'a; b', '--out', {str(out)!r}, "
+        f"'--model', {TINY_MODEL!r}, '--pretrained', {str(tiny_checkpoint)!r}, '--device', 'cpu', '--quiet']))"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/meta/*.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(list(out.glob("*/meta/*.json")))
+    assert 2 <= done_before < 8, "the kill came too late to test anything"
+
+    _, _, train_ids = read_manifest(out)  # a dataset, whatever the moment of the kill
+    for split, image_id in sample_ids(out):
+        read_sample(out, split, image_id, train_ids)  # every sample that exists is complete
+    for index in out.glob("*/metadata.jsonl"):
+        for row in map(json.loads, index.read_text().splitlines()):
+            assert (index.parent / row["label_file_name"]).is_file()
+
+    rerun = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(_dataset_masks(out)) == [f"im{k}" for k in range(8)]
+    assert sum(len(p.read_text().splitlines()) for p in out.glob("*/metadata.jsonl")) == 8
+    assert not list(out.rglob("*.tmp"))
+
+
 def test_overwrite_never_replaces_a_persons_edits(images, model_args, tmp_path, capsys):
     from napari_sclip.dataset.batch import dataset_registry
     from napari_sclip.dataset.reader import read_sample, sample_ids

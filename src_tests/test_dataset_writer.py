@@ -183,3 +183,36 @@ def test_conflicting_layers_refuse_to_share_a_dataset(tmp_path, registry):
     with pytest.raises(DatasetError, match="label 1 is 'person' in one layer and 'tree'"):
         export_images(tmp_path / "ds", items)
     assert not (tmp_path / "ds").exists()
+
+
+def test_opening_a_dataset_removes_a_killed_writers_temporaries(tmp_path, registry):
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    writer.write(Sample("a", np.ones((8, 8), np.uint8), image=natural_image(8, 8)))
+    writer.rebuild_index()
+    leftover = next((tmp_path / "ds").glob("*/masks")) / ".a.png.x1y2.tmp"
+    leftover.write_bytes(b"half a png")
+    keep = next((tmp_path / "ds").glob("*/masks")) / "notes.tmp"  # not one of ours
+    keep.write_text("mine")
+    DatasetWriter(tmp_path / "ds", registry)
+    assert not leftover.exists() and keep.exists()
+
+
+@pytest.mark.parametrize(
+    "image, mode",
+    [
+        (np.linspace(0, 1, 8 * 8 * 3, dtype=np.float32).reshape(8, 8, 3), "RGB"),  # float colour
+        (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000, "I;16"),  # 16-bit grey kept as is
+        (np.full((8, 8, 3), 40000, np.uint16), "RGB"),  # 16-bit colour: the engine's 8-bit rule
+        (np.zeros((8, 8, 2), np.uint8), "RGB"),  # two channels
+        (np.zeros((8, 8, 4), np.uint8), "RGBA"),
+    ],
+)
+def test_odd_images_are_stored_as_pngs_trainers_read(tmp_path, registry, image, mode):
+    writer = DatasetWriter(tmp_path / "ds", registry)
+    writer.write(Sample("odd", np.ones((8, 8), np.uint8), image=image))
+    stored = Image.open(next((tmp_path / "ds").glob("*/images/odd.png")))
+    assert stored.mode == mode and stored.size == (8, 8)
+    if mode == "I;16":
+        np.testing.assert_array_equal(np.asarray(stored), image)
+    meta = json.loads(next((tmp_path / "ds").glob("*/meta/odd.json")).read_text())
+    assert meta["source"]["dtype"] == str(image.dtype) and meta["source"]["shape"] == list(image.shape)

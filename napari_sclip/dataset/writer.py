@@ -139,6 +139,9 @@ class DatasetWriter:
     ratios
         Split ratios for new datasets; an existing dataset keeps its own.
 
+    One writer at a time per dataset: opening one removes the temporary files that a killed
+    writer left behind.
+
     The vocabulary version (recorded in the manifest and with every sample written) is 1 for a new
     dataset, and goes up by one when ``registry``'s current vocabulary differs from the dataset's.
     """
@@ -170,6 +173,13 @@ class DatasetWriter:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatasetError(f"cannot create dataset folder {self.root}: {exc.strerror or exc}") from None
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the hidden temporary files a killed writer left (``.<name>.<random>.tmp``)."""
+        for folder in [self.root] + [self.root / split / sub for split in SPLIT_NAMES for sub in ("", *_FOLDERS)]:
+            for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
+                leftover.unlink(missing_ok=True)
 
     # -- ids ---------------------------------------------------------------------------------------
 
