@@ -124,9 +124,9 @@ def out_of_memory(gpu_factory, classes: list[str]) -> dict:
     attempts = []
     original = segmenter_module.Segmenter._window_logits
 
-    def recording(self, pixels, batch, text_features):
+    def recording(self, method, pixels, batch, text_features):
         attempts.append(len(batch))
-        return original(self, pixels, batch, text_features)
+        return original(self, method, pixels, batch, text_features)
 
     segmenter_module.Segmenter._window_logits = recording
     try:

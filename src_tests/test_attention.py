@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_sclip.engine.sclip import (
-    correlative_self_attention,
-    interpolate_positional_embedding,
-    sclip_patch_features,
-)
+from napari_sclip.engine.methods.sclip import correlative_self_attention, sclip_patch_features
+from napari_sclip.engine.vit import interpolate_positional_embedding
 
 from conftest import make_tiny_clip
 from reference_sclip import csa_reference, image_features_reference
@@ -105,7 +102,7 @@ def test_residual_block_equals_open_clips_block(quick_gelu, layer_scale):
     """Blocks 1..L-1 are CLIP's own: our fused forward computes exactly what open_clip's does."""
     from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-    from napari_sclip.engine.sclip import residual_block
+    from napari_sclip.engine.vit import residual_block
 
     torch.manual_seed(2)
     act = QuickGELU if quick_gelu else torch.nn.GELU

@@ -306,11 +306,11 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_checkpoint, monkeypatch
     sizes = []
     original = Segmenter._window_logits
 
-    def small_gpu(self, pixels, batch, text):
+    def small_gpu(self, method, pixels, batch, text):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, pixels, batch, text)
+        return original(self, method, pixels, batch, text)
 
     monkeypatch.setattr(Segmenter, "_window_logits", small_gpu)
     segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", batch_size=8)

@@ -29,7 +29,10 @@ def _source_taps(in_len: int, out_len: int, start: int, stop: int, device: torch
 
 
 def resize_bilinear(
-    x: torch.Tensor, size: tuple[int, int], rows: tuple[int, int] | None = None
+    x: torch.Tensor,
+    size: tuple[int, int],
+    rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Resize the last two axes of ``x`` to ``size``; return float32.
 
@@ -39,16 +42,26 @@ def resize_bilinear(
         (..., H, W) tensor of any real dtype; it may be a non-contiguous view.
     size
         Output ``(height, width)``.
-    rows
-        Only compute output rows ``rows[0]:rows[1]`` (a band of the full result).
+    rows, cols
+        Only compute output rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` (a tile of
+        the full result).  With ``cols``, columns are blended like rows rather than by PyTorch's
+        kernel (equal to it within float rounding), so any tile of a result is computed the same
+        way.
     """
-    in_h = x.shape[-2]
+    in_h, in_w = x.shape[-2:]
     out_h, out_w = size
     r0, r1 = rows if rows is not None else (0, out_h)
     y_lo, y_hi, wy = _source_taps(in_h, out_h, r0, r1, x.device)
+    if cols is not None:
+        x_lo, x_hi, wx = _source_taps(in_w, out_w, cols[0], cols[1], x.device)
+        used = torch.arange(int(x_lo.min()), int(x_hi.max()) + 1, device=x.device)
+        x = x.index_select(-1, used)  # only the source columns the tile needs
+        x_lo, x_hi = x_lo - used[0], x_hi - used[0]
     top = x.index_select(-2, y_lo).float()
     bottom = x.index_select(-2, y_hi).float()
     band = torch.lerp(top, bottom, wy[:, None])  # (..., r1 - r0, W_in)
+    if cols is not None:
+        return torch.lerp(band.index_select(-1, x_lo), band.index_select(-1, x_hi), wx)
     # Along columns, PyTorch's own kernel (rows keep their size, so they pass through exactly).
     lead = band.shape[:-2]
     flat = band.reshape(1, -1, *band.shape[-2:])

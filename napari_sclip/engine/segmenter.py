@@ -1,17 +1,20 @@
 """The public engine API: :class:`Segmenter` and :class:`SegmentationResult`.
 
-Pipeline (the SCLIP authors' protocol, ``shared/paper/protocol-notes.md``):
+Pipeline (the SCLIP authors' protocol, ``shared/paper/protocol-notes.md``, which the later
+methods share):
 
 1. the image becomes 8-bit RGB (:func:`~napari_sclip.engine.image.to_rgb_uint8`);
 2. it is resized bilinearly, keeping its aspect ratio, so that its short side is ``short_side``
    (long side at most 2048), rounded back to 8 bits and normalised with CLIP's mean and std;
-3. ``window`` px windows moved by ``stride`` px go through the ViT with Correlative
-   Self-Attention in batches; each window's patch logits (cosine similarities with the class
-   names' text embeddings) are upsampled bilinearly to the window and summed into a canvas, which
-   is divided by each pixel's window count;
-4. the canvas is resized bilinearly to the input size, one band of rows at a time, and each band
-   gets ``softmax(logit_scale * logits)`` over all names, the maximum over each class's names,
-   the argmax and the probability threshold.
+3. ``window`` px windows moved by ``stride`` px go through the ViT in batches, its last block(s)
+   as the method says (:mod:`~napari_sclip.engine.methods`; SCLIP's Correlative Self-Attention by
+   default); each window's patch logits (cosine similarities with the class names' text
+   embeddings) are upsampled bilinearly to the window and summed into a canvas, which is divided
+   by each pixel's window count;
+4. the canvas is resized bilinearly to the input size, one band of rows at a time (with PAMR
+   refinement: one tile at a time, refined with the resized image), and each band gets
+   ``softmax(logit_scale * logits)`` over all names, the maximum over each class's names, the
+   argmax and the probability threshold.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from napari_sclip.engine import config
 from napari_sclip.engine._torch import F, torch
 from napari_sclip.engine.errors import ModelError, ParameterError, VocabularyError
 from napari_sclip.engine.image import to_rgb_uint8
+from napari_sclip.engine.methods import DEFAULT_METHOD, Method, Refinement, get_method
 from napari_sclip.engine.model import LoadedModel, autocast, load_model, precision_of
+from napari_sclip.engine.pamr import pamr_halo, refine_tile
 from napari_sclip.engine.progress import Progress, ProgressCallback, drive
 from napari_sclip.engine.resize import resize_bilinear
-from napari_sclip.engine.sclip import sclip_patch_features
 from napari_sclip.engine.text import TextEncoder
 from napari_sclip.engine.vocabulary import ClassSpec, Vocabulary, parse_vocabulary
 from napari_sclip.engine.windows import Window, resized_shape, slide_windows, window_counts
@@ -44,6 +48,8 @@ PIXEL_STD = (68.501, 66.632, 70.323)
 DEFAULT_BATCH_SIZE = {"cuda": 32, "mps": 8, "cpu": 4}
 #: Elements of the per-name logit band in the final resize: bounds its memory (~32 MB).
 _BAND_ELEMENTS = 1 << 23
+#: Elements of PAMR's working set per tile (about 3 per name and 30 more per pixel; ~256 MB).
+_PAMR_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -95,7 +101,7 @@ def _check_params(short_side, window, stride, logit_scale, prob_threshold, patch
 
 
 class Segmenter:
-    """Open-vocabulary semantic segmentation with SCLIP.
+    """Open-vocabulary semantic segmentation with SCLIP or a later training-free CLIP method.
 
     Parameters
     ----------
@@ -112,6 +118,10 @@ class Segmenter:
     batch_size
         Windows per forward pass; default 32 on CUDA, 8 on MPS, 4 on CPU.  When the device runs
         out of memory the batch is halved and retried.
+    method
+        The method :meth:`segment` uses unless told otherwise: ``"sclip"`` (default),
+        ``"naclip"``, ``"sc-clip"``, ``"clearclip"`` or ``"maskclip"``
+        (:data:`napari_sclip.engine.methods.METHODS`).
 
     The model is loaded on first use (or by :meth:`load`) and shared by all segmenters of the
     process with the same model, weights and device.  A segmenter may be used from one thread at
@@ -126,7 +136,9 @@ class Segmenter:
         *,
         quick_gelu: bool | None = None,
         batch_size: int | None = None,
+        method: str = DEFAULT_METHOD,
     ):
+        self.method = get_method(method).name
         self.model_name = model or config.default_model()
         self.pretrained = str(pretrained) if pretrained else config.default_pretrained()
         self.device_name = device or config.default_device()
@@ -139,7 +151,8 @@ class Segmenter:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Segmenter(model={self.model_name!r}, pretrained={self.pretrained!r}, device={self.device_name!r})"
+        return (f"Segmenter(model={self.model_name!r}, pretrained={self.pretrained!r}, "
+                f"device={self.device_name!r}, method={self.method!r})")
 
     # -- model and text ---------------------------------------------------------------------------
 
@@ -177,11 +190,13 @@ class Segmenter:
         image: np.ndarray,
         classes: Vocabulary | Sequence[ClassSpec],
         *,
-        short_side: int = config.DEFAULT_SHORT_SIDE,
-        window: int = config.DEFAULT_WINDOW,
-        stride: int = config.DEFAULT_STRIDE,
-        logit_scale: float = config.DEFAULT_LOGIT_SCALE,
+        method: str | None = None,
+        short_side: int | None = None,
+        window: int | None = None,
+        stride: int | None = None,
+        logit_scale: float | None = None,
         prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        pamr: bool | None = None,
         contrast_limits: Sequence[float] | None = None,
         return_probs: bool = False,
         progress: ProgressCallback | None = None,
@@ -196,13 +211,21 @@ class Segmenter:
         classes
             One item per class: ``"person"``, ``"person, man, woman"`` (synonyms after commas,
             the first is the display name) or a list of names.
+        method
+            ``"sclip"``, ``"naclip"``, ``"sc-clip"``, ``"clearclip"`` or ``"maskclip"``; default
+            the segmenter's.  Each brings its authors' settings for the parameters left ``None``.
         short_side, window, stride
             Slide inference: the image is resized to this short side (long side at most 2048)
-            and covered by ``window`` px windows moved by ``stride`` px.
+            and covered by ``window`` px windows moved by ``stride`` px.  Defaults: the method's
+            (336, 224, 112; ClearCLIP 448, 448, 224).
         logit_scale
-            Multiplies the cosine similarities before the softmax over all names.
+            Multiplies the cosine similarities before the softmax over all names; default the
+            method's (40; ClearCLIP 50).
         prob_threshold
             Pixels whose winning class has a lower probability get label 0.
+        pamr
+            Refine the logits with PAMR (10 iterations, dilations 8 and 16) before the softmax;
+            default the method's (on for NACLIP only).
         contrast_limits
             ``(low, high)`` intensities mapped to 0 and 255 for non-8-bit images.
         return_probs
@@ -213,11 +236,13 @@ class Segmenter:
         steps = self.iter_segment(
             image,
             classes,
+            method=method,
             short_side=short_side,
             window=window,
             stride=stride,
             logit_scale=logit_scale,
             prob_threshold=prob_threshold,
+            pamr=pamr,
             contrast_limits=contrast_limits,
             return_probs=return_probs,
             load_progress=progress,
@@ -229,11 +254,13 @@ class Segmenter:
         image: np.ndarray,
         classes: Vocabulary | Sequence[ClassSpec],
         *,
-        short_side: int = config.DEFAULT_SHORT_SIDE,
-        window: int = config.DEFAULT_WINDOW,
-        stride: int = config.DEFAULT_STRIDE,
-        logit_scale: float = config.DEFAULT_LOGIT_SCALE,
+        method: str | None = None,
+        short_side: int | None = None,
+        window: int | None = None,
+        stride: int | None = None,
+        logit_scale: float | None = None,
         prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        pamr: bool | None = None,
         contrast_limits: Sequence[float] | None = None,
         return_probs: bool = False,
         load_progress: ProgressCallback | None = None,
@@ -245,6 +272,12 @@ class Segmenter:
         generator workers run.  ``load_progress`` receives download and load progress, which
         cannot be interrupted.
         """
+        chosen = get_method(method or self.method)
+        short_side = chosen.short_side if short_side is None else short_side
+        window = chosen.window if window is None else window
+        stride = chosen.stride if stride is None else stride
+        logit_scale = chosen.logit_scale if logit_scale is None else logit_scale
+        refinement = chosen.refinement if pamr is None else (chosen.refinement or Refinement()) if pamr else None
         vocabulary = parse_vocabulary(classes)
         rgb = to_rgb_uint8(image, contrast_limits)
         model = self.load(load_progress)
@@ -253,12 +286,13 @@ class Segmenter:
         text_features = yield from self._text.iter_features(vocabulary.names)  # (N, E)
         pixels = self._preprocess(rgb, short_side, model)  # (3, h, w) on the device
         windows = slide_windows(pixels.shape[1], pixels.shape[2], window, stride)
-        canvas = yield from self._slide(pixels, windows, text_features.to(model.device))  # (N, h, w)
+        canvas = yield from self._slide(chosen, pixels, windows, text_features.to(model.device))  # (N, h, w)
         labels, confidence, probs = yield from self._postprocess(
-            canvas, rgb.shape[:2], vocabulary, logit_scale, prob_threshold, return_probs
+            canvas, rgb.shape[:2], vocabulary, logit_scale, prob_threshold, return_probs,
+            (pixels, refinement) if refinement else None,
         )
         params = {
-            "method": "sclip",
+            "method": chosen.name,
             "model": model.name,
             "pretrained": self.pretrained,
             "quick_gelu": model.quick_gelu,
@@ -269,6 +303,9 @@ class Segmenter:
             "stride": stride,
             "logit_scale": float(logit_scale),
             "prob_threshold": float(prob_threshold),
+            "pamr": refinement is not None,
+            **({"pamr_iterations": refinement.iterations, "pamr_dilations": list(refinement.dilations)}
+               if refinement else {}),
             "resized_shape": tuple(pixels.shape[1:]),
             "windows": len(windows),
         }
@@ -289,7 +326,7 @@ class Segmenter:
         return ((resized - mean) / std).to(model.device)
 
     def _slide(
-        self, pixels: torch.Tensor, windows: list[Window], text_features: torch.Tensor
+        self, method: Method, pixels: torch.Tensor, windows: list[Window], text_features: torch.Tensor
     ) -> Generator[Progress, None, torch.Tensor]:
         """Sum each window's upsampled patch logits into a canvas and divide by the window count."""
         _, height, width = pixels.shape
@@ -300,7 +337,7 @@ class Segmenter:
         while done < len(windows):
             batch = windows[done : done + batch_size]
             try:
-                logits = self._window_logits(pixels, batch, text_features)
+                logits = self._window_logits(method, pixels, batch, text_features)
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
                 if not _out_of_memory(exc):
                     raise
@@ -319,12 +356,14 @@ class Segmenter:
         return canvas.div_(counts)
 
     @torch.inference_mode()
-    def _window_logits(self, pixels: torch.Tensor, batch: list[Window], text_features: torch.Tensor) -> torch.Tensor:
+    def _window_logits(
+        self, method: Method, pixels: torch.Tensor, batch: list[Window], text_features: torch.Tensor
+    ) -> torch.Tensor:
         """Patch logits ``(B, N, rows, cols)`` of one batch of windows; no side effects, so a
         batch that runs out of memory can be retried in halves."""
         crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])  # (B, 3, wh, ww)
         with autocast(pixels.device):
-            patch_features = sclip_patch_features(self._model.clip.visual, crops)  # (B, r, c, E)
+            patch_features = method.features(self._model.clip.visual, crops)  # (B, r, c, E)
             logits = patch_features @ text_features.to(patch_features.dtype).T  # (B, r, c, N)
         return logits.float().permute(0, 3, 1, 2)
 
@@ -345,8 +384,10 @@ class Segmenter:
         logit_scale: float,
         prob_threshold: float,
         return_probs: bool,
+        refine: tuple[torch.Tensor, Refinement] | None,
     ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """Resize logits to ``size`` in bands of rows; softmax, max over synonyms, argmax."""
+        """Resize logits to ``size`` tile by tile (PAMR-refined when ``refine`` gives the
+        normalised image and the settings); softmax, max over synonyms, argmax."""
         height, width = size
         num_names = canvas.shape[0]
         num_classes = len(vocabulary)
@@ -360,20 +401,64 @@ class Segmenter:
             spans.append((start, start + len(names)))
             start += len(names)
 
-        band = max(1, _BAND_ELEMENTS // (num_names * width))
-        bands = math.ceil(height / band)
-        yield Progress("resize", 0, bands)
-        for i, r0 in enumerate(range(0, height, band)):
-            r1 = min(r0 + band, height)
-            band_labels, best, class_probs = _classify_band(
-                canvas, size, (r0, r1), name_labels, logit_scale, prob_threshold, spans if return_probs else None
+        tiles = _tiles(size, num_names, refine[1] if refine else None)
+        yield Progress("resize", 0, len(tiles))
+        for i, (rows, cols) in enumerate(tiles):
+            logits = _tile_logits(canvas, size, rows, cols, refine)  # (N, r, c)
+            tile_labels, best, class_probs = _classify(
+                logits, name_labels, logit_scale, prob_threshold, spans if return_probs else None
             )
-            labels[r0:r1] = band_labels.numpy()
-            confidence[r0:r1] = best.numpy()
+            (r0, r1), (c0, c1) = rows, cols
+            labels[r0:r1, c0:c1] = tile_labels.numpy()
+            confidence[r0:r1, c0:c1] = best.numpy()
             if probs is not None:
-                probs[:, r0:r1] = class_probs.numpy()
-            yield Progress("resize", i + 1, bands)
+                probs[:, r0:r1, c0:c1] = class_probs.numpy()
+            yield Progress("resize", i + 1, len(tiles))
         return labels, confidence, probs
+
+
+def _tiles(
+    size: tuple[int, int], num_names: int, refinement: Refinement | None
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``((r0, r1), (c0, c1))`` output tiles: full-width bands of rows without refinement; with
+    PAMR, squares whose halo-extended working set fits ``_PAMR_ELEMENTS``."""
+    height, width = size
+    if refinement is None:
+        band = max(1, _BAND_ELEMENTS // (num_names * width))
+        return [((r0, min(r0 + band, height)), (0, width)) for r0 in range(0, height, band)]
+    halo = pamr_halo(refinement.iterations, refinement.dilations)
+    side = max(64, math.isqrt(_PAMR_ELEMENTS // (3 * num_names + 30)) - 2 * halo)
+    return [
+        ((r0, min(r0 + side, height)), (c0, min(c0 + side, width)))
+        for r0 in range(0, height, side)
+        for c0 in range(0, width, side)
+    ]
+
+
+@torch.inference_mode()
+def _tile_logits(
+    canvas: torch.Tensor,
+    size: tuple[int, int],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    refine: tuple[torch.Tensor, Refinement] | None,
+) -> torch.Tensor:
+    """The canvas resized to ``size``, for one tile: ``(N, r1 - r0, c1 - c0)`` float32.
+
+    With PAMR, the tile is refined together with a halo around it (clipped to the image), which
+    makes the kept part equal to refining the whole image at once.
+    """
+    if refine is None:
+        return resize_bilinear(canvas, size, rows=rows)
+    pixels, refinement = refine
+    halo = pamr_halo(refinement.iterations, refinement.dilations)
+    (r0, r1), (c0, c1) = rows, cols
+    e_rows = (max(0, r0 - halo), min(size[0], r1 + halo))
+    e_cols = (max(0, c0 - halo), min(size[1], c1 + halo))
+    logits = resize_bilinear(canvas, size, rows=e_rows, cols=e_cols)
+    image = resize_bilinear(pixels, size, rows=e_rows, cols=e_cols)
+    refined = refine_tile(image, logits, refinement.iterations, refinement.dilations)
+    return refined[:, r0 - e_rows[0] : r1 - e_rows[0], c0 - e_cols[0] : c1 - e_cols[0]]
 
 
 def _out_of_memory(exc: RuntimeError) -> bool:
@@ -388,31 +473,29 @@ def _release_cached_memory(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _classify_band(
-    canvas: torch.Tensor,
-    size: tuple[int, int],
-    rows: tuple[int, int],
+def _classify(
+    logits: torch.Tensor,
     name_labels: torch.Tensor,
     logit_scale: float,
     prob_threshold: float,
     spans: list[tuple[int, int]] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Labels, winning probabilities and (with ``spans``) class probabilities of one band of
-    output rows, on the CPU.
+    """Labels, winning probabilities and (with ``spans``) class probabilities of a tile of
+    ``(N, r, c)`` logits, on the CPU (``logits`` is overwritten).
 
     The softmax over names peaks at the best name, and a class's probability is the maximum over
     its names, so the winning class is the best name's class and its probability is the softmax
     at that name, ``1 / sum(exp(l - l_best))``: no per-class tensor is needed unless asked for.
     Ties go to the earlier class, as with an argmax over class probabilities.
     """
-    scaled = resize_bilinear(canvas, size, rows=rows).mul_(logit_scale)  # (N, r, W)
+    scaled = logits.mul_(logit_scale)  # (N, r, c)
     best_logit, best_name = scaled.max(dim=0)
     relative = scaled.sub_(best_logit).exp_()  # exp(l - l_best), in place
-    best = relative.sum(dim=0).reciprocal_()  # (r, W)
+    best = relative.sum(dim=0).reciprocal_()  # (r, c)
     labels = name_labels[best_name]
     labels[best < prob_threshold] = 0
     class_probs = None
     if spans is not None:
         name_probs = relative.mul_(best)  # the softmax over names
-        class_probs = torch.stack([name_probs[b:e].amax(dim=0) for b, e in spans]).cpu()  # (C, r, W)
+        class_probs = torch.stack([name_probs[b:e].amax(dim=0) for b, e in spans]).cpu()  # (C, r, c)
     return labels.cpu(), best.cpu(), class_probs
