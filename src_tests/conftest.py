@@ -34,13 +34,16 @@ def register_tiny_model(folder: Path) -> None:
     open_clip.add_model_config(path)
 
 
-def make_tiny_clip(seed: int = 0):
-    """A tiny CLIP with random weights (non-trivial biases, so every term of CSA matters)."""
+def make_tiny_clip(seed: int = 0, vision_layers: int | None = None):
+    """A tiny CLIP with random weights (non-trivial biases, so every term of CSA matters);
+    ``vision_layers`` overrides the ViT's depth (SC-CLIP needs 12)."""
     import open_clip
     import torch
 
     torch.manual_seed(seed)
     cfg = json.loads(json.dumps(TINY_CONFIG))
+    if vision_layers is not None:
+        cfg["vision_cfg"]["layers"] = vision_layers
     model = open_clip.model.CLIP(**cfg).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

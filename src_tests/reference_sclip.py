@@ -96,8 +96,14 @@ def sclip_reference(
     stride=112,
     logit_scale=40.0,
     prob_threshold=0.0,
+    features=image_features_reference,
+    refine=None,
 ):
-    """Returns (labels, confidence, class_probs) as numpy arrays."""
+    """Returns (labels, confidence, class_probs) as numpy arrays.
+
+    ``features(visual, crop)`` gives a window's patch features (SCLIP's by default);
+    ``refine(image, logits)`` refines the full-size logits with the resized image (PAMR).
+    """
     image = preprocess_reference(rgb, short_side)
     _, _, h, w = image.shape
     num_names = text_features.shape[0]
@@ -111,13 +117,16 @@ def sclip_reference(
             y2, x2 = min(y1 + window, h), min(x1 + window, w)
             y1, x1 = max(y2 - window, 0), max(x2 - window, 0)
             crop = image[:, :, y1:y2, x1:x2]
-            features, (gh, gw) = image_features_reference(clip.visual, crop)
-            logits = (features @ text_features.T).T.reshape(1, num_names, gh, gw)
+            patch_features, (gh, gw) = features(clip.visual, crop)
+            logits = (patch_features @ text_features.T).T.reshape(1, num_names, gh, gw)
             logits = F.interpolate(logits, size=crop.shape[-2:], mode="bilinear", align_corners=False)
             preds += F.pad(logits, (x1, w - x2, y1, h - y2))
             counts[:, :, y1:y2, x1:x2] += 1
     preds = preds / counts
     logits = F.interpolate(preds, size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
+    if refine is not None:
+        resized = F.interpolate(image, size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
+        logits = refine(resized, logits)
     probs = torch.softmax(logits * logit_scale, dim=0)
     num_classes = max(name_class) + 1
     one_hot = F.one_hot(torch.tensor(name_class), num_classes).T.reshape(num_classes, num_names, 1, 1)
