@@ -18,6 +18,7 @@ from pathlib import Path
 from napari_sclip import __version__
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
+from napari_sclip.engine.methods import DEFAULT_METHOD, METHODS
 
 EXIT_ERROR = 1
 EXIT_SOME_FAILED = 2
@@ -28,7 +29,8 @@ EXIT_INTERRUPTED = 130
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-sclip",
-        description="Open-vocabulary semantic segmentation with SCLIP (CLIP ViT-B/16, no training).",
+        description="Open-vocabulary semantic segmentation with SCLIP and later training-free CLIP "
+        "methods (CLIP ViT-B/16, no training).",
     )
     parser.add_argument("--version", action="version", version=f"napari-sclip {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -37,10 +39,14 @@ def _build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser(
         "segment",
         help="pseudo-label images into a dataset folder",
-        description="Segment images (or folders of images) into the given classes and write them "
-        "into a dataset folder: images, 8-bit training-id masks, confidence, provenance and a "
-        "manifest (see docs/dataset.md).  Images already in the dataset (same SHA-256) are skipped, "
-        "so an interrupted run continues where it stopped.",
+        description=(
+            "Segment images (or folders of images) into the given classes and write them into a\n"
+            "dataset folder: images, 8-bit training-id masks, confidence, provenance and a manifest\n"
+            "(see docs/dataset.md). Images already in the dataset (same SHA-256) are skipped, so an\n"
+            "interrupted run continues where it stopped."
+        ),
+        epilog="methods:\n" + "\n".join(f"  {m.name:<10} {m.description}" for m in METHODS.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     vocab = seg.add_mutually_exclusive_group(required=True)
@@ -62,10 +68,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"open_clip tag or checkpoint path (default: {config.default_pretrained()})",
     )
     seg.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N, mps (default: {config.default_device()})")
-    seg.add_argument("--short-side", type=int, default=config.DEFAULT_SHORT_SIDE, metavar="PX")
-    seg.add_argument("--window", type=int, default=config.DEFAULT_WINDOW, metavar="PX")
-    seg.add_argument("--stride", type=int, default=config.DEFAULT_STRIDE, metavar="PX")
-    seg.add_argument("--logit-scale", type=float, default=config.DEFAULT_LOGIT_SCALE, metavar="S")
+    seg.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"the training-free method (default: {DEFAULT_METHOD}; all of them are listed below)",
+    )
+    seg.add_argument("--short-side", type=int, default=None, metavar="PX", help="default: the method's (336; clearclip 448)")
+    seg.add_argument("--window", type=int, default=None, metavar="PX", help="default: the method's (224; clearclip 448)")
+    seg.add_argument("--stride", type=int, default=None, metavar="PX", help="default: the method's (112; clearclip 224)")
+    seg.add_argument("--logit-scale", type=float, default=None, metavar="S", help="default: the method's (40; clearclip 50)")
+    seg.add_argument(
+        "--pamr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refine with PAMR (10 iterations, dilations 8 and 16); default: the method's (naclip only)",
+    )
     seg.add_argument(
         "--prob-threshold",
         type=float,
@@ -166,6 +185,8 @@ def _segment(args: argparse.Namespace) -> int:
     ratios = check_ratios(args.splits) if args.splits else None
     segmenter = Segmenter(args.model, args.pretrained, args.device, batch_size=args.batch_size)
     options = {
+        "method": args.method,
+        "pamr": args.pamr,
         "short_side": args.short_side,
         "window": args.window,
         "stride": args.stride,

@@ -297,3 +297,16 @@ def test_usage_errors_exit_with_argparse_status(capsys):
     with pytest.raises(SystemExit) as info:
         main(["segment", "x.png", "--out", "o"])  # neither --classes nor --classes-file
     assert info.value.code == 2
+
+
+def test_method_choice_is_recorded(images, model_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["segment", str(images / "a.png"), "--classes", "a; b", "--out", str(out), *model_args]
+    assert main([*args, "--method", "naclip", "--no-pamr", "--window", "112", "--stride", "56"]) == 0
+    meta = json.loads(next(out.glob("*/meta/a.json")).read_text())
+    assert (meta["method"], meta["pamr"], meta["window"], meta["logit_scale"]) == ("naclip", False, 112, 40.0)
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["models"][0]["method"] == "naclip"
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--method", "fastclip"])
+    assert info.value.code == 2 and "invalid choice: 'fastclip'" in capsys.readouterr().err

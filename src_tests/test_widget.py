@@ -394,3 +394,24 @@ def test_export_without_labels_says_so(widget):
     widget.viewer.add_image(natural_image(10, 10), name="img", rgb=True)
     widget.export_dataset("/nonexistent")
     assert "nothing to export" in widget._status.text()
+
+
+def test_method_choice_fills_its_defaults_and_is_recorded(widget, qtbot):
+    from napari_sclip.engine.methods import METHODS
+
+    assert [widget._method_combo.itemData(i) for i in range(widget._method_combo.count())] == list(METHODS)
+    widget.set_method("clearclip")
+    assert (widget._short_side.value(), widget._window.value(), widget._stride.value()) == (448, 448, 224)
+    assert widget._logit_scale.value() == 50.0 and not widget._pamr_box.isChecked()
+    assert "Query-query" in widget._method_note.text()
+    widget.set_method("naclip")
+    assert widget._pamr_box.isChecked() and widget._window.value() == 224
+    widget._window.setValue(112)  # the caller may override any default
+    widget._stride.setValue(56)
+    labels = _segmented(qtbot, widget, (60, 70))
+    params = labels.metadata["napari_sclip"]["params"]
+    assert (params["method"], params["pamr"], params["window"]) == ("naclip", True, 112)
+    engine = widget._get_segmenter().segment(
+        widget.viewer.layers["img"].data, ["cat", "dog"], method="naclip", window=112, stride=56
+    )
+    np.testing.assert_array_equal(labels.data, engine.labels)

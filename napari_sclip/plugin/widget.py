@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -42,6 +42,7 @@ from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
+from napari_sclip.engine.methods import METHODS, get_method
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.plugin.edits import EditTracker
 from napari_sclip.plugin.io import METADATA_KEY, labelled_image
@@ -99,6 +100,16 @@ class SclipWidget(QWidget):
         browse.clicked.connect(self._browse_weights)
         self._device_combo = QComboBox()
         self._device_combo.addItem(config.default_device())
+        self._method_combo = QComboBox()
+        for index, method in enumerate(METHODS.values()):
+            self._method_combo.addItem(method.title, method.name)
+            self._method_combo.setItemData(index, method.description, Qt.ItemDataRole.ToolTipRole)
+        self._method_combo.setToolTip("The training-free method; each brings its authors' settings")
+        self._method_note = QLabel()
+        self._method_note.setWordWrap(True)
+        self._method_note.setStyleSheet("color: gray")
+        self._pamr_box = QCheckBox("PAMR refinement")
+        self._pamr_box.setToolTip("Refine the labels along image edges (PAMR); slower, NACLIP's default")
         self._short_side = _spin(16, 4096, config.DEFAULT_SHORT_SIDE, "Resize so the short side has this many pixels")
         self._window = _spin(16, 2048, config.DEFAULT_WINDOW, "Sliding-window size in pixels")
         self._stride = _spin(1, 2048, config.DEFAULT_STRIDE, "Sliding-window step in pixels")
@@ -110,7 +121,7 @@ class SclipWidget(QWidget):
         self._overwrite_box.setToolTip("Re-running normally keeps pixels you painted or filled")
 
         self._run_button = QPushButton("Segment")
-        self._run_button.setToolTip("Run SCLIP in the background; click again to cancel")
+        self._run_button.setToolTip("Run the chosen method in the background; click again to cancel")
         self._run_button.clicked.connect(self._toggle_run)
         self._progress_bar = QProgressBar()
         self._progress_bar.setRange(0, 1000)
@@ -128,6 +139,8 @@ class SclipWidget(QWidget):
         self._connect_viewer()
         self._vocabulary_edit.textChanged.connect(self._refresh_class_list)
         self._image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self._method_combo.currentIndexChanged.connect(self._apply_method_defaults)
+        self._apply_method_defaults()
         self._refresh_images()
         self._refresh_class_list()
         self._find_devices()
@@ -138,6 +151,8 @@ class SclipWidget(QWidget):
         form = QFormLayout()
         form.addRow("image", self._image_combo)
         form.addRow("stack", self._slice_combo)
+        form.addRow("method", self._method_combo)
+        form.addRow("", self._method_note)
 
         vocabulary_buttons = QHBoxLayout()
         vocabulary_buttons.addWidget(QLabel("classes"))
@@ -157,6 +172,7 @@ class SclipWidget(QWidget):
         advanced_form.addRow("stride", self._stride)
         advanced_form.addRow("logit scale", self._logit_scale)
         advanced_form.addRow("threshold", self._threshold)
+        advanced_form.addRow(self._pamr_box)
         advanced_form.addRow(self._confidence_box)
         advanced_widget = QWidget()
         advanced_widget.setLayout(advanced_form)
@@ -333,8 +349,24 @@ class SclipWidget(QWidget):
         else:
             self.segment()
 
+    def set_method(self, name: str) -> None:
+        """Choose a method by name (``"sclip"``, ``"naclip"``, ...); its defaults fill the settings."""
+        index = self._method_combo.findData(get_method(name).name)
+        self._method_combo.setCurrentIndex(index)
+
+    def _apply_method_defaults(self) -> None:
+        method = get_method(self._method_combo.currentData())
+        self._method_note.setText(method.description)
+        self._short_side.setValue(method.short_side)
+        self._window.setValue(method.window)
+        self._stride.setValue(method.stride)
+        self._logit_scale.setValue(method.logit_scale)
+        self._pamr_box.setChecked(method.refinement is not None)
+
     def _options(self) -> dict:
         return {
+            "method": self._method_combo.currentData(),
+            "pamr": self._pamr_box.isChecked(),
             "short_side": self._short_side.value(),
             "window": self._window.value(),
             "stride": self._stride.value(),
@@ -385,7 +417,7 @@ class SclipWidget(QWidget):
         from napari.utils import progress
 
         segmenter = self._get_segmenter()
-        params = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, "method": "sclip", **job.options}
+        params = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, **job.options}
         # Errors are ours to report (one line); they are not re-raised in the GUI thread.
         self._worker = create_worker(run_job, segmenter, job, _start_thread=False, _ignore_errors=True)
         self._worker.yielded.connect(self._on_progress)
