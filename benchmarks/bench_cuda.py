@@ -122,13 +122,13 @@ def out_of_memory(gpu_factory, classes: list[str]) -> dict:
     reference = gpu_factory(16).segment(rgb, classes, short_side=2048)
     total = torch.cuda.get_device_properties(0).total_memory
     attempts = []
-    original = segmenter_module.Segmenter._window_logits
+    original = segmenter_module.Segmenter._window_features
 
-    def recording(self, method, pixels, batch, text_features):
+    def recording(self, method, pixels, batch):
         attempts.append(len(batch))
-        return original(self, method, pixels, batch, text_features)
+        return original(self, method, pixels, batch)
 
-    segmenter_module.Segmenter._window_logits = recording
+    segmenter_module.Segmenter._window_features = recording
     try:
         for cap_gb in (1.0, 1.5, 2.0, 3.0, 4.0):
             attempts.clear()
@@ -145,7 +145,7 @@ def out_of_memory(gpu_factory, classes: list[str]) -> dict:
             if len(set(attempts)) > 1:
                 break
     finally:
-        segmenter_module.Segmenter._window_logits = original
+        segmenter_module.Segmenter._window_features = original
         torch.cuda.set_per_process_memory_fraction(1.0)
     return outcome
 

@@ -183,7 +183,8 @@ def _segment(args: argparse.Namespace) -> int:
     vocabulary = _load_vocabulary(args)
     images = find_images(args.images)
     ratios = check_ratios(args.splits) if args.splits else None
-    segmenter = Segmenter(args.model, args.pretrained, args.device, batch_size=args.batch_size)
+    # Each image is seen once: caching its features would only hold memory.
+    segmenter = Segmenter(args.model, args.pretrained, args.device, batch_size=args.batch_size, feature_cache=False)
     options = {
         "method": args.method,
         "pamr": args.pamr,

@@ -23,15 +23,20 @@ TINY_CONFIG = {
 }
 
 
+#: The same with 12 vision blocks, as SC-CLIP's block indices need.
+TINY_DEEP_MODEL = "sclip-test-tiny-deep"
+TINY_DEEP_CONFIG = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "layers": 12}}
+
+
 def register_tiny_model(folder: Path) -> None:
-    """Make ``sclip-test-tiny`` known to open_clip (idempotent)."""
+    """Make ``sclip-test-tiny`` and ``sclip-test-tiny-deep`` known to open_clip (idempotent)."""
     import open_clip
 
-    if TINY_MODEL in open_clip.list_models():
-        return
-    path = folder / f"{TINY_MODEL}.json"
-    path.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(path)
+    for name, cfg in ((TINY_MODEL, TINY_CONFIG), (TINY_DEEP_MODEL, TINY_DEEP_CONFIG)):
+        if name not in open_clip.list_models():
+            path = folder / f"{name}.json"
+            path.write_text(json.dumps(cfg))
+            open_clip.add_model_config(path)
 
 
 def make_tiny_clip(seed: int = 0, vision_layers: int | None = None):
@@ -77,6 +82,10 @@ def _isolated_environment(tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv("NAPARI_SCLIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import sys
+
+    if "napari_sclip.engine.feature_cache" in sys.modules:  # no features from earlier tests
+        sys.modules["napari_sclip.engine.feature_cache"].FEATURE_CACHE.clear()
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_preprocessing_matches_the_reference_resize(segmenter, shape):
     from reference_sclip import preprocess_reference
 
     rgb = natural_image(*shape)
-    ours = segmenter._preprocess(rgb, 336, segmenter.load())
+    ours, _ = segmenter._preprocess(rgb, 336, segmenter.load())
     theirs = preprocess_reference(rgb, 336)[0]
     std = torch.tensor([68.501, 66.632, 70.323]).view(3, 1, 1)
     levels = ((ours - theirs) * std).abs()
@@ -148,13 +148,13 @@ def test_progress_reports_every_stage(segmenter):
 
 def test_iter_segment_can_be_cancelled(segmenter, monkeypatch):
     calls = []
-    original = Segmenter._window_logits
+    original = Segmenter._window_features
 
     def counting(self, *args):
         calls.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(Segmenter, "_window_logits", counting)
+    monkeypatch.setattr(Segmenter, "_window_features", counting)
     steps = segmenter.iter_segment(natural_image(200, 300), CLASSES)
     for step in steps:
         if step.stage == "windows" and step.done > 0:
@@ -302,18 +302,19 @@ def test_huge_image_stays_within_memory(tiny_dir, tiny_checkpoint):
 
 def test_out_of_memory_halves_the_batch_and_retries(tiny_checkpoint, monkeypatch):
     rgb = natural_image(200, 300)  # 8 windows
-    expected = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu").segment(rgb, CLASSES, return_probs=True)
+    fresh = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", feature_cache=False)
+    expected = fresh.segment(rgb, CLASSES, return_probs=True)
     sizes = []
-    original = Segmenter._window_logits
+    original = Segmenter._window_features
 
-    def small_gpu(self, method, pixels, batch, text):
+    def small_gpu(self, method, pixels, batch):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, method, pixels, batch, text)
+        return original(self, method, pixels, batch)
 
-    monkeypatch.setattr(Segmenter, "_window_logits", small_gpu)
-    segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", batch_size=8)
+    monkeypatch.setattr(Segmenter, "_window_features", small_gpu)
+    segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", batch_size=8, feature_cache=False)
     result = segmenter.segment(rgb, CLASSES, return_probs=True)
     assert sizes == [8, 4, 2, 2, 2, 2]
     np.testing.assert_allclose(result.probs, expected.probs, atol=1e-5)
@@ -323,7 +324,7 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(segmenter, monkeyp
     def broken(self, *args):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(Segmenter, "_window_logits", broken)
+    monkeypatch.setattr(Segmenter, "_window_features", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         segmenter.segment(natural_image(64, 64), ["a", "b"])
 
@@ -332,7 +333,7 @@ def test_out_of_memory_with_one_window_gives_up_clearly(segmenter, monkeypatch):
     def no_gpu_memory(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(Segmenter, "_window_logits", no_gpu_memory)
+    monkeypatch.setattr(Segmenter, "_window_features", no_gpu_memory)
     from napari_sclip.engine.errors import ModelError
 
     with pytest.raises(ModelError, match="device ran out of memory even with one window"):

@@ -415,3 +415,28 @@ def test_method_choice_fills_its_defaults_and_is_recorded(widget, qtbot):
         widget.viewer.layers["img"].data, ["cat", "dog"], method="naclip", window=112, stride=56
     )
     np.testing.assert_array_equal(labels.data, engine.labels)
+
+
+def test_vocabulary_edit_on_a_stack_reuses_each_slices_features(widget, qtbot):
+    from napari_sclip import Segmenter
+    from napari_sclip.engine.feature_cache import FEATURE_CACHE
+
+    viewer = widget.viewer
+    stack = np.stack([np.roll(natural_image(48, 64), 9 * z, axis=1) for z in range(3)])
+    viewer.add_image(stack, name="stack", rgb=True)
+    widget._slice_combo.setCurrentText("all slices")
+    widget.set_vocabulary(["cat", "dog"])
+    _run(qtbot, widget)
+    assert "reused" not in widget._status.text() and len(FEATURE_CACHE) == 3  # a key per slice
+
+    widget.set_vocabulary(["cat", "dog", "bird"])
+    _run(qtbot, widget)
+    assert "image features reused" in widget._status.text()
+    labels = viewer.layers["stack labels"].data
+    fresh = Segmenter(feature_cache=False)
+    for z in range(3):
+        np.testing.assert_array_equal(labels[z], fresh.segment(stack[z], ["cat", "dog", "bird"]).labels)
+
+    viewer.layers["stack"].data = stack[:, ::-1].copy()  # the pixels changed: nothing stale is reused
+    _run(qtbot, widget)
+    assert "reused" not in widget._status.text()

@@ -7,6 +7,7 @@ Variable                   Meaning                                             D
 ``NAPARI_SCLIP_PRETRAINED``  open_clip pretrained tag, or a checkpoint path     ``openai``
 ``NAPARI_SCLIP_DEVICE``    ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``  ``auto``
 ``NAPARI_SCLIP_CACHE_DIR`` model downloads and the text-embedding cache        see :func:`cache_dir`
+``NAPARI_SCLIP_FEATURE_CACHE_MB``  bound of the in-memory image-feature cache  ``512``
 =========================  ==================================================  =================
 
 Variables are read at call time, so a process can change them before it creates a Segmenter.
@@ -30,6 +31,8 @@ DEFAULT_LOGIT_SCALE = 40.0
 DEFAULT_PROB_THRESHOLD = 0.0
 #: The resize caps the long side at this length (the authors' ``2048 x short_side`` scale).
 LONG_SIDE_CAP = 2048
+#: Default bound of the image-feature cache (:mod:`napari_sclip.engine.feature_cache`).
+DEFAULT_FEATURE_CACHE_MB = 512
 
 
 def _env(name: str, default: str) -> str:
@@ -74,3 +77,19 @@ def models_dir() -> Path:
 def text_cache_dir() -> Path:
     """Cached text embeddings: ``<cache_dir>/text``."""
     return cache_dir() / "text"
+
+
+def feature_cache_mb() -> float:
+    """``$NAPARI_SCLIP_FEATURE_CACHE_MB``, or 512; an unusable value warns and gives 512."""
+    import warnings
+
+    raw = _env("NAPARI_SCLIP_FEATURE_CACHE_MB", str(DEFAULT_FEATURE_CACHE_MB))
+    try:
+        value = float(raw)
+        if value < 0 or value != value:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"NAPARI_SCLIP_FEATURE_CACHE_MB={raw!r} is not a size in MB; using "
+                      f"{DEFAULT_FEATURE_CACHE_MB}", stacklevel=2)
+        return float(DEFAULT_FEATURE_CACHE_MB)
+    return value

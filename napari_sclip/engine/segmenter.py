@@ -19,6 +19,7 @@ methods share):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import warnings
@@ -31,6 +32,7 @@ import numpy as np
 from napari_sclip.engine import config
 from napari_sclip.engine._torch import F, torch
 from napari_sclip.engine.errors import ModelError, ParameterError, VocabularyError
+from napari_sclip.engine.feature_cache import FEATURE_CACHE
 from napari_sclip.engine.image import to_rgb_uint8
 from napari_sclip.engine.methods import DEFAULT_METHOD, Method, Refinement, get_method
 from napari_sclip.engine.model import LoadedModel, autocast, load_model, precision_of
@@ -122,6 +124,11 @@ class Segmenter:
         The method :meth:`segment` uses unless told otherwise: ``"sclip"`` (default),
         ``"naclip"``, ``"sc-clip"``, ``"clearclip"`` or ``"maskclip"``
         (:data:`napari_sclip.engine.methods.METHODS`).
+    feature_cache
+        Keep the windows' patch features of recent images in the process's bounded feature cache
+        (:mod:`napari_sclip.engine.feature_cache`), so that segmenting the same image again with
+        another vocabulary, logit scale or threshold skips the vision transformer.  Turn it off
+        for one-pass batch work.
 
     The model is loaded on first use (or by :meth:`load`) and shared by all segmenters of the
     process with the same model, weights and device.  A segmenter may be used from one thread at
@@ -137,8 +144,10 @@ class Segmenter:
         quick_gelu: bool | None = None,
         batch_size: int | None = None,
         method: str = DEFAULT_METHOD,
+        feature_cache: bool = True,
     ):
         self.method = get_method(method).name
+        self.feature_cache = feature_cache
         self.model_name = model or config.default_model()
         self.pretrained = str(pretrained) if pretrained else config.default_pretrained()
         self.device_name = device or config.default_device()
@@ -284,9 +293,14 @@ class Segmenter:
         _check_params(short_side, window, stride, logit_scale, prob_threshold, model.patch_size)
 
         text_features = yield from self._text.iter_features(vocabulary.names)  # (N, E)
-        pixels = self._preprocess(rgb, short_side, model)  # (3, h, w) on the device
+        pixels, digest = self._preprocess(rgb, short_side, model)  # (3, h, w) on the device
         windows = slide_windows(pixels.shape[1], pixels.shape[2], window, stride)
-        canvas = yield from self._slide(chosen, pixels, windows, text_features.to(model.device))  # (N, h, w)
+        key = None
+        if self.feature_cache:
+            key = (model.identity, str(model.device), chosen.name, short_side, window, stride, digest)
+        canvas, reused = yield from self._slide(
+            chosen, pixels, windows, text_features.to(model.device), key
+        )  # (N, h, w)
         labels, confidence, probs = yield from self._postprocess(
             canvas, rgb.shape[:2], vocabulary, logit_scale, prob_threshold, return_probs,
             (pixels, refinement) if refinement else None,
@@ -308,12 +322,14 @@ class Segmenter:
                if refinement else {}),
             "resized_shape": tuple(pixels.shape[1:]),
             "windows": len(windows),
+            "features_reused": reused,
         }
         return SegmentationResult(labels, confidence, vocabulary.display_names, probs, params)
 
     @torch.inference_mode()
-    def _preprocess(self, rgb: np.ndarray, short_side: int, model: LoadedModel) -> torch.Tensor:
-        """Resize (bilinear, rounded to 8 bits) and normalise; returns ``(3, h, w)`` float32."""
+    def _preprocess(self, rgb: np.ndarray, short_side: int, model: LoadedModel) -> tuple[torch.Tensor, str]:
+        """Resize (bilinear, rounded to 8 bits) and normalise; returns ``(3, h, w)`` float32 and a
+        hash of the resized 8-bit pixels (what the model sees)."""
         height, width = rgb.shape[:2]
         size = resized_shape(height, width, short_side, min_side=model.patch_size)
         with warnings.catch_warnings():
@@ -321,23 +337,40 @@ class Segmenter:
             warnings.simplefilter("ignore", UserWarning)
             chw = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) view, no copy
         resized = resize_bilinear(chw, size).add_(0.5).floor_().clamp_(0, 255)  # 8-bit values
+        digest = hashlib.blake2b(resized.to(torch.uint8).numpy().tobytes(), digest_size=16)
+        digest.update(str(tuple(resized.shape)).encode())
         mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
         std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-        return ((resized - mean) / std).to(model.device)
+        return ((resized - mean) / std).to(model.device), digest.hexdigest()
 
     def _slide(
-        self, method: Method, pixels: torch.Tensor, windows: list[Window], text_features: torch.Tensor
-    ) -> Generator[Progress, None, torch.Tensor]:
-        """Sum each window's upsampled patch logits into a canvas and divide by the window count."""
+        self,
+        method: Method,
+        pixels: torch.Tensor,
+        windows: list[Window],
+        text_features: torch.Tensor,
+        cache_key: tuple | None,
+    ) -> Generator[Progress, None, tuple[torch.Tensor, bool]]:
+        """Sum each window's upsampled patch logits into a canvas and divide by the window count.
+
+        Returns the canvas and whether the windows' features came from the feature cache; new
+        features are added to it when ``cache_key`` is given.
+        """
         _, height, width = pixels.shape
         canvas = torch.zeros(text_features.shape[0], height, width, device=pixels.device)
+        cached = FEATURE_CACHE.get(cache_key) if cache_key is not None else None
+        kept: list[torch.Tensor] = []
         batch_size = self.batch_size
         done = 0
         yield Progress("windows", 0, len(windows))
         while done < len(windows):
             batch = windows[done : done + batch_size]
             try:
-                logits = self._window_logits(method, pixels, batch, text_features)
+                if cached is not None:
+                    features = cached[done : done + len(batch)].to(pixels.device)
+                else:
+                    features = self._window_features(method, pixels, batch)  # (B, r, c, E)
+                logits = _patch_logits(features, text_features)  # (B, N, r, c)
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
                 if not _out_of_memory(exc):
                     raise
@@ -349,23 +382,23 @@ class Segmenter:
                 batch_size = max(1, batch_size // 2)
                 _release_cached_memory(pixels.device)
                 continue
+            if cache_key is not None and cached is None:
+                kept.append(features.cpu())
             self._accumulate(canvas, batch, logits)
             done += len(batch)
             yield Progress("windows", done, len(windows))
+        if kept:
+            FEATURE_CACHE.put(cache_key, torch.cat(kept))
         counts = torch.from_numpy(window_counts(height, width, windows)).to(canvas.device)
-        return canvas.div_(counts)
+        return canvas.div_(counts), cached is not None
 
     @torch.inference_mode()
-    def _window_logits(
-        self, method: Method, pixels: torch.Tensor, batch: list[Window], text_features: torch.Tensor
-    ) -> torch.Tensor:
-        """Patch logits ``(B, N, rows, cols)`` of one batch of windows; no side effects, so a
+    def _window_features(self, method: Method, pixels: torch.Tensor, batch: list[Window]) -> torch.Tensor:
+        """Patch features ``(B, rows, cols, E)`` of one batch of windows; no side effects, so a
         batch that runs out of memory can be retried in halves."""
         crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])  # (B, 3, wh, ww)
         with autocast(pixels.device):
-            patch_features = method.features(self._model.clip.visual, crops)  # (B, r, c, E)
-            logits = patch_features @ text_features.to(patch_features.dtype).T  # (B, r, c, N)
-        return logits.float().permute(0, 3, 1, 2)
+            return method.features(self._model.clip.visual, crops)
 
     @staticmethod
     @torch.inference_mode()
@@ -459,6 +492,15 @@ def _tile_logits(
     image = resize_bilinear(pixels, size, rows=e_rows, cols=e_cols)
     refined = refine_tile(image, logits, refinement.iterations, refinement.dilations)
     return refined[:, r0 - e_rows[0] : r1 - e_rows[0], c0 - e_cols[0] : c1 - e_cols[0]]
+
+
+@torch.inference_mode()
+def _patch_logits(features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """``(B, N, rows, cols)`` cosine logits of ``(B, rows, cols, E)`` patch features, computed in
+    the device's precision (cached features give the same logits as fresh ones)."""
+    with autocast(features.device):
+        logits = features @ text_features.to(features.dtype).T  # (B, rows, cols, N)
+    return logits.float().permute(0, 3, 1, 2)
 
 
 def _out_of_memory(exc: RuntimeError) -> bool:

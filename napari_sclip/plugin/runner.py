@@ -34,11 +34,13 @@ class JobProgress:
 @dataclass(frozen=True)
 class SliceResult:
     """The labels of one 2D slice (in the layer's numbering when the job gives ``label_values``,
-    else the engine's 1..C), and its confidence if kept."""
+    else the engine's 1..C), its confidence if kept, and whether the slice's image features came
+    from the engine's feature cache."""
 
     region: Region
     labels: np.ndarray
     confidence: np.ndarray | None
+    features_reused: bool = False
 
 
 @dataclass
@@ -108,7 +110,8 @@ def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list[Sli
             except StopIteration as stop:
                 confidence = stop.value.confidence if job.keep_confidence else None
                 labels = stop.value.labels if job.label_values is None else job.label_values[stop.value.labels]
-                results.append(SliceResult(region, labels, confidence))
+                reused = bool(stop.value.params.get("features_reused"))
+                results.append(SliceResult(region, labels, confidence, reused))
                 break
             low, high = _STAGE_SPAN.get(step.stage, (0.0, 0.0))
             text = _STAGE_TEXT.get(step.stage, step.stage)

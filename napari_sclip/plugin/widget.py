@@ -586,6 +586,9 @@ class SclipWidget(QWidget):
         self._refresh_class_list()
         kept = int(tracker.mask.sum())
         note = f", kept {kept} edited pixels" if kept and not self._overwrite_box.isChecked() else ""
+        reused = sum(item.features_reused for item in results)
+        if reused:
+            note += ", image features reused" if reused == len(results) else f", features of {reused} slice(s) reused"
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
 
     # -- export -----------------------------------------------------------------------------------
