@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--memory-shape", type=int, nargs=2, default=(3000, 4000), metavar=("H", "W"))
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--compare-cpu", action="store_true",
+                        help="also give each method's label agreement with an fp32 CPU run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -102,8 +104,14 @@ def main() -> None:
         os.environ["NAPARI_SCLIP_CACHE_DIR"] = tmp
         checkpoint = _checkpoint(Path(tmp))
         segmenter = Segmenter("ViT-B-16", str(checkpoint), args.device)
+        cpu = Segmenter("ViT-B-16", str(checkpoint), "cpu", feature_cache=False) if args.compare_cpu else None
         for name in METHODS:
             row = time_method(segmenter, name, rgb, classes, args.repeats, args.device)
+            if cpu is not None:
+                ours = segmenter.segment(rgb, classes, method=name, return_probs=True)
+                reference = cpu.segment(rgb, classes, method=name, return_probs=True)
+                row["label_agreement_with_cpu"] = float((ours.labels == reference.labels).mean())
+                row["max_prob_diff_with_cpu"] = float(abs(ours.probs - reference.probs).max())
             if not args.skip_memory:
                 row["memory"] = peak_memory(checkpoint, name, args.device, tuple(args.memory_shape), classes)
             figures["methods"].append(row)
