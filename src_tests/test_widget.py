@@ -176,9 +176,10 @@ def test_gui_thread_stays_responsive(widget, qtbot):
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
-    widget._logit_scale.setValue(50.0)
+    widget._stride.setValue(96)  # new windows: the features are computed, not reused
     _run(qtbot, widget)
     timer.stop()
+    assert "reused" not in widget._status.text()
     gaps = np.diff(ticks)
     assert len(ticks) > 20
     assert gaps.max() < 0.2, f"GUI thread blocked for {gaps.max() * 1000:.0f} ms"
