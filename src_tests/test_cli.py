@@ -44,7 +44,10 @@ def test_segment_folder_writes_a_dataset(images, model_args, tmp_path):
     assert [(c["name"], c["synonyms"], c["train_id"]) for c in manifest["classes"]] == [
         ("person", ["astronaut"], 0), ("sky", [], 1), ("rocket", [], 2)
     ]
-    assert manifest["models"] == [{"model": TINY_MODEL, "pretrained": model_args[3], "method": "sclip"}]
+    assert manifest["models"] == [{
+        "model": TINY_MODEL, "pretrained": model_args[3], "method": "sclip", "short_side": 336, "window": 224,
+        "stride": 112, "logit_scale": 40.0, "prob_threshold": 0.0, "pamr": False,
+    }]
     assert (out / "classes.txt").read_text() == "person\nsky\nrocket\n"
 
     rows = [json.loads(line) for split in ("train", "val") if (out / split / "metadata.jsonl").exists()
@@ -306,7 +309,7 @@ def test_method_choice_is_recorded(images, model_args, tmp_path, capsys):
     meta = json.loads(next(out.glob("*/meta/a.json")).read_text())
     assert (meta["method"], meta["pamr"], meta["window"], meta["logit_scale"]) == ("naclip", False, 112, 40.0)
     manifest = json.loads((out / "dataset.json").read_text())
-    assert manifest["models"][0]["method"] == "naclip"
+    assert manifest["models"][0]["method"] == "naclip" and manifest["models"][0]["window"] == 112
     with pytest.raises(SystemExit) as info:
         main([*args, "--method", "fastclip"])
     assert info.value.code == 2 and "invalid choice: 'fastclip'" in capsys.readouterr().err

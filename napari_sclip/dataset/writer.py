@@ -30,8 +30,12 @@ MODEL, PAINTED, IGNORED_BY_PERSON = 0, 1, 2
 _FOLDERS = ("images", "masks", "confidence", "provenance", "meta")
 #: Source files in these formats are copied byte for byte; others are stored as PNG.
 COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")
-#: Per-image facts that identify the model (collected into the manifest's ``models``).
-_MODEL_KEYS = ("model", "pretrained", "method")
+#: Per-image facts that say how labels were made (their distinct combinations are the manifest's
+#: ``models``): the model and weights, the method and its parameters.
+_MODEL_KEYS = (
+    "model", "pretrained", "method", "short_side", "window", "stride", "logit_scale", "prob_threshold",
+    "pamr", "pamr_iterations", "pamr_dilations",
+)
 
 
 def sha256_of(path: Path) -> str:
