@@ -158,6 +158,13 @@ def test_sc_clip_windows_are_independent_in_a_batch(deep_visual):
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
 
 
+def test_sc_clip_on_windows_of_one_and_few_patches(deep_visual):
+    with torch.no_grad():
+        for size in (16, 32, 48):  # 1, 4 and 9 patches: fewer than 30 neighbours
+            features = scclip_patch_features(deep_visual, torch.randn(2, 3, size, size))
+            assert features.shape[1:3] == (size // 16, size // 16) and torch.isfinite(features).all()
+
+
 def test_sc_clip_refuses_a_shallow_vit():
     visual = make_tiny_clip().visual  # 3 blocks
     with pytest.raises(ModelError, match="at least 11 blocks"):

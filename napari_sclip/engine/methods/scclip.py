@@ -56,7 +56,10 @@ def local_outlier_factor(points: torch.Tensor, neighbours: int = NEIGHBOURS) -> 
 
 
 def outlier_mask(points: torch.Tensor) -> torch.Tensor:
-    """``(B, P)`` bool: the patches whose LOF is above its 95th percentile (linear interpolation)."""
+    """``(B, P)`` bool: the patches whose LOF is above its 95th percentile (linear interpolation).
+    A window of one patch has no neighbours and so no outliers."""
+    if points.shape[1] < 2:
+        return torch.zeros(points.shape[:2], dtype=torch.bool, device=points.device)
     lof = local_outlier_factor(points.float())
     return lof > torch.quantile(lof, OUTLIER_QUANTILE, dim=-1, keepdim=True)
 
