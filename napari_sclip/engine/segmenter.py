@@ -286,7 +286,7 @@ class Segmenter:
         window = chosen.window if window is None else window
         stride = chosen.stride if stride is None else stride
         logit_scale = chosen.logit_scale if logit_scale is None else logit_scale
-        refinement = chosen.refinement if pamr is None else (chosen.refinement or Refinement()) if pamr else None
+        refinement = _refinement(chosen, pamr)
         vocabulary = parse_vocabulary(classes)
         rgb = to_rgb_uint8(image, contrast_limits)
         model = self.load(load_progress)
@@ -448,6 +448,13 @@ class Segmenter:
                 probs[:, r0:r1, c0:c1] = class_probs.numpy()
             yield Progress("resize", i + 1, len(tiles))
         return labels, confidence, probs
+
+
+def _refinement(method: Method, pamr: bool | None) -> Refinement | None:
+    """PAMR settings: the method's when ``pamr`` is None, the standard ones when asked for."""
+    if pamr is None:
+        return method.refinement
+    return (method.refinement or Refinement()) if pamr else None
 
 
 def _tiles(
