@@ -441,3 +441,25 @@ def test_vocabulary_edit_on_a_stack_reuses_each_slices_features(widget, qtbot):
     viewer.layers["stack"].data = stack[:, ::-1].copy()  # the pixels changed: nothing stale is reused
     _run(qtbot, widget)
     assert "reused" not in widget._status.text()
+
+
+def test_reviewed_status_is_exported_reopened_and_reset_by_a_rerun(widget, qtbot, tmp_path):
+    viewer = widget.viewer
+    assert not widget._reviewed_box.isEnabled()  # no labels yet
+    labels = _segmented(qtbot, widget, (40, 50))
+    assert widget._reviewed_box.isEnabled() and not widget._reviewed_box.isChecked()
+    widget._reviewed_box.setChecked(True)
+    widget.export_dataset(str(tmp_path / "ds"))
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    meta = json.loads(next((tmp_path / "ds").glob("*/meta/img.json")).read_text())
+    assert meta["review_status"] == "reviewed"
+    rows = [json.loads(line) for f in (tmp_path / "ds").glob("*/metadata.jsonl") for line in f.read_text().splitlines()]
+    assert rows[0]["review_status"] == "reviewed"
+
+    viewer.layers.clear()
+    viewer.open(str(tmp_path / "ds"), plugin="napari-sclip")
+    widget._image_combo.setCurrentText("img")
+    assert widget._reviewed_box.isChecked()  # the status came back with the dataset
+    _run(qtbot, widget)
+    assert not widget._reviewed_box.isChecked()  # new model labels need a new review
+    assert labels is not viewer.layers["img labels"]

@@ -267,7 +267,7 @@ class DatasetWriter:
                 "painted_pixels": int((provenance == PAINTED).sum()),
                 "ignored_pixels": int((provenance == IGNORED_BY_PERSON).sum()),
             },
-            "review_status": "edited" if edited.any() else carried.get("review_status", "unreviewed"),
+            "review_status": _review_status(carried.get("review_status"), bool(edited.any())),
             "vocabulary_version": carried.get("vocabulary_version", self.vocabulary_version),
         }
         meta.update((key, value) for key, value in carried.items() if key not in meta)
@@ -313,6 +313,14 @@ class DatasetWriter:
         self.previous = manifest
         return counts
 
+
+
+def _review_status(carried: str | None, edited: bool) -> str:
+    """``reviewed`` (a person checked the whole image) stays; otherwise ``edited`` when a person
+    changed pixels, else ``unreviewed``."""
+    if carried == "reviewed":
+        return "reviewed"
+    return "edited" if edited else "unreviewed"
 
 
 def _vocabulary_version(

@@ -46,7 +46,10 @@ def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
                 "name": labels_name(image_id),
                 "colormap": class_colormap(registry),
                 "features": class_features(registry),
-                "metadata": {METADATA_KEY: {"classes": registry, "edited": sample.edited, "meta": sample.meta}},
+                "metadata": {METADATA_KEY: {
+                    "classes": registry, "edited": sample.edited, "meta": sample.meta,
+                    "review_status": sample.meta.get("review_status", "unreviewed"),
+                }},
             },
             "labels",
         ))
@@ -87,7 +90,8 @@ def labelled_image(image_data, image_meta: dict, labels_data, labels_meta: dict,
         edited=edited,
         source=source_path,
         # What the dataset knew of this image, updated by any run made since it was opened.
-        meta={**state.get("meta", {}), **state.get("params", {})},
+        meta={**state.get("meta", {}), **state.get("params", {}),
+              **({"review_status": state["review_status"]} if "review_status" in state else {})},
     )
 
 

@@ -117,6 +117,12 @@ class SclipWidget(QWidget):
         self._threshold = _double(0.0, 1.0, config.DEFAULT_PROB_THRESHOLD, 2, "Leave pixels unlabelled below this probability")
         self._confidence_box = QCheckBox("confidence layer")
         self._confidence_box.setToolTip("Also show the winning class's probability as an image layer")
+        self._reviewed_box = QCheckBox("reviewed")
+        self._reviewed_box.setToolTip(
+            "Mark this image's labels as checked by a person: exported with review status "
+            "'reviewed', and never replaced by 'napari-sclip segment --overwrite'"
+        )
+        self._reviewed_box.toggled.connect(self._set_reviewed)
         self._overwrite_box = QCheckBox("overwrite my edits")
         self._overwrite_box.setToolTip("Re-running normally keeps pixels you painted or filled")
 
@@ -187,7 +193,10 @@ class SclipWidget(QWidget):
         layout.addWidget(self._overwrite_box)
         layout.addWidget(self._advanced)
         layout.addWidget(self._run_button)
-        layout.addWidget(self._export_button)
+        export_row = QHBoxLayout()
+        export_row.addWidget(self._reviewed_box)
+        export_row.addWidget(self._export_button, stretch=1)
+        layout.addLayout(export_row)
         layout.addWidget(self._progress_bar)
         layout.addWidget(self._status)
         layout.addStretch()
@@ -234,6 +243,24 @@ class SclipWidget(QWidget):
         stacked = layer is not None and (layer.data.ndim - (1 if layer.rgb else 0)) > 2
         self._slice_combo.setEnabled(stacked)
         self._refresh_class_list()
+        self._refresh_reviewed()
+
+    def _refresh_reviewed(self) -> None:
+        """The reviewed box shows the chosen image's labels layer's status."""
+        image = self.selected_image()
+        labels = self._labels_layer(image) if image is not None else None
+        state = labels.metadata.get(_METADATA_KEY, {}) if labels is not None else {}
+        self._reviewed_box.blockSignals(True)
+        self._reviewed_box.setEnabled(labels is not None)
+        self._reviewed_box.setChecked(state.get("review_status") == "reviewed")
+        self._reviewed_box.blockSignals(False)
+
+    def _set_reviewed(self, checked: bool) -> None:
+        image = self.selected_image()
+        labels = self._labels_layer(image) if image is not None else None
+        if labels is not None:
+            self._tracker(labels)  # adopt a layer made elsewhere first
+            labels.metadata[_METADATA_KEY]["review_status"] = "reviewed" if checked else "unreviewed"
 
     def _labels_layer(self, image):
         name = labels_name(image.name)
@@ -583,7 +610,10 @@ class SclipWidget(QWidget):
             layers = self.viewer.layers
             layers.move(layers.index(confidence), layers.index(labels))
         self.viewer.layers.selection.active = labels
+        # The model changed the labels: a review of the earlier ones no longer holds.
+        labels.metadata[_METADATA_KEY]["review_status"] = "unreviewed"
         self._refresh_class_list()
+        self._refresh_reviewed()
         kept = int(tracker.mask.sum())
         note = f", kept {kept} edited pixels" if kept and not self._overwrite_box.isChecked() else ""
         reused = sum(item.features_reused for item in results)
