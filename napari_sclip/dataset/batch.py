@@ -99,7 +99,7 @@ def label_images(
     registry = dataset_registry(root, vocabulary)
     uids = np.array([0, *registry.active], dtype=np.int64)  # segmenter label value -> uid
     writer = DatasetWriter(root, registry, dict(ratios) if ratios else None)
-    writer.rebuild_index()  # the folder is a dataset before its first sample
+    writer.rebuild_index()  # catch up with samples that an interrupted run wrote after its last index
     stored = writer.samples_by_source()
     unindexed, last_index = 0, time.monotonic()
     try:

@@ -177,6 +177,10 @@ class DatasetWriter:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatasetError(f"cannot create dataset folder {self.root}: {exc.strerror or exc}") from None
+        if self.previous is None:
+            # The manifest comes first: from now on the folder is a dataset, whatever stops us.
+            self.previous = fmt.build_manifest(registry, self.train_ids, self.ratios, [], self.vocabulary_version)
+            fmt.write_manifest(self.root, self.previous)
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
