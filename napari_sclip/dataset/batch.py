@@ -2,8 +2,8 @@
 ``napari-sclip segment`` runs, usable from Python as well.
 
 A run can be stopped at any moment and started again: each image's files are written atomically
-(:class:`~napari_sclip.dataset.writer.DatasetWriter`), the dataset's index is written before the
-first image and refreshed as the run goes, and an image whose SHA-256 is already in the dataset is
+(:class:`~napari_sclip.dataset.writer.DatasetWriter`, which writes a new dataset's manifest first),
+the index is refreshed as the run goes, and an image whose SHA-256 is already in the dataset is
 skipped.  With ``overwrite`` such an image is labelled again, unless a person edited or reviewed
 it: those masks are never replaced.
 """

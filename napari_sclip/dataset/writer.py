@@ -1,8 +1,8 @@
 """Writing samples into a dataset folder, one image at a time, so that a kill at any moment
 leaves a valid dataset.
 
-Each sample's files are written to temporary names and renamed into place, mask last but one and
-its ``meta/<id>.json`` last: a sample exists once its meta file does.  The per-split
+A new dataset's manifest is written first.  Each sample's files are written to temporary names and
+renamed into place, its ``meta/<id>.json`` last: a sample exists once its meta file does.  The per-split
 ``metadata.jsonl`` index (what Hugging Face's imagefolder reads) is rebuilt from the meta files,
 atomically, by :meth:`DatasetWriter.rebuild_index`; after a kill it may lag behind by the samples
 written since, and the next run rebuilds it.
