@@ -45,11 +45,6 @@ class Method:
     logit_scale: float = config.DEFAULT_LOGIT_SCALE
     refinement: Refinement | None = None
 
-    def defaults(self) -> dict:
-        """The settings a caller may override, by :meth:`Segmenter.segment` keyword."""
-        return {"short_side": self.short_side, "window": self.window, "stride": self.stride,
-                "logit_scale": self.logit_scale, "pamr": self.refinement is not None}
-
 
 def _features(module: str, function: str) -> Callable:
     """Import the method's module on first use (they all import torch)."""
