@@ -299,6 +299,8 @@ def _info(_: argparse.Namespace) -> int:
         ("cache", str(config.cache_dir())),
         ("model downloads", str(config.models_dir())),
         ("text embeddings", str(config.text_cache_dir())),
+        ("feature cache", f"{config.feature_cache_mb():g} MB in memory (NAPARI_SCLIP_FEATURE_CACHE_MB)"),
+        ("methods", ", ".join(METHODS) + f" (default {DEFAULT_METHOD})"),
     ]
     if torch.cuda.is_available():
         rows += [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]

@@ -294,6 +294,7 @@ def test_info(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "torch" in out and "devices" in out and "cpu" in out
     assert "ViT-B-32" in out and "text embeddings" in out
+    assert "sc-clip" in out and "512 MB" in out
 
 
 def test_usage_errors_exit_with_argparse_status(capsys):
