@@ -243,19 +243,46 @@ def test_a_folder_that_is_not_a_dataset_is_refused(images, model_args, tmp_path,
 
 
 def test_bad_images_are_skipped_with_a_line_each(tmp_path, model_args, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(natural_image(40, 40)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "empty.tif").write_bytes(b"")
+    code = main(["segment", str(folder), "--classes", "a; b", "--out", str(tmp_path / "out"), *model_args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "broken.png: cannot read image" in err and "empty.tif: cannot read image" in err
+    assert "Traceback" not in err
+    assert list(_dataset_masks(tmp_path / "out")) == ["good"]
+
+
+def test_stacks_become_one_sample_per_slice_and_resume_per_slice(tmp_path, model_args, monkeypatch):
     import tifffile
 
     folder = tmp_path / "in"
     folder.mkdir()
-    Image.fromarray(natural_image(40, 40)).save(folder / "good.png")
-    tifffile.imwrite(folder / "stack.tif", np.zeros((4, 32, 32), np.uint16), photometric="minisblack")
-    (folder / "broken.png").write_bytes(b"not a png")
-    code = main(["segment", str(folder), "--classes", "a; b", "--out", str(tmp_path / "out"), *model_args])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "broken.png: cannot read image" in err and "stack.tif: image of shape (4, 32, 32)" in err
-    assert "Traceback" not in err
-    assert list(_dataset_masks(tmp_path / "out")) == ["good"]
+    stack = (np.stack([natural_image(40, 50)[..., k] for k in range(3)]).astype(np.uint16) * 250)
+    tifffile.imwrite(folder / "stack.tif", stack, photometric="minisblack")  # (Z, H, W) 16-bit
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "--classes", "a; b", "--out", str(out), *model_args]
+    assert main(args) == 0
+    masks = _dataset_masks(out)
+    assert sorted(masks) == ["stack-000", "stack-001", "stack-002"]
+    engine = Segmenter(TINY_MODEL, model_args[3], "cpu").segment(stack[1], ["a", "b"])
+    np.testing.assert_array_equal(masks["stack-001"], engine.labels - 1)
+    stored = Image.open(next(out.glob("*/images/stack-001.png")))
+    np.testing.assert_array_equal(np.asarray(stored), stack[1])  # the slice, 16-bit as it was
+    meta = json.loads(next(out.glob("*/meta/stack-001.json")).read_text())
+    assert meta["slice"] == [1] and meta["source"]["shape"] == [3, 40, 50]
+    assert meta["source"]["path"] == str(folder / "stack.tif")
+
+    next(out.glob("*/meta/stack-002.json")).unlink()  # as if killed before the last slice
+    calls = []
+    original = Segmenter.segment
+    monkeypatch.setattr(Segmenter, "segment", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert main(args) == 0
+    assert len(calls) == 1 and sorted(_dataset_masks(out)) == ["stack-000", "stack-001", "stack-002"]
+    assert main(args) == 0 and len(calls) == 1  # complete: nothing to do
 
 
 @pytest.mark.parametrize(

@@ -65,3 +65,25 @@ def test_bad_contrast_limits(limits):
 def test_one_dimensional_input():
     with pytest.raises(ImageError, match="not 2D"):
         to_rgb_uint8(np.zeros(10))
+
+
+@pytest.mark.parametrize(
+    "shape, planes, plane_shape",
+    [
+        ((30, 40), [None], (30, 40)),
+        ((30, 40, 3), [None], (30, 40, 3)),
+        ((30, 40, 2), [None], (30, 40, 2)),  # two channels: still one 2D image
+        ((5, 30, 40), [(0,), (1,), (2,), (3,), (4,)], (30, 40)),  # a (Z, H, W) stack
+        ((2, 30, 40, 3), [(0,), (1,)], (30, 40, 3)),  # an RGB stack
+        ((2, 3, 30, 40), [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)], (30, 40)),  # (T, Z, H, W)
+    ],
+)
+def test_image_planes(shape, planes, plane_shape):
+    from napari_sclip.io.images import image_planes
+
+    image = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    found = image_planes(image)
+    assert [index for index, _ in found] == planes
+    for index, plane in found:
+        assert plane.shape == plane_shape
+        np.testing.assert_array_equal(plane, image if index is None else image[index])

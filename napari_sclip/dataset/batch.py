@@ -20,6 +20,7 @@ import numpy as np
 
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
+from napari_sclip.dataset.export import plane_stem
 from napari_sclip.dataset.writer import DatasetWriter, Sample, is_edited, sha256_of
 
 if TYPE_CHECKING:
@@ -36,16 +37,17 @@ Status = Literal["written", "skipped", "kept", "failed"]
 
 @dataclass(frozen=True)
 class BatchItem:
-    """What happened to one image.
+    """What happened to one image file.
 
     ``status`` is ``"written"`` (labelled now), ``"skipped"`` (already in the dataset),
     ``"kept"`` (already there and edited or reviewed by a person, so not labelled again even with
     ``overwrite``) or ``"failed"`` (unreadable or unusable image; ``reason`` says why).
+    ``image_ids`` are the samples it has in the dataset: one, or one per 2D slice of a stack.
     """
 
     path: Path
     status: Status
-    image_id: str | None = None
+    image_ids: tuple[str, ...] = ()
     reason: str = ""
 
 
@@ -93,7 +95,7 @@ def label_images(
         The model cannot be loaded or the options are wrong (bad images only fail their own item).
     """
     from napari_sclip.engine.errors import ImageError
-    from napari_sclip.io.images import read_image
+    from napari_sclip.io.images import image_planes, read_image
 
     root = Path(root).expanduser()
     registry = dataset_registry(root, vocabulary)
@@ -110,33 +112,51 @@ def label_images(
             except OSError as exc:
                 yield BatchItem(path, "failed", reason=f"cannot read {path}: {exc.strerror or exc}")
                 continue
-            if sha in stored:
-                _, meta = stored[sha]
-                if not overwrite or is_edited(meta):
-                    yield BatchItem(path, "kept" if overwrite else "skipped", meta["id"])
-                    continue
+            done = stored.setdefault(sha, {})  # plane index (None for a 2D image) -> meta
+
+            def keep(meta) -> bool:
+                return meta is not None and (not overwrite or is_edited(meta))
+
+            if keep(done.get(None)):  # a 2D image already there: no need to read it
+                yield BatchItem(path, "kept" if overwrite else "skipped", (done[None]["id"],))
+                continue
             try:
                 image = read_image(path)
-                result = segmenter.segment(image, vocabulary, progress=progress, **dict(options or {}))
+                planes = image_planes(image)
             except ImageError as exc:
                 yield BatchItem(path, "failed", reason=str(exc))
                 continue
-            sample = Sample(
-                path.stem,
-                uids[result.labels],
-                image=image,
-                source=path,
-                source_sha256=sha,
-                confidence=result.confidence,
-                meta=dict(result.params),
-            )
-            image_id = writer.write(sample)
-            stored[sha] = writer.existing_meta(image_id)
-            unindexed += 1
-            if unindexed >= INDEX_EVERY_SAMPLES or time.monotonic() - last_index > INDEX_EVERY_SECONDS:
-                writer.rebuild_index()
-                unindexed, last_index = 0, time.monotonic()
-            yield BatchItem(path, "written", image_id)
+            ids, written = [], 0
+            try:
+                for index, plane in planes:
+                    if keep(done.get(index)):
+                        ids.append(done[index]["id"])
+                        continue
+                    result = segmenter.segment(plane, vocabulary, progress=progress, **dict(options or {}))
+                    image_id = writer.write(_sample(path, sha, image, index, plane, uids[result.labels], result))
+                    done[index] = writer.existing_meta(image_id)[1]
+                    ids.append(image_id)
+                    written += 1
+                    unindexed += 1
+                    if unindexed >= INDEX_EVERY_SAMPLES or time.monotonic() - last_index > INDEX_EVERY_SECONDS:
+                        writer.rebuild_index()
+                        unindexed, last_index = 0, time.monotonic()
+            except ImageError as exc:
+                yield BatchItem(path, "failed", tuple(ids), reason=str(exc))
+                continue
+            status = "written" if written else "kept" if overwrite else "skipped"
+            yield BatchItem(path, status, tuple(ids))
     finally:
         if unindexed:
             writer.rebuild_index()
+
+
+def _sample(path: Path, sha: str, image: np.ndarray, index, plane: np.ndarray, labels, result) -> Sample:
+    """A 2D image keeps its file (copied when PNG or JPEG); a stack's slice is stored as PNG, its
+    meta naming the file and the slice."""
+    if index is None:
+        return Sample(path.stem, labels, image=image, source=path, source_sha256=sha,
+                      confidence=result.confidence, meta=dict(result.params))
+    source = {"path": str(path), "sha256": sha, "shape": list(image.shape), "dtype": str(image.dtype)}
+    return Sample(plane_stem(path.stem, index), labels, image=plane, confidence=result.confidence,
+                  meta={"source": source, "slice": list(index), **result.params})

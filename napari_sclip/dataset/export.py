@@ -89,6 +89,11 @@ def export_images(
             progress(done, total)
 
 
+def plane_stem(stem: str, index: tuple[int, ...]) -> str:
+    """The sample name of one 2D slice of a stack: ``<stem>-<i>-<j>...`` (3 digits each)."""
+    return "-".join([stem, *(f"{i:03d}" for i in index)])
+
+
 def _samples(item: LabelledImage) -> list[Sample]:
     labels = np.asarray(item.labels)
     if labels.ndim == 2:
@@ -96,9 +101,8 @@ def _samples(item: LabelledImage) -> list[Sample]:
                        confidence=item.confidence, edited=item.edited, meta=item.meta)]
     samples = []
     for index in np.ndindex(*labels.shape[:-2]):
-        suffix = "-".join(f"{i:03d}" for i in index)
         samples.append(Sample(
-            f"{item.name}-{suffix}",
+            plane_stem(item.name, index),
             labels[index],
             image=np.asarray(item.image[index]),
             confidence=None if item.confidence is None else item.confidence[index],

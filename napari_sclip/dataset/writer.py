@@ -199,15 +199,17 @@ class DatasetWriter:
                 return split, read_meta(path)
         return None
 
-    def samples_by_source(self) -> dict[str, tuple[str, dict]]:
-        """``sha256 -> (split, meta)`` of every stored sample that came from a file."""
-        found = {}
+    def samples_by_source(self) -> dict[str, dict[tuple[int, ...] | None, dict]]:
+        """``sha256 -> {slice index or None: meta}`` of every stored sample that came from a
+        file (a 2D image has one entry, ``None``; a stack one per 2D slice)."""
+        found: dict[str, dict[tuple[int, ...] | None, dict]] = {}
         for split in SPLIT_NAMES:
             for path in sorted((self.root / split / "meta").glob("*.json")):
                 meta = read_meta(path)
                 sha = (meta.get("source") or {}).get("sha256")
                 if sha:
-                    found[sha] = (split, meta)
+                    index = tuple(meta["slice"]) if meta.get("slice") is not None else None
+                    found.setdefault(sha, {})[index] = meta
         return found
 
     def image_id(self, stem: str, source_sha256: str | None) -> str:

@@ -56,3 +56,19 @@ def read_image(path: str | Path) -> np.ndarray:
     except Exception as exc:
         reason = " ".join(str(exc).split())[:160]
         raise ImageError(f"cannot read image {path}: {reason}") from None
+
+
+def image_planes(image: np.ndarray) -> list[tuple[tuple[int, ...] | None, np.ndarray]]:
+    """The 2D images in ``image`` with their index along the leading axes.
+
+    ``(H, W)`` and ``(H, W, C)`` with at most 4 channels are one image (index ``None``); anything
+    else is a stack: ``(..., H, W)``, or ``(..., H, W, C)`` when the last axis has 1 to 4 entries,
+    gives one image per leading index (``(Z, H, W)`` TIFFs, time series, RGB stacks).
+    """
+    image = np.asarray(image)
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] <= 4):
+        return [(None, image)]
+    if image.ndim < 2:
+        raise ImageError(f"image of shape {image.shape} is not 2D")
+    lead = image.shape[:-3] if image.shape[-1] <= 4 else image.shape[:-2]
+    return [(index, image[index]) for index in np.ndindex(*lead)]
