@@ -73,7 +73,8 @@ def label_images(
     progress: ProgressCallback | None = None,
 ) -> Iterator[BatchItem]:
     """Segment the images at ``paths`` into the dataset at ``root``, yielding one
-    :class:`BatchItem` per image as it is done.
+    :class:`BatchItem` per file as it is done.  Stacks are segmented slice by slice
+    (:func:`~napari_sclip.io.images.image_planes`), one sample per 2D slice.
 
     Parameters
     ----------
