@@ -65,12 +65,11 @@ def export_coco(
         raise DatasetError(f"{out} exists; choose another file or pass --overwrite")
     if out.is_dir():
         raise DatasetError(f"{out} is a folder; give a .json file name")
-    by_train_id = sorted(train_ids.items(), key=lambda item: item[1])
     categories = [
         {"id": train_id + 1, "name": registry.display_name(uid), "supercategory": "", "train_id": train_id}
-        for uid, train_id in by_train_id
+        for train_id, uid in enumerate(fmt.by_train_id(train_ids))
     ]
-    ids = [train_id for _, train_id in by_train_id]
+    ids = list(range(len(train_ids)))
     samples = list(stored_masks(root))
     images, annotations = [], []
     for number, sample in enumerate(samples, start=1):

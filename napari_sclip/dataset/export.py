@@ -12,6 +12,7 @@ import numpy as np
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
+from napari_sclip.engine.progress import drive
 
 
 @dataclass
@@ -79,14 +80,7 @@ def export_images(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """:func:`iter_export` run to the end, calling ``progress(done, total)`` after each sample."""
-    export = iter_export(root, items, ratios)
-    while True:
-        try:
-            done, total = next(export)
-        except StopIteration as stop:
-            return stop.value
-        if progress:
-            progress(done, total)
+    return drive(iter_export(root, items, ratios), (lambda step: progress(*step)) if progress else None)
 
 
 def plane_stem(stem: str, index: tuple[int, ...]) -> str:

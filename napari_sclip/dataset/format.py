@@ -88,14 +88,24 @@ def _write_text(path: Path, text: str) -> None:
 def write_class_files(root: Path, registry: ClassRegistry, train_ids: TrainIds) -> None:
     """``classes.txt`` (line i = training id i), ``id2label.json`` and CVAT/Datumaro
     ``labelmap.txt``, all in training-id order."""
-    ordered = sorted(train_ids.items(), key=lambda item: item[1])
-    names = [registry.display_name(uid) for uid, _ in ordered]
+    ordered = by_train_id(train_ids)
+    names = [registry.display_name(uid) for uid in ordered]
     _write_text(root / "classes.txt", "".join(f"{name}\n" for name in names))
-    id2label = {str(train_id): registry.display_name(uid) for uid, train_id in ordered}
+    id2label = {str(train_id): name for train_id, name in enumerate(names)}
     _write_text(root / "id2label.json", json.dumps(id2label, indent=2, ensure_ascii=False) + "\n")
+    _write_text(root / "labelmap.txt", labelmap_text(zip(names, map(label_color, ordered))))
+
+
+def by_train_id(train_ids: TrainIds) -> list[int]:
+    """The uids in training-id order (training ids are 0..n-1)."""
+    return sorted(train_ids, key=train_ids.__getitem__)
+
+
+def labelmap_text(entries) -> str:
+    """CVAT / Datumaro ``labelmap.txt``: ``name:r,g,b::`` per ``(name, (r, g, b))``."""
     lines = ["# label:color_rgb:parts:actions"]
-    lines += [f"{registry.display_name(uid)}:{','.join(map(str, label_color(uid)))}::" for uid, _ in ordered]
-    _write_text(root / "labelmap.txt", "\n".join(lines) + "\n")
+    lines += [f"{name}:{','.join(map(str, color))}::" for name, color in entries]
+    return "\n".join(lines) + "\n"
 
 
 def build_manifest(

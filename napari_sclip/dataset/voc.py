@@ -61,10 +61,10 @@ def export_voc(
     if len(train_ids) > MAX_CLASSES:
         raise DatasetError(f"VOC palette masks hold at most {MAX_CLASSES} classes; this dataset has {len(train_ids)}")
     _check_out(out)
-    ordered = sorted(train_ids.items(), key=lambda item: item[1])
-    names = [registry.display_name(uid) for uid, _ in ordered]
+    ordered = fmt.by_train_id(train_ids)
+    names = [registry.display_name(uid) for uid in ordered]
     background = "background" if "background" not in {n.casefold() for n in names} else "unlabelled"
-    colors = [(0, 0, 0), *(label_color(uid) for uid, _ in ordered)]
+    colors = [(0, 0, 0), *(label_color(uid) for uid in ordered)]
 
     # Training id t -> palette index t + 1; ignore (and anything unknown) -> 0.
     table = np.zeros(np.iinfo(np.uint16).max + 1, np.uint8)
@@ -73,9 +73,8 @@ def export_voc(
     try:
         for folder in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass"):
             (out / folder).mkdir(parents=True, exist_ok=True)
-        lines = ["# label:color_rgb:parts:actions"]
-        lines += [f"{name}:{','.join(map(str, color))}::" for name, color in zip([background, *names], colors)]
-        atomic_write_bytes(out / "labelmap.txt", ("\n".join(lines) + "\n").encode("utf-8"))
+        labelmap = fmt.labelmap_text(zip([background, *names], colors))
+        atomic_write_bytes(out / "labelmap.txt", labelmap.encode("utf-8"))
 
         samples = list(stored_masks(root))
         splits: dict[str, list[str]] = {}

@@ -6,6 +6,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
+S = TypeVar("S")
 T = TypeVar("T")
 
 
@@ -34,8 +35,9 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def drive(steps: Generator[Progress, None, T], progress: ProgressCallback | None = None) -> T:
-    """Run a generator of :class:`Progress` to its end, forwarding each step; return its value."""
+def drive(steps: Generator[S, None, T], progress: Callable[[S], None] | None = None) -> T:
+    """Run a generator of steps (usually :class:`Progress`) to its end, forwarding each step to
+    ``progress``; return the generator's value."""
     while True:
         try:
             step = next(steps)
