@@ -114,11 +114,7 @@ def label_images(
                 yield BatchItem(path, "failed", reason=f"cannot read {path}: {exc.strerror or exc}")
                 continue
             done = stored.setdefault(sha, {})  # plane index (None for a 2D image) -> meta
-
-            def keep(meta) -> bool:
-                return meta is not None and (not overwrite or is_edited(meta))
-
-            if keep(done.get(None)):  # a 2D image already there: no need to read it
+            if _keep(done.get(None), overwrite):  # a 2D image already there: no need to read it
                 yield BatchItem(path, "kept" if overwrite else "skipped", (done[None]["id"],))
                 continue
             try:
@@ -130,7 +126,7 @@ def label_images(
             ids, written = [], 0
             try:
                 for index, plane in planes:
-                    if keep(done.get(index)):
+                    if _keep(done.get(index), overwrite):
                         ids.append(done[index]["id"])
                         continue
                     result = segmenter.segment(plane, vocabulary, progress=progress, **dict(options or {}))
@@ -150,6 +146,12 @@ def label_images(
     finally:
         if unindexed:
             writer.rebuild_index()
+
+
+def _keep(meta: dict | None, overwrite: bool) -> bool:
+    """Whether a stored sample stays as it is: always without ``overwrite``, and when a person
+    edited or reviewed it."""
+    return meta is not None and (not overwrite or is_edited(meta))
 
 
 def _sample(path: Path, sha: str, image: np.ndarray, index, plane: np.ndarray, labels, result) -> Sample:

@@ -247,8 +247,7 @@ class SclipWidget(QWidget):
 
     def _refresh_reviewed(self) -> None:
         """The reviewed box shows the chosen image's labels layer's status."""
-        image = self.selected_image()
-        labels = self._labels_layer(image) if image is not None else None
+        labels = self._selected_labels()
         state = labels.metadata.get(_METADATA_KEY, {}) if labels is not None else {}
         self._reviewed_box.blockSignals(True)
         self._reviewed_box.setEnabled(labels is not None)
@@ -256,11 +255,15 @@ class SclipWidget(QWidget):
         self._reviewed_box.blockSignals(False)
 
     def _set_reviewed(self, checked: bool) -> None:
-        image = self.selected_image()
-        labels = self._labels_layer(image) if image is not None else None
+        labels = self._selected_labels()
         if labels is not None:
             self._tracker(labels)  # adopt a layer made elsewhere first
             labels.metadata[_METADATA_KEY]["review_status"] = "reviewed" if checked else "unreviewed"
+
+    def _selected_labels(self):
+        """The labels layer of the image chosen in the picker, or ``None``."""
+        image = self.selected_image()
+        return self._labels_layer(image) if image is not None else None
 
     def _labels_layer(self, image):
         name = labels_name(image.name)
@@ -303,8 +306,7 @@ class SclipWidget(QWidget):
             item.setForeground(QColor("orange"))
             self._class_list.addItem(item)
             return
-        image = self.selected_image()
-        registry = self._registry(self._labels_layer(image) if image is not None else None)
+        registry = self._registry(self._selected_labels())
         uids, _ = registry.plan(vocabulary.classes)
         for uid, names in zip(uids, vocabulary.classes):
             swatch = QPixmap(14, 14)
