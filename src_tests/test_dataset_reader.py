@@ -34,11 +34,13 @@ def dataset(tmp_path):
     return tmp_path / "ds", registry, labels, edited
 
 
-def test_reader_opens_a_dataset_folder(dataset):
+def test_reader_opens_a_dataset_from_its_manifest_or_folder(dataset):
     root, registry, labels, edited = dataset
-    reader = get_reader(str(root))
-    assert reader is not None
-    layers = reader(str(root))
+    reader = get_reader(str(root / "dataset.json"))
+    assert reader is not None and get_reader(str(root)) is reader
+    assert get_reader([str(root / "dataset.json")]) is reader  # napari passes a one-path list too
+    layers = reader(str(root / "dataset.json"))
+    assert [meta["name"] for _, meta, _ in reader(str(root))] == [meta["name"] for _, meta, _ in layers]
     names = [meta["name"] for _, meta, _ in layers]
     assert names == ["astronaut", "astronaut confidence", "astronaut labels", "other", "other labels"]
     data, meta, kind = layers[2]
@@ -51,17 +53,13 @@ def test_reader_opens_a_dataset_folder(dataset):
     np.testing.assert_allclose(layers[1][0], 64 / 255)
 
 
-def test_reader_opens_one_image_of_a_dataset(dataset):
+def test_reader_declines_other_paths(dataset, tmp_path):
     root = dataset[0]
-    image = next(root.glob("*/images/other.png"))
-    layers = get_reader(str(image))(str(image))
-    assert [meta["name"] for _, meta, _ in layers] == ["other", "other labels"]
-
-
-def test_reader_declines_other_paths(tmp_path):
     (tmp_path / "plain").mkdir()
     assert get_reader(str(tmp_path / "plain")) is None
-    assert get_reader([str(tmp_path)]) is None
+    assert get_reader([str(root), str(root)]) is None
+    assert get_reader(str(next(root.glob("*/images/other.png")))) is None  # images open as images
+    assert get_reader(str(root / "classes.txt")) is None
 
 
 def test_missing_mask_is_named(dataset):

@@ -43,7 +43,7 @@ def test_opening_the_widget_and_reader_does_not_import_torch():
         import sys
         import napari_sclip.plugin.widget, napari_sclip.plugin.sample_data
         from napari_sclip.plugin.io import get_reader
-        get_reader(".")  # napari asks every reader about every path it opens
+        get_reader("dataset.json")  # napari asks the reader about every dataset.json it opens
         print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
         """
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +29,20 @@ class StoredSample:
     meta: dict[str, Any]
 
 
-def find_dataset_root(path: str | Path) -> tuple[Path, str | None] | None:
-    """``(root, image_id)`` if ``path`` is a dataset folder (``image_id`` None) or one of its
-    images (``<root>/<split>/images/<id>.<ext>``); ``None`` otherwise."""
+def find_dataset_root(path: str | Path) -> Path | None:
+    """The dataset folder if ``path`` is one or is its manifest (``dataset.json`` naming this
+    format); ``None`` otherwise.  Reads only the manifest's format name, so it is cheap enough for
+    napari to call on every ``dataset.json`` a user opens."""
     path = Path(path)
-    if path.is_dir() and (path / fmt.MANIFEST).is_file():
-        return path, None
-    if path.is_file() and path.parent.name == "images" and path.parent.parent.name in SPLIT_NAMES:
-        root = path.parent.parent.parent
-        if (root / fmt.MANIFEST).is_file():
-            return root, path.stem
-    return None
+    root = path if path.is_dir() else path.parent
+    manifest = root / fmt.MANIFEST
+    if path not in (root, manifest) or not manifest.is_file():
+        return None
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+        return root if document["format"]["name"] == fmt.FORMAT_NAME else None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_png(path: Path) -> np.ndarray:

@@ -1,6 +1,6 @@
 """napari reader and writer for pseudo-label datasets.
 
-A dataset folder, or one of its images, opens as image + labels layers with class names, colours,
+A dataset (its ``dataset.json``, or its folder when a caller names this plugin) opens as image + labels layers with class names, colours,
 confidence and the person-edited mask, so that editing continues where it stopped.  Labels
 layers (with their images) save as a dataset.
 """
@@ -15,24 +15,27 @@ METADATA_KEY = "napari_sclip"
 
 
 def get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | None:
-    """npe2 reader hook: return a reader when ``path`` belongs to a napari-sclip dataset."""
+    """npe2 reader hook: a reader for a napari-sclip dataset's manifest (or folder), else ``None``."""
     from napari_sclip.dataset.reader import find_dataset_root
 
     if isinstance(path, list):
-        return None
-    return read_dataset if find_dataset_root(path) is not None else None
+        path = path[0] if len(path) == 1 else None
+    return read_dataset if path is not None and find_dataset_root(path) is not None else None
 
 
 def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
-    """Layers for every sample of a dataset folder, or for the one image given."""
+    """Layers for every sample of the dataset at ``path`` (its folder or its manifest)."""
     from napari_sclip.dataset import format as fmt
     from napari_sclip.dataset.reader import find_dataset_root, read_sample, sample_ids
 
-    root, only = find_dataset_root(path)
+    root = find_dataset_root(path)
+    if root is None:
+        from napari_sclip.dataset.paths import DatasetError
+
+        raise DatasetError(f"{path} is not a napari-sclip dataset (no {fmt.MANIFEST} of this format)")
     _, registry, train_ids = fmt.read_manifest(root)
-    wanted = [(split, image_id) for split, image_id in sample_ids(root) if only in (None, image_id)]
     layers: list[tuple[Any, dict, str]] = []
-    for split, image_id in wanted:
+    for split, image_id in sample_ids(root):
         sample = read_sample(root, split, image_id, train_ids)
         rgb = sample.image.ndim == 3 and sample.image.shape[-1] in (3, 4)
         stored_image = root / split / sample.meta["image"]
