@@ -271,7 +271,22 @@ def open_gui(images: Sequence[str] = ()):
     return viewer, widget
 
 
+def _check_display() -> None:
+    """Qt aborts the process (several lines, exit 134) when Linux has no display: say it in one."""
+    import os
+
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise SclipError(
+            "no display to open napari on (DISPLAY is not set): run it on a desktop, through "
+            "'ssh -X', or under a virtual display with 'xvfb-run -a napari-sclip gui'; to label "
+            "images without a window, use 'napari-sclip segment'"
+        )
+
+
 def _gui(args: argparse.Namespace) -> int:
+    _check_display()
     import napari
 
     open_gui(args.images)
