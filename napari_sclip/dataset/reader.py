@@ -127,7 +127,8 @@ def stored_mask(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) 
         listed = ", ".join(map(str, undeclared[:5])) + (", ..." if undeclared.size > 5 else "")
         raise DatasetError(
             f"{mask_path} holds mask value(s) {listed} that no class declares "
-            f"(training ids 0-{len(train_ids) - 1}, {ignore} = ignore); repair or rewrite that mask"
+            f"(training ids 0-{len(train_ids) - 1}, {ignore} = ignore); fix them, e.g. open the dataset in napari "
+            "(they show as unlabelled) and export it again"
         )
     return StoredMask(image_id, split, image_path, mask, np.flatnonzero(occurs), meta, image_format, orientation)
 
