@@ -95,10 +95,9 @@ def test_voc_layout_palette_and_labelmap(dataset, tmp_path):
           ((1, "cat"), (2, "dog"), (3, "grass"), (4, "unused"))),
     ]
     masks = _masks(dataset)
-    listed = (out / "ImageSets" / "Segmentation" / "default.txt").read_text().split()
-    assert sorted(listed) == sorted(masks)
-    per_split = [f.read_text().split() for f in (out / "ImageSets" / "Segmentation").glob("*.txt") if f.stem != "default"]
-    assert sorted(i for ids in per_split for i in ids) == sorted(masks)
+    lists = {f.stem: f.read_text().split() for f in (out / "ImageSets" / "Segmentation").glob("*.txt")}
+    assert set(lists) <= {"train", "val", "test"}  # no default.txt: every image is listed once
+    assert sorted(i for ids in lists.values() for i in ids) == sorted(masks)
     for sample_id, mask in masks.items():
         png = Image.open(out / "SegmentationClass" / f"{sample_id}.png")
         assert png.mode == "P"

@@ -3,13 +3,14 @@ compressed RLE made by pycocotools.
 
 Images keep their dataset paths (``train/images/<id>.png``): point a COCO loader's image root at
 the dataset folder.  Category ids are training id + 1 (COCO reserves 0); each category also
-carries its ``train_id``.  Components are 8-connected.  Ignore pixels (255) get no annotation.
+carries its ``train_id``.  Components are 8-connected.  Ignore pixels (255, or 65535 in 16-bit
+masks) get no annotation; any other value that no class declares stops the export.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,20 @@ from napari_sclip import __version__
 from napari_sclip._files import atomic_write_bytes
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError
-from napari_sclip.dataset.reader import stored_masks
+from napari_sclip.dataset.reader import sample_ids, stored_mask
 
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
-def mask_annotations(mask: np.ndarray, train_ids: list[int]) -> Iterator[dict[str, Any]]:
+def mask_annotations(mask: np.ndarray, train_ids: Iterable[int]) -> Iterator[dict[str, Any]]:
     """COCO annotation fields (``category_id``, ``segmentation``, ``area``, ``bbox``) for every
-    connected component of every training id in ``mask``."""
+    connected component of each of ``train_ids`` in ``mask``."""
     from pycocotools import mask as rle_codec
     from scipy import ndimage
 
     # One Fortran-ordered buffer per image: pycocotools encodes column-major data.
     component = np.zeros(mask.shape, dtype=np.uint8, order="F")
-    for train_id in train_ids:
+    for train_id in map(int, train_ids):  # Python ints compare at the mask's own dtype
         regions, _ = ndimage.label(mask == train_id, structure=_EIGHT_CONNECTED)
         for index, box in enumerate(ndimage.find_objects(regions), start=1):
             inside = regions[box] == index
@@ -69,10 +70,10 @@ def export_coco(
         {"id": train_id + 1, "name": registry.display_name(uid), "supercategory": "", "train_id": train_id}
         for train_id, uid in enumerate(fmt.by_train_id(train_ids))
     ]
-    ids = list(range(len(train_ids)))
-    samples = list(stored_masks(root))
+    ids = sample_ids(root)
     images, annotations = [], []
-    for number, sample in enumerate(samples, start=1):
+    for number, (split, image_id) in enumerate(ids, start=1):
+        sample = stored_mask(root, split, image_id, train_ids)
         height, width = sample.mask.shape
         images.append({
             "id": number,
@@ -82,10 +83,10 @@ def export_coco(
             "split": sample.split,
             "sample_id": sample.id,
         })
-        for annotation in mask_annotations(sample.mask, ids):
+        for annotation in mask_annotations(sample.mask, sample.present):
             annotations.append({"id": len(annotations) + 1, "image_id": number, **annotation})
         if progress:
-            progress(number, len(samples))
+            progress(number, len(ids))
     document = {
         "info": {
             "description": f"napari-sclip pseudo-labels from {root.name}",

@@ -13,6 +13,7 @@ are added, and a class removed from a vocabulary keeps its id.  ``255`` means ig
 from __future__ import annotations
 
 import json
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,10 +102,26 @@ def by_train_id(train_ids: TrainIds) -> list[int]:
     return sorted(train_ids, key=train_ids.__getitem__)
 
 
+def labelmap_name(name: str) -> str:
+    """``name`` as a ``labelmap.txt`` field: CVAT and Datumaro split lines at ``:``, skip lines
+    that start with ``#`` and strip leading white space, with no escape.  So ``%``, ``:``, line
+    breaks and other control characters, and a leading ``#`` or white space, are percent-encoded
+    (``a:b`` -> ``a%3Ab``); ``urllib.parse.unquote`` gives the exact name back, and distinct
+    names stay distinct."""
+    from urllib.parse import quote
+
+    def unsafe(index: int, char: str) -> bool:
+        leading = index == 0 and (char == "#" or char.isspace())
+        return leading or char in "%:" or unicodedata.category(char) in ("Cc", "Zl", "Zp")
+
+    return "".join(quote(c, safe="") if unsafe(i, c) else c for i, c in enumerate(name))
+
+
 def labelmap_text(entries) -> str:
-    """CVAT / Datumaro ``labelmap.txt``: ``name:r,g,b::`` per ``(name, (r, g, b))``."""
+    """CVAT / Datumaro ``labelmap.txt``: ``name:r,g,b::`` per ``(name, (r, g, b))``, names
+    through :func:`labelmap_name`."""
     lines = ["# label:color_rgb:parts:actions"]
-    lines += [f"{name}:{','.join(map(str, color))}::" for name, color in entries]
+    lines += [f"{labelmap_name(name)}:{','.join(map(str, color))}::" for name, color in entries]
     return "\n".join(lines) + "\n"
 
 

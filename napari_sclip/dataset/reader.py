@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,9 @@ from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
 from napari_sclip.dataset.splits import SPLIT_NAMES
 from napari_sclip.dataset.writer import IGNORED_BY_PERSON, PAINTED, read_meta
+
+#: The EXIF tag that says how to turn the stored pixels to show them.
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -46,11 +48,17 @@ def find_dataset_root(path: str | Path) -> Path | None:
 
 
 def read_png(path: Path) -> np.ndarray:
+    return _with_image(path, np.asarray)
+
+
+def _with_image(path: Path, use):
+    """``use(image)`` on the image file at ``path``; a missing or unreadable file is one
+    :class:`DatasetError` naming it."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image)
+            return use(image)
     except FileNotFoundError:
         raise DatasetError(f"missing file {path}") from None
     except Exception as exc:
@@ -89,23 +97,51 @@ def read_sample(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) 
 
 @dataclass
 class StoredMask:
-    """One sample's mask as stored (training ids), and where its image is."""
+    """One sample's mask as stored (training ids, checked), and where its image is."""
 
     id: str
     split: str
     image_path: Path
     mask: np.ndarray
+    present: np.ndarray  # the training ids that occur in ``mask``, ascending (ignore excluded)
     meta: dict[str, Any]
+    image_format: str  # Pillow's name for the image file's format: "PNG", "JPEG", ...
+    orientation: int  # the image's EXIF orientation: 1 (or none) = shown as stored
 
 
-def stored_masks(root: Path) -> Iterator[StoredMask]:
-    """Every sample's training-id mask, in (split, id) order, with checked paths."""
-    for split, image_id in sample_ids(root):
-        meta = read_meta(resolve_inside(root, f"{split}/meta/{image_id}.json"))
-        image_path = resolve_inside(root, f"{split}/{meta['image']}")
-        if not image_path.is_file():
-            raise DatasetError(f"missing file {image_path}")
-        mask = read_png(resolve_inside(root, f"{split}/{meta['mask']}"))
-        if mask.ndim != 2:
-            raise DatasetError(f"{root / split / meta['mask']} is not a single-channel mask")
-        yield StoredMask(image_id, split, image_path, mask, meta)
+def stored_mask(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) -> StoredMask:
+    """One sample's training-id mask, for exporters: a mask that is not a single-channel 8- or
+    16-bit image of its image's size, or that holds a value which is neither a training id nor
+    its dtype's ignore value, is a :class:`DatasetError` naming the file, never exported wrong."""
+    meta = read_meta(resolve_inside(root, f"{split}/meta/{image_id}.json"))
+    image_path = resolve_inside(root, f"{split}/{meta['image']}")
+    mask_path = resolve_inside(root, f"{split}/{meta['mask']}")
+    mask = read_png(mask_path)
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise DatasetError(f"{mask_path} is not a single-channel 8- or 16-bit mask ({mask.dtype}, shape {mask.shape})")
+    (height, width), image_format, orientation = _with_image(image_path, _header)
+    if mask.shape != (height, width):
+        raise DatasetError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {width}x{height}")
+    occurs = np.zeros(np.iinfo(mask.dtype).max + 1, bool)
+    occurs[mask] = True  # which values occur, without a full-size temporary
+    ignore = fmt.ignore_value(mask.dtype)
+    occurs[ignore] = False
+    undeclared = np.flatnonzero(occurs[len(train_ids) :]) + len(train_ids)
+    if undeclared.size:
+        listed = ", ".join(map(str, undeclared[:5])) + (", ..." if undeclared.size > 5 else "")
+        raise DatasetError(
+            f"{mask_path} holds mask value(s) {listed} that no class declares "
+            f"(training ids 0-{len(train_ids) - 1}, {ignore} = ignore); fix them, e.g. open the dataset in napari "
+            "(they show as unlabelled) and export it again"
+        )
+    return StoredMask(image_id, split, image_path, mask, np.flatnonzero(occurs), meta, image_format, orientation)
+
+
+def _header(image) -> tuple[tuple[int, int], str, int]:
+    """A Pillow image's ``(height, width)`` as shown, i.e. after its EXIF orientation (the frame
+    Hugging Face, MMSegmentation and Detectron2 read images in, so masks must match it), its
+    format and its orientation."""
+    width, height = image.size
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    shape = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    return shape, image.format, orientation

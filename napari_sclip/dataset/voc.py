@@ -1,20 +1,29 @@
-"""Export a dataset in the Pascal VOC segmentation layout that CVAT ("Segmentation mask 1.1")
-and Datumaro import:
+"""Export a dataset in the Pascal VOC segmentation layout that CVAT ("Segmentation mask 1.1"),
+Datumaro (``voc_segmentation``) and torchvision's ``VOCSegmentation`` read:
 
 ```
 OUT/
   labelmap.txt                          # background first, then the classes in training-id order
-  ImageSets/Segmentation/<split>.txt    # sample ids per split, and default.txt with all of them
-  JPEGImages/<id>.<ext>                 # the dataset's images, copied as they are
+  ImageSets/Segmentation/<split>.txt    # the sample ids of each split, each id in one list only
+  JPEGImages/<id>.jpg or <id>.png       # JPEGs copied as they are; other images stay PNG
   SegmentationClass/<id>.png            # palette PNG: index 0 background, training id t -> t + 1
 ```
 
-Unlabelled/ignore pixels become index 0 (background), as CVAT has no ignore label.  Palette
-colours are the classes' napari colours, so masks look the same in CVAT as in napari.
+* Datumaro and CVAT read every list in ``ImageSets/Segmentation`` as a subset, so there is no
+  ``default.txt`` or ``trainval.txt`` that would list images a second time.
+* Unlabelled/ignore pixels become index 0 (background), as CVAT has no ignore label; a mask value
+  that no class declares stops the export (see :func:`napari_sclip.dataset.reader.stored_mask`).
+* Palette colours are the classes' napari colours, so masks look the same in CVAT as in napari;
+  CVAT and Datumaro tell classes apart by colour, so a colour two classes share is nudged.
+* Images: JPEGs keep their bytes and are named ``<id>.jpg``, the name torchvision opens.  Others
+  stay PNG (re-encoding as JPEG would lose detail and every 16-bit value).  An image whose EXIF
+  orientation turns it is stored as a PNG of the turned pixels, the frame its mask is in, since
+  Datumaro and torchvision ignore EXIF.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +33,14 @@ from napari_sclip._files import atomic_copy, atomic_write_bytes
 from napari_sclip.colors import label_color
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError
-from napari_sclip.dataset.reader import stored_masks
+from napari_sclip.dataset.reader import StoredMask, sample_ids, stored_mask
+from napari_sclip.dataset.splits import SPLIT_NAMES
 
 #: The most classes a palette PNG holds beside background.
 MAX_CLASSES = 254
 _LAYOUT = ("labelmap.txt", "SegmentationClass")
+#: Image names an export may have written for a sample (this version, or an earlier one).
+_IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
 def _check_out(out: Path) -> None:
@@ -39,17 +51,61 @@ def _check_out(out: Path) -> None:
         raise DatasetError(f"{out} is not empty and not a VOC export; choose a new or empty folder")
 
 
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def voc_palette_png(indices: np.ndarray, colors: list[tuple[int, int, int]]) -> bytes:
     """An 8-bit palette PNG of ``indices`` with ``colors[i]`` for index ``i``."""
-    import io
-
     from PIL import Image
 
     image = Image.fromarray(indices.astype(np.uint8), mode="P")
     image.putpalette([channel for color in colors for channel in color])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(image)
+
+
+def distinct_colors(colors: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """``colors`` with each repeat moved (blue + 1, + 2, ...) to a colour not used before it."""
+    used: set[tuple[int, int, int]] = set()
+    result = []
+    for r, g, b in colors:
+        color, step = (r, g, b), 0
+        while color in used:
+            step += 1
+            color = (r, g, (b + step) % 256)
+        used.add(color)
+        result.append(color)
+    return result
+
+
+def _free_name(wanted: str, taken: list[str]) -> str:
+    """``wanted``, or it with leading underscores until no name in ``taken`` equals it (any case)."""
+    folded = {name.casefold() for name in taken}
+    while wanted.casefold() in folded:
+        wanted = f"_{wanted}"
+    return wanted
+
+
+def _write_image(sample: StoredMask, folder: Path) -> None:
+    """The sample's image as ``folder/<id>.jpg`` (a JPEG's own bytes) or ``<id>.png``; the file
+    an earlier export wrote under another name goes."""
+    turned = sample.orientation != 1
+    suffix = ".jpg" if sample.image_format == "JPEG" and not turned else ".png"
+    target = folder / f"{sample.id}{suffix}"
+    if turned:  # the pixels as shown, which is what read_image gives and masks are made on
+        from PIL import Image
+
+        from napari_sclip.dataset.writer import storable_image
+        from napari_sclip.io.images import read_image
+
+        atomic_write_bytes(target, _png(Image.fromarray(storable_image(read_image(sample.image_path)))))
+    else:
+        atomic_copy(sample.image_path, target)
+    for other in _IMAGE_SUFFIXES:
+        if other != suffix:
+            (folder / f"{sample.id}{other}").unlink(missing_ok=True)
 
 
 def export_voc(
@@ -63,33 +119,35 @@ def export_voc(
     _check_out(out)
     ordered = fmt.by_train_id(train_ids)
     names = [registry.display_name(uid) for uid in ordered]
-    background = "background" if "background" not in {n.casefold() for n in names} else "unlabelled"
-    colors = [(0, 0, 0), *(label_color(uid) for uid in ordered)]
+    colors = distinct_colors([(0, 0, 0), *(label_color(uid) for uid in ordered)])
 
-    # Training id t -> palette index t + 1; ignore (and anything unknown) -> 0.
+    # Training id t -> palette index t + 1; ignore (255, or 65535 in 16-bit masks) -> 0.
     table = np.zeros(np.iinfo(np.uint16).max + 1, np.uint8)
     table[: len(ordered)] = np.arange(1, len(ordered) + 1)
 
+    lists = out / "ImageSets" / "Segmentation"
     try:
-        for folder in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass"):
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        labelmap = fmt.labelmap_text(zip([background, *names], colors))
+        for folder in (lists, out / "JPEGImages", out / "SegmentationClass"):
+            folder.mkdir(parents=True, exist_ok=True)
+        labelmap = fmt.labelmap_text(zip([_free_name("background", names), *names], colors))
         atomic_write_bytes(out / "labelmap.txt", labelmap.encode("utf-8"))
 
-        samples = list(stored_masks(root))
+        ids = sample_ids(root)
         splits: dict[str, list[str]] = {}
-        for number, sample in enumerate(samples, start=1):
+        for number, (split, image_id) in enumerate(ids, start=1):
+            sample = stored_mask(root, split, image_id, train_ids)
             indices = table[sample.mask]
             atomic_write_bytes(out / "SegmentationClass" / f"{sample.id}.png", voc_palette_png(indices, colors))
-            image_target = out / "JPEGImages" / f"{sample.id}{sample.image_path.suffix}"
-            atomic_copy(sample.image_path, image_target)
+            _write_image(sample, out / "JPEGImages")
             splits.setdefault(sample.split, []).append(sample.id)
             if progress:
-                progress(number, len(samples))
-        for split, ids in {**splits, "default": [i for ids in splits.values() for i in ids]}.items():
-            text = "".join(f"{image_id}\n" for image_id in ids)
-            atomic_write_bytes(out / "ImageSets" / "Segmentation" / f"{split}.txt", text.encode("utf-8"))
+                progress(number, len(ids))
+        for split in (*SPLIT_NAMES, "default"):  # "default": the list of all that older exports wrote
+            if split in splits:
+                text = "".join(f"{image_id}\n" for image_id in splits[split])
+                atomic_write_bytes(lists / f"{split}.txt", text.encode("utf-8"))
+            else:
+                (lists / f"{split}.txt").unlink(missing_ok=True)
     except OSError as exc:
         raise DatasetError(f"cannot write into {out}: {exc.strerror or exc}") from None
     return {split: len(ids) for split, ids in splits.items()}
-
