@@ -322,8 +322,11 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning as one stderr line, like an error: no source location or code line."""
-    print(f"napari-sclip: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    """A Python warning as one stderr line, like an error: no source location or code line, and
+    on a line of its own above a progress bar (``tqdm.write``)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"napari-sclip: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -190,8 +190,8 @@ def _unreadable(path: Path, exc: Exception) -> ModelError:
     """The one-line error for a checkpoint that cannot be read, by what went wrong."""
     if isinstance(exc, ArchiveError):
         return ModelError(
-            f"cannot read weights file {path}: {exc}; TorchScript in a checkpoint is never run, so pass "
-            "OpenAI's original file or a state dict saved with torch.save or as .safetensors"
+            f"cannot read weights file {path}: {exc}; pass OpenAI's original file or a state dict "
+            "saved with torch.save or as .safetensors"
         )
     # torch.load(weights_only=True) met a pickled object, which its message names after GLOBAL.
     named = re.search(r"\bGLOBAL ([\w.]{1,120}) ", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
