@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"open_clip tag or checkpoint path (default: {config.default_pretrained()})",
     )
     seg.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N, mps (default: {config.default_device()})")
+    seg.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the MLPs with QuickGELU, as OpenAI's weights need (default: decided from the weights, "
+        "with a warning where they cannot tell)",
+    )
     seg.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -184,7 +192,10 @@ def _segment(args: argparse.Namespace) -> int:
     images = find_images(args.images)
     ratios = check_ratios(args.splits) if args.splits else None
     # Each image is seen once: caching its features would only hold memory.
-    segmenter = Segmenter(args.model, args.pretrained, args.device, batch_size=args.batch_size, feature_cache=False)
+    segmenter = Segmenter(
+        args.model, args.pretrained, args.device, quick_gelu=args.quick_gelu, batch_size=args.batch_size,
+        feature_cache=False,
+    )
     options = {
         "method": args.method,
         "pamr": args.pamr,
@@ -325,6 +336,14 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one stderr line, like an error: no source location or code line, and
+    on a line of its own above a progress bar (``tqdm.write``)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"napari-sclip: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _build_parser()
@@ -333,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command
     ]
     try:
-        return command(args)
+        with warnings.catch_warnings():  # restores showwarning
+            warnings.showwarning = _show_warning
+            return command(args)
     except SclipError as exc:
         print(f"napari-sclip: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

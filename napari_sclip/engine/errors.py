@@ -27,3 +27,8 @@ class ModelError(SclipError):
 
 class DeviceError(SclipError):
     """The requested device is unknown or not available."""
+
+
+class ActivationWarning(UserWarning):
+    """The weights do not say which MLP activation (QuickGELU or GELU) they were trained with, so
+    the model config's was used; ``quick_gelu=True/False`` chooses and silences it."""

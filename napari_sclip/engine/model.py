@@ -1,20 +1,31 @@
 """Building a CLIP ViT from its weights, choosing a device, and keeping loaded models.
 
 OpenAI's weights need OpenAI's exact architecture, QuickGELU included: open_clip's plain
-``ViT-B-16`` config builds GELU, which silently changes every feature.  Weights in OpenAI's layout
-are therefore built from the weights themselves with QuickGELU; tags that open_clip marks as
-QuickGELU (``openai``, ``dfn2b``, MetaCLIP, ...) force it; a ``-quickgelu`` model name keeps it.
+``ViT-B-16`` config builds GELU, which silently changes every feature.  The activation is chosen
+by, in order: the caller (``quick_gelu=True/False``); weights in OpenAI's layout (a TorchScript
+archive, or a state dict with OpenAI's integer entries), built from the weights themselves with
+QuickGELU; the model config (a ``-quickgelu`` name) or a tag that open_clip marks QuickGELU
+(``openai``, ``dfn2b``, MetaCLIP, ...); otherwise the config's GELU.  A tag says GELU too, but a
+local state dict in open_clip's key layout (which OpenAI's shares) cannot tell: that last case
+warns (:class:`~napari_sclip.engine.errors.ActivationWarning`), once per load.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from napari_sclip.engine._torch import open_clip, torch
-from napari_sclip.engine.errors import DeviceError, ModelError
+from napari_sclip.engine.errors import ActivationWarning, DeviceError, ModelError
 from napari_sclip.engine.progress import Progress, ProgressCallback
-from napari_sclip.engine.weights import WeightsFile, read_state_dict, resolve_weights
+from napari_sclip.engine.weights import (
+    WeightsFile,
+    describe_cause,
+    read_state_dict,
+    resolve_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -122,9 +133,8 @@ def _check_architecture(clip: torch.nn.Module, name: str) -> None:
 def build_model(name: str, weights: WeightsFile, quick_gelu: bool | None = None) -> tuple[torch.nn.Module, bool]:
     """Build model ``name`` and load ``weights`` into it, on the CPU in fp32.
 
-    ``quick_gelu=None`` decides from the weights: OpenAI's layout and QuickGELU tags use it,
-    otherwise the model config's activation is kept.  Returns the model and whether it uses
-    QuickGELU.
+    ``quick_gelu=None`` decides from the weights (the module docstring gives the rule).  Returns
+    the model and whether it uses QuickGELU.
     """
     state, openai_layout = read_state_dict(weights.path)
     if openai_layout:
@@ -132,29 +142,64 @@ def build_model(name: str, weights: WeightsFile, quick_gelu: bool | None = None)
         try:
             # open_clip infers the architecture from the weights (and casts to fp16): reload fp32.
             clip = open_clip.model.build_model_from_openai_state_dict(dict(state), quick_gelu=quick, cast_dtype=None)
-            clip.float().load_state_dict(state)
         except Exception as exc:
-            raise ModelError(f"weights file {weights.path} is not a CLIP model in OpenAI's layout ({exc})") from None
+            raise ModelError(
+                f"weights file {weights.path} is in OpenAI's layout but is not a CLIP ViT "
+                f"({describe_cause(exc)}); pass OpenAI's ViT checkpoint or an open_clip state dict"
+            ) from None
+        clip.float()
     else:
         cfg = open_clip.get_model_config(name)
         vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
         if cfg.pop("custom_text", False) or "timm_model_name" in vision or "hf_model_name" in text:
             raise ModelError(f"model {name} is not a plain CLIP ViT; SCLIP needs one (e.g. ViT-B-16)")
-        quick = bool(cfg.get("quick_gelu") or weights.quick_gelu) if quick_gelu is None else quick_gelu
+        quick = _activation(name, weights, bool(cfg.get("quick_gelu")), quick_gelu)
         cfg["quick_gelu"] = quick
         clip = open_clip.model.CLIP(**cfg)
         if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
             state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
-        result = clip.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            parts = []
-            if result.missing_keys:
-                parts.append(f"{len(result.missing_keys)} missing, e.g. {result.missing_keys[0]}")
-            if result.unexpected_keys:
-                parts.append(f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[0]}")
-            raise ModelError(f"weights file {weights.path} does not fit model {name}: {'; '.join(parts)}")
+    _check_fit(clip, state, weights.path, name)
+    clip.load_state_dict(state)
     _check_architecture(clip, name)
     return clip.eval().requires_grad_(False), quick
+
+
+def _activation(name: str, weights: WeightsFile, config_quick: bool, forced: bool | None) -> bool:
+    """QuickGELU or not for weights in open_clip's layout; warns when only a guess is possible."""
+    if forced is not None:
+        return forced
+    if config_quick or weights.quick_gelu:
+        return True
+    if weights.tag is None:
+        warnings.warn(
+            f"weights file {weights.path} does not say whether it needs QuickGELU (OpenAI's weights do) "
+            f"or GELU; using GELU, as model {name} does. Choose with quick_gelu=True or False: "
+            "--quick-gelu or --no-quick-gelu in the CLI, the QuickGELU box in the widget",
+            ActivationWarning,
+        )
+    return False
+
+
+def _check_fit(clip: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """One line naming what does not fit, before ``load_state_dict`` (whose errors list it all)."""
+    expected = clip.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if reshaped:
+        key = reshaped[0]
+        shapes = [" x ".join(map(str, t.shape)) or "scalar" for t in (state[key], expected[key])]
+        parts.append(f"{len(reshaped)} of another shape, e.g. {key} is {shapes[0]} in the file, {shapes[1]} in the model")
+    if parts:
+        raise ModelError(
+            f"weights file {path} does not fit model {name}: {'; '.join(parts)}; "
+            "choose the model the weights were made for (--model in the CLI, Segmenter(model=...))"
+        )
 
 
 _CACHE: dict[tuple, LoadedModel] = {}

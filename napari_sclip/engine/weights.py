@@ -1,15 +1,17 @@
-"""Finding and reading CLIP weights without ever unpickling arbitrary Python objects.
+"""Finding and reading CLIP weights without ever running code from a checkpoint.
 
 ``pretrained`` is either an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...), downloaded
 once into ``<cache_dir>/models``, or a path to a local checkpoint:
 
-* OpenAI's released ``ViT-B-16.pt``, a TorchScript archive.  It is opened with ``torch.jit.load``,
-  whose C++ unpickler only rebuilds tensors and TorchScript classes; we read its parameters and
-  never run its code.
+* OpenAI's released ``ViT-B-16.pt``, a TorchScript archive.  Its tensors are taken out of the zip
+  by :mod:`napari_sclip.engine.torchscript`, which rebuilds only tensors and plain containers and
+  never compiles or runs the archive's TorchScript (``torch.jit.load`` would).
 * A state dict in OpenAI's or open_clip's layout, saved with ``torch.save`` (read with
   ``torch.load(weights_only=True)``, which refuses pickled Python objects) or as ``.safetensors``.
   Training checkpoints that wrap it in ``{"state_dict": ...}`` or prefix keys with ``module.``
   work too.
+
+Every error is one complete sentence: a cause is summarised (:func:`describe_cause`), never cut.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import contextlib
 import logging
 import os
 import pickle
-import warnings
-import zipfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from napari_sclip.engine import config
 from napari_sclip.engine._torch import open_clip, torch
 from napari_sclip.engine.errors import ModelError
 from napari_sclip.engine.progress import Progress, ProgressCallback
+from napari_sclip.engine.torchscript import ArchiveError, is_torchscript, read_torchscript
 
 #: Integer entries of OpenAI's state dicts that are not parameters; their presence marks the layout.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -130,8 +132,7 @@ def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | 
 
             return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
     except Exception as exc:  # network, proxy, hub and disk errors all mean "not available"
-        reason = " ".join(str(exc).split()).split(". ")[0][:200]
-        raise ModelError(f"{_offline_hint(model, tag)} ({type(exc).__name__}: {reason})") from None
+        raise ModelError(f"{_offline_hint(model, tag)} ({describe_cause(exc)})") from None
     raise ModelError(f"the '{tag}' weights for {model} have no download location in open_clip")
 
 
@@ -177,15 +178,35 @@ def resolve_weights(
     return WeightsFile(path, tag=pretrained, quick_gelu=bool(cfg.get("quick_gelu", False)))
 
 
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(
-                name.split("/", 1)[-1].startswith(("code/", "constants.pkl"))
-                for name in archive.namelist()
-            )
-    except (zipfile.BadZipFile, OSError):
-        return False
+def describe_cause(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception for a one-line message, or only ``Type`` when that
+    sentence is long: complete either way, never cut mid-way."""
+    text = " ".join(str(exc).split())
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".!?: ")
+    return f"{type(exc).__name__}: {sentence}" if 0 < len(sentence) <= 120 else type(exc).__name__
+
+
+def _unreadable(path: Path, exc: Exception) -> ModelError:
+    """The one-line error for a checkpoint that cannot be read, by what went wrong."""
+    if isinstance(exc, ArchiveError):
+        return ModelError(
+            f"cannot read weights file {path}: {exc}; pass OpenAI's original file or a state dict "
+            "saved with torch.save or as .safetensors"
+        )
+    # torch.load(weights_only=True) met a pickled object, which its message names after GLOBAL.
+    named = re.search(r"\bGLOBAL ([\w.]{1,120}) ", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+    if named:
+        return ModelError(
+            f"cannot read weights file {path}: it contains pickled Python objects ({named.group(1)}), "
+            "which are never loaded; save the weights as a state dict (torch.save(model.state_dict(), "
+            "path)) or as .safetensors"
+        )
+    if isinstance(exc, PermissionError):
+        return ModelError(f"cannot read weights file {path}: permission denied; make it readable or pass a copy")
+    return ModelError(
+        f"cannot read weights file {path}: it is not a valid PyTorch, TorchScript or safetensors "
+        f"checkpoint ({describe_cause(exc)}); download it again or pass another file"
+    )
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -194,39 +215,32 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     Returns the state dict (``module.`` prefixes removed, OpenAI's integer entries dropped) and
     whether it is in OpenAI's layout (a TorchScript archive or a dict with OpenAI's extra keys).
     """
+    torchscript = False
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             raw = load_file(str(path), device="cpu")
-        elif _is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
-                archive = torch.jit.load(str(path), map_location="cpu")
-            raw = {"__torchscript__": True, **archive.state_dict()}
+        elif is_torchscript(path):
+            torchscript = True
+            raw = read_torchscript(path)
         else:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"weights file not found: {path}") from None
     except Exception as exc:
-        reason = " ".join(str(exc).split())
-        if isinstance(exc, pickle.UnpicklingError) and "weights only" in reason.lower():
-            reason = "it contains pickled Python objects, which are never loaded"
-        raise ModelError(
-            f"cannot read weights file {path}: not a valid PyTorch or safetensors checkpoint "
-            f"({reason[:160]})"
-        ) from None
+        raise _unreadable(path, exc) from None
 
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not raw:
-        raise ModelError(f"weights file {path} holds no state dict")
-    openai_layout = bool(raw.pop("__torchscript__", False)) or any(k in raw for k in _OPENAI_EXTRA_KEYS)
+        raise ModelError(f"weights file {path} holds no state dict; pass a checkpoint of a CLIP model")
+    openai_layout = torchscript or any(k in raw for k in _OPENAI_EXTRA_KEYS)
     state = {
         key.removeprefix("module."): value
         for key, value in raw.items()
         if key not in _OPENAI_EXTRA_KEYS + _DERIVED_KEYS
     }
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"weights file {path} holds entries that are not tensors")
+        raise ModelError(f"weights file {path} holds entries that are not tensors; pass a state dict of a CLIP model")
     return state, openai_layout
