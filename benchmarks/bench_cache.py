@@ -54,7 +54,7 @@ def measure(checkpoint: Path, method: str, device: str, rgb, repeats: int) -> di
         FEATURE_CACHE.clear()
         text_module._MEMORY.clear()
         os.environ["NAPARI_SCLIP_CACHE_DIR"] = tempfile.mkdtemp()
-        segmenter = Segmenter("ViT-B-16", str(checkpoint), device, method=method)
+        segmenter = Segmenter("ViT-B-16-quickgelu", str(checkpoint), device, method=method)
         segmenter.load()
         first_s, _ = _timed(lambda seg=segmenter: seg.segment(rgb, five), device)
         rerun_s, rerun = _timed(lambda seg=segmenter: seg.segment(rgb, six), device)
@@ -62,7 +62,7 @@ def measure(checkpoint: Path, method: str, device: str, rgb, repeats: int) -> di
     first_s = min(r[0] for r in rows)
     rerun_s = min(r[1] for r in rows)
     rerun = rows[-1][2]
-    fresh = Segmenter("ViT-B-16", str(checkpoint), device, method=method, feature_cache=False).segment(rgb, six)
+    fresh = Segmenter("ViT-B-16-quickgelu", str(checkpoint), device, method=method, feature_cache=False).segment(rgb, six)
     return {"method": method, "first_s": first_s, "rerun_s": rerun_s, "ratio": rerun_s / first_s,
             "features_reused": rerun.params["features_reused"],
             "labels_equal_fresh": bool(np.array_equal(rerun.labels, fresh.labels)),

@@ -170,14 +170,14 @@ def main() -> None:
         checkpoint = str(_checkpoint(Path(tmp)))
 
         def gpu_factory(batch_size=None):
-            return Segmenter("ViT-B-16", checkpoint, "cuda", batch_size=batch_size)
+            return Segmenter("ViT-B-16-quickgelu", checkpoint, "cuda", batch_size=batch_size)
 
         gpu = gpu_factory()
         start = time.perf_counter()
         gpu.load()
         figures["load_s"] = time.perf_counter() - start
         for name, run in (
-            ("fp16_vs_cpu", lambda: fp16_vs_cpu(gpu, Segmenter("ViT-B-16", checkpoint, "cpu"), classes)),
+            ("fp16_vs_cpu", lambda: fp16_vs_cpu(gpu, Segmenter("ViT-B-16-quickgelu", checkpoint, "cpu"), classes)),
             ("text_cold", lambda: text_cold(gpu, classes, args.repeats)),
             ("batching", lambda: batching(gpu_factory, classes, args.repeats)),
             ("large", lambda: large(gpu, NAMES[:20])),

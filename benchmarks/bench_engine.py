@@ -148,7 +148,7 @@ def bench_large_memory(checkpoint: Path, shape=(6000, 8000), num_classes=20) -> 
         from napari_sclip import Segmenter
         rng = np.random.default_rng(0)
         image = rng.integers(0, 255, {shape + (3,)!r}, dtype=np.uint8)
-        seg = Segmenter("ViT-B-16", {str(checkpoint)!r}, "cpu")
+        seg = Segmenter("ViT-B-16-quickgelu", {str(checkpoint)!r}, "cpu")
         seg.load()
         start = time.perf_counter()
         res = seg.segment(image, {NAMES[:num_classes]!r})
@@ -179,7 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["NAPARI_SCLIP_CACHE_DIR"] = tmp
         checkpoint = _checkpoint(Path(tmp))
-        segmenter = Segmenter("ViT-B-16", str(checkpoint), args.device)
+        segmenter = Segmenter("ViT-B-16-quickgelu", str(checkpoint), args.device)
         segmenter.load()
         figures = {
             "machine": {"python": platform.python_version(), "torch": torch.__version__,

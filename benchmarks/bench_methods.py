@@ -62,7 +62,7 @@ def peak_memory(checkpoint: Path, method: str, device: str, shape: tuple[int, in
         import resource, time, numpy as np, torch
         from napari_sclip import Segmenter
         image = np.random.default_rng(0).integers(0, 255, {shape + (3,)!r}, dtype=np.uint8)
-        seg = Segmenter("ViT-B-16", {str(checkpoint)!r}, {device!r}, method={method!r})
+        seg = Segmenter("ViT-B-16-quickgelu", {str(checkpoint)!r}, {device!r}, method={method!r})
         seg.load()
         start = time.perf_counter()
         seg.segment(image, {classes!r})
@@ -103,8 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["NAPARI_SCLIP_CACHE_DIR"] = tmp
         checkpoint = _checkpoint(Path(tmp))
-        segmenter = Segmenter("ViT-B-16", str(checkpoint), args.device)
-        cpu = Segmenter("ViT-B-16", str(checkpoint), "cpu", feature_cache=False) if args.compare_cpu else None
+        segmenter = Segmenter("ViT-B-16-quickgelu", str(checkpoint), args.device)
+        cpu = Segmenter("ViT-B-16-quickgelu", str(checkpoint), "cpu", feature_cache=False) if args.compare_cpu else None
         for name in METHODS:
             row = time_method(segmenter, name, rgb, classes, args.repeats, args.device)
             if cpu is not None:
