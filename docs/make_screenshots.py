@@ -40,7 +40,7 @@ def main(out: Path) -> None:
     window.grab().save(str(out / "04-advanced.png"))
     widget._advanced.collapse(animate=False)
 
-    widget.segment()
+    widget._run_button.click()
     while widget.running:
         pump(0.1)
     pump(0.5)
@@ -52,9 +52,9 @@ def main(out: Path) -> None:
     labels.selected_label = 2  # "flag": paint a correction
     for x in range(40, 140, 10):
         labels.paint((120, x), 2)
-    widget._overwrite_box.setChecked(False)
+    widget.set_options(overwrite=False)
     widget.set_vocabulary(["person, astronaut", "flag", "sky, space", "rocket, space shuttle", "helmet"])
-    widget.segment()
+    widget._run_button.click()
     while widget.running:
         pump(0.1)
     pump(0.5)

@@ -11,7 +11,8 @@ from PIL import Image
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
-from napari_sclip.plugin.io import METADATA_KEY, get_reader, write_dataset
+from napari_sclip.plugin.io import get_reader, write_dataset
+from napari_sclip.plugin.state import LabelsState
 
 from conftest import natural_image, same_files_apart_from_timestamps
 
@@ -46,9 +47,9 @@ def test_reader_opens_a_dataset_from_its_manifest_or_folder(dataset):
     data, meta, kind = layers[2]
     assert kind == "labels"
     np.testing.assert_array_equal(data, labels)  # uids come back exactly
-    state = meta["metadata"][METADATA_KEY]
-    assert state["classes"] == registry
-    np.testing.assert_array_equal(state["edited"], edited)
+    state = LabelsState.from_metadata(meta["metadata"], data)
+    assert state.classes == registry
+    np.testing.assert_array_equal(state.edited, edited)
     assert dict(zip(meta["features"]["index"], meta["features"]["class_name"]))[4] == "rocket"
     np.testing.assert_allclose(layers[1][0], 64 / 255)
 

@@ -60,16 +60,19 @@ def labels_layer():
 def test_edit_tracker_follows_paint_and_fill(labels_layer):
     from napari_sclip.plugin.edits import EditTracker
 
-    tracker = EditTracker(labels_layer)
+    mask = np.zeros(labels_layer.data.shape, bool)
+    tracker = EditTracker(labels_layer, mask)
     labels_layer.brush_size = 3
     labels_layer.paint((1, 10, 10), 5)
-    assert tracker.mask[1, 10, 10] and tracker.mask[1].sum() >= 5 and not tracker.mask[0].any()
-    labels_layer.data_setitem((np.array([2]), np.array([3]), np.array([4])), 7)
-    assert tracker.mask[2, 3, 4]
-    assert tracker.painted_values() == {5, 7}
+    assert mask[1, 10, 10] and mask[1].sum() >= 5 and not mask[0].any()
+    labels_layer.fill((2, 3, 4), 7)  # the bucket: every pixel of slice 2 (all were 0)
+    assert mask[2].all()
     with tracker.suspended():
         labels_layer.data_setitem((np.array([0]), np.array([0]), np.array([0])), 9)
-    assert not tracker.mask[0, 0, 0]
+    assert not mask[0, 0, 0]
+    tracker.disconnect()
+    labels_layer.data_setitem((np.array([0]), np.array([1]), np.array([1])), 9)
+    assert not mask[0, 1, 1]
 
 
 def test_write_labels_keeps_edits_and_is_one_undo_step(labels_layer):
@@ -176,3 +179,108 @@ def test_registry_round_trips_through_json():
     restored = ClassRegistry.from_json(json.loads(json.dumps(registry.to_json())))
     assert restored == registry
     assert restored.update((("bird",), ("cat",), ("fish",), ("dog",))) == [3, 1, 4, 2]
+
+
+def test_label_values_and_values_present_match_numpy(rng):
+    from napari_sclip.plugin.layers import label_values, values_present
+
+    for dtype in (np.uint8, np.uint16, np.int32, np.uint32):
+        data = rng.choice([0, 3, 9, 300 if dtype != np.uint8 else 200], (4, 20, 30)).astype(dtype)
+        assert label_values(data) == [int(v) for v in np.unique(data) if v]
+        assert values_present(data, {3, 5, 9}) == {3, 9}
+        assert values_present(data[0], set()) == set()
+    assert label_values(np.zeros((5, 5), np.uint16)) == []
+
+
+def _state_with_history():
+    from napari_sclip.plugin.state import LabelsState
+
+    state = LabelsState.new((3, 20, 30))
+    state.classes.update((("cat",), ("dog", "puppy")))
+    state.edited[2, 4, 5] = True
+    state.record_run((0,), {"model": "m", "window": 224, "resized_shape": (336, 504)})
+    state.review_status = "reviewed"
+    return state
+
+
+def test_labels_state_travels_as_plain_data():
+    """What a layer's metadata holds is JSON apart from the edited mask, and reads back equal."""
+    import json
+
+    from napari_sclip.plugin.state import METADATA_KEY, LabelsState
+
+    state = _state_with_history()
+    metadata = {"other plugin": 1}
+    state.store(metadata)
+    plain = dict(metadata[METADATA_KEY])
+    assert plain.pop("edited") is state.edited  # shared: strokes marked later are in the metadata
+    json.dumps(plain)
+    restored = LabelsState.from_metadata(json.loads(json.dumps({METADATA_KEY: {**plain, "edited": None}})),
+                                         np.zeros((3, 20, 30), np.uint8))
+    assert restored.classes == state.classes and restored.review_status == "reviewed"
+    assert restored.slices == {(0,): {"model": "m", "window": 224, "resized_shape": [336, 504]}}
+    assert not restored.edited.any()  # no mask stored: nothing edited
+    assert metadata["other plugin"] == 1
+
+
+def test_labels_state_slices_and_runs():
+    from napari_sclip.plugin.state import LabelsState
+
+    state = _state_with_history()
+    assert state.labelled_slices() == [(0,), (2,)]  # segmented, and painted
+    state.slices[(1,)] = {"source": {"sha256": "x"}, "created": "then", "slice": [1], "model": "old",
+                          "vocabulary_version": 3, "pamr_iterations": 10}
+    state.record_run((1,), {"model": "new", "pamr": False})
+    assert state.slices[(1,)] == {"source": {"sha256": "x"}, "created": "then", "slice": [1],
+                                  "model": "new", "pamr": False}  # identity kept, provenance replaced
+    flat = LabelsState.new((20, 30))
+    assert flat.labelled_slices() == []
+    flat.edited[3, 3] = True
+    assert flat.labelled_slices() == [()]
+
+
+def test_a_foreign_labels_layer_is_adopted_as_someone_s_work():
+    from napari_sclip.plugin.state import LabelsState
+
+    data = np.zeros((10, 10), np.uint8)
+    data[2:4, 2:4] = 7
+    for metadata in ({}, {"napari_sclip": "not ours"}):
+        state = LabelsState.from_metadata(metadata, data)
+        np.testing.assert_array_equal(state.edited, data != 0)
+        assert state.classes.names == {7: ("label 7",)} and state.classes.active == []
+        assert state.classes.plan((("cat",),))[0] == [8]  # value 7 stays the painted class's
+
+
+def test_labelled_images_are_the_labelled_slices_with_their_provenance():
+    """The napari writer hook's path: a stack's slices that hold model labels or edits, each with
+    its own provenance; a value no class has keeps its pixels as "label <value>"."""
+    from napari_sclip.plugin.io import labelled_images
+
+    state = _state_with_history()
+    labels = np.zeros((3, 20, 30), np.uint8)
+    labels[0] = 1
+    labels[2, 4, 5] = 5  # painted with a number no class has
+    metadata: dict = {}
+    state.store(metadata)
+    image = np.random.default_rng(0).integers(0, 255, (3, 20, 30, 3), dtype=np.uint8)
+    items = labelled_images(image, {"name": "stack", "rgb": True}, labels, {"metadata": metadata})
+    assert [item.name for item in items] == ["stack-000", "stack-002"]
+    first, painted = items
+    np.testing.assert_array_equal(first.image, image[0])
+    assert first.meta == {"model": "m", "window": 224, "resized_shape": (336, 504), "slice": [0],
+                          "review_status": "reviewed"}
+    assert painted.meta == {"slice": [2], "review_status": "reviewed"}
+    assert painted.edited.sum() == 1 and painted.registry.names[5] == ("label 5",) and 5 in painted.registry.active
+    labels[0, 0, 0] = 2
+    assert first.labels[0, 0] == 1  # copied when taken
+
+
+def test_segment_options_name_the_engine_s_arguments():
+    import inspect
+
+    from napari_sclip.engine.segmenter import Segmenter
+    from napari_sclip.plugin.state import METHOD_OPTIONS, OPTION_NAMES
+
+    accepted = inspect.signature(Segmenter.iter_segment).parameters
+    assert set(METHOD_OPTIONS) <= set(accepted) and set(METHOD_OPTIONS) <= set(OPTION_NAMES)
+    assert "quick_gelu" in inspect.signature(Segmenter).parameters

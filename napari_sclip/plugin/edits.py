@@ -1,9 +1,9 @@
 """Which pixels of a labels layer a person edited.
 
 napari emits ``layer.events.paint`` for every brush stroke, fill and erase, with the changed
-pixels.  :class:`EditTracker` marks them in a boolean mask the size of the layer, so that a
-re-run can keep them.  Writes made by the plugin itself happen inside :meth:`EditTracker.suspended`
-and are not counted.
+pixels.  :class:`EditTracker` marks them in a boolean mask the size of the layer (the layer's
+:attr:`~napari_sclip.plugin.state.LabelsState.edited`), so that a re-run can keep them.  Writes
+made by the plugin itself happen inside :meth:`EditTracker.suspended` and are not counted.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import numpy as np
 
 
 class EditTracker:
-    """A boolean mask of human-edited pixels that follows a labels layer's paint events."""
+    """Marks a labels layer's paint events in ``mask`` until :meth:`disconnect`."""
 
-    def __init__(self, layer) -> None:
+    def __init__(self, layer, mask: np.ndarray) -> None:
         self.layer = layer
-        self.mask = np.zeros(layer.data.shape, dtype=bool)
+        self.mask = mask
         self._suspended = 0
         layer.events.paint.connect(self._on_paint)
+
+    def disconnect(self) -> None:
+        self.layer.events.paint.disconnect(self._on_paint)
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
@@ -49,9 +52,3 @@ class EditTracker:
             self.mask[slice_key] = True
         else:
             self.mask[slice_key] |= atom.mask
-
-    def painted_values(self) -> set[int]:
-        """The label values that edited pixels hold now."""
-        if not self.mask.any():
-            return set()
-        return {int(v) for v in np.unique(np.asarray(self.layer.data)[self.mask])}

@@ -1,17 +1,26 @@
 """napari reader and writer for pseudo-label datasets.
 
-A dataset (its ``dataset.json``, or its folder when a caller names this plugin) opens as image + labels layers with class names, colours,
-confidence and the person-edited mask, so that editing continues where it stopped.  Labels
-layers (with their images) save as a dataset.
+A dataset (napari offers us only its ``dataset.json``) opens as image + labels layers with class
+names, colours, confidence and the person-edited mask, so that editing continues where it stopped.  Labels
+layers (with their images) save as a dataset: the slices that hold model labels or edits.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
-from napari_sclip.plugin.layers import class_colormap, class_features, confidence_name, labels_name
+import numpy as np
 
-METADATA_KEY = "napari_sclip"
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.plugin.layers import (
+    class_colormap,
+    class_features,
+    confidence_name,
+    label_values,
+    labels_name,
+)
+from napari_sclip.plugin.state import REVIEWED, UNREVIEWED, LabelsState
 
 
 def get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | None:
@@ -24,7 +33,9 @@ def get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | None:
 
 
 def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
-    """Layers for every sample of the dataset at ``path`` (its folder or its manifest)."""
+    """Layers for every sample of the dataset at ``path`` (its folder or its manifest); each labels
+    layer's metadata holds its :class:`~napari_sclip.plugin.state.LabelsState` (its one slice
+    holding the stored labels, with the sample's stored meta as provenance)."""
     from napari_sclip.dataset import format as fmt
     from napari_sclip.dataset.reader import find_dataset_root, read_sample, sample_ids
 
@@ -43,59 +54,58 @@ def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
         if sample.confidence is not None:
             layers.append((sample.confidence, {"name": confidence_name(image_id), "colormap": "magma",
                                                "contrast_limits": (0.0, 1.0), "opacity": 0.6, "visible": False}, "image"))
+        metadata: dict[str, Any] = {}
+        review_status = REVIEWED if sample.meta.get("review_status") == REVIEWED else UNREVIEWED
+        LabelsState(registry, sample.edited, {(): sample.meta}, review_status).store(metadata)
         layers.append((
             sample.labels,
-            {
-                "name": labels_name(image_id),
-                "colormap": class_colormap(registry),
-                "features": class_features(registry),
-                "metadata": {METADATA_KEY: {
-                    "classes": registry, "edited": sample.edited, "meta": sample.meta,
-                    "review_status": sample.meta.get("review_status", "unreviewed"),
-                }},
-            },
+            {"name": labels_name(image_id), "colormap": class_colormap(registry),
+             "features": class_features(registry), "metadata": metadata},
             "labels",
         ))
     return layers
 
 
-def labelled_image(image_data, image_meta: dict, labels_data, labels_meta: dict, confidence=None):
-    """A :class:`~napari_sclip.dataset.export.LabelledImage` from napari layer data and metadata.
+def labelled_images(image_data, image_meta: dict, labels_data, labels_meta: dict, confidence=None) -> list:
+    """The :class:`~napari_sclip.dataset.export.LabelledImage` of every 2D slice of a labels layer
+    that holds model labels or a person's edits (see :meth:`LabelsState.labelled_slices`), from
+    napari layer data and metadata; a stack's slice ``i`` is named like the CLI names it.
 
-    A labels layer napari-sclip did not make gets classes named after its values ("label 3").
+    Labels are copied, so a person may go on painting while they are written.  Every value
+    present gets a class: its own, else (painted with a number no class has) "label <value>".
     """
-    from pathlib import Path
+    from napari_sclip.dataset.export import LabelledImage, plane_stem
 
-    import numpy as np
-
-    from napari_sclip.classes import ClassRegistry
-    from napari_sclip.dataset.export import LabelledImage
-
-    state = labels_meta.get("metadata", {}).get(METADATA_KEY, {})
-    registry = state.get("classes")
-    if registry is None:
-        registry = ClassRegistry()
-        values = [int(v) for v in np.unique(np.asarray(labels_data)) if v != 0]
-        registry.names = {v: (f"label {v}",) for v in values}
-        registry.active = values
-    edits = state.get("edits")
-    edited = edits.mask if edits is not None else state.get("edited")
+    state = LabelsState.from_metadata(labels_meta.get("metadata") or {}, labels_data)
+    name = image_meta["name"]
     # A 2D image read from a file (or from a dataset) is copied as is; stacks go slice by slice.
     source = (image_meta.get("metadata") or {}).get("dataset_image") or (image_meta.get("source") or {}).get("path")
     source_path = Path(source) if source and Path(source).is_file() and np.ndim(labels_data) == 2 else None
-    return LabelledImage(
-        name=image_meta["name"],
-        image=image_data,
-        labels=labels_data,
-        registry=registry,
-        rgb=bool(image_meta.get("rgb", False)),
-        confidence=confidence,
-        edited=edited,
-        source=source_path,
-        # What the dataset knew of this image, updated by any run made since it was opened.
-        meta={**state.get("meta", {}), **state.get("params", {}),
-              **({"review_status": state["review_status"]} if "review_status" in state else {})},
-    )
+    rgb = bool(image_meta.get("rgb", False))
+    items = []
+    for index in state.labelled_slices():
+        labels = np.array(labels_data[index])
+        items.append(LabelledImage(
+            name=plane_stem(name, index) if index else name,
+            image=image_data[index],
+            labels=labels,
+            registry=_export_classes(state.classes, labels),
+            rgb=rgb,
+            confidence=None if confidence is None else np.asarray(confidence[index]),
+            edited=state.edited[index].copy(),
+            source=source_path,
+            meta={**state.slices.get(index, {}), **({"slice": list(index)} if index else {}),
+                  "review_status": state.review_status},
+        ))
+    return items
+
+
+def _export_classes(classes: ClassRegistry, labels: np.ndarray) -> ClassRegistry:
+    """``classes`` with every value present in ``labels`` active, named "label <value>" if no
+    class has it, so that an export keeps every labelled pixel."""
+    present = [v for v in label_values(labels) if v not in classes.active]
+    names = {**classes.names, **{v: (f"label {v}",) for v in present if v not in classes.names}}
+    return ClassRegistry(names, [*classes.active, *present])
 
 
 def write_dataset(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
@@ -114,6 +124,6 @@ def write_dataset(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
             raise DatasetError(f"select the image layer {image_name!r} together with {meta['name']!r} to save a dataset")
         image_data, image_meta = images[image_name]
         confidence = images.get(confidence_name(image_name), (None, None))[0]
-        items.append(labelled_image(image_data, image_meta, data, meta, confidence))
+        items += labelled_images(image_data, image_meta, data, meta, confidence)
     export_images(path, items)
     return [path]

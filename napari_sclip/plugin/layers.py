@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+from collections.abc import Generator, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,43 @@ def style_labels_layer(layer, registry: ClassRegistry) -> None:
     """Apply colours and the class table to ``layer``."""
     layer.colormap = class_colormap(registry)
     layer.features = class_features(registry)
+
+
+@contextlib.contextmanager
+def locked(layer) -> Iterator[None]:
+    """The layer refuses a person's edits inside this block, so that no stroke slips into the
+    plugin's undo step; its mode (brush, fill, ...) and selected label come back afterwards
+    (napari switches a layer that stops being editable to pan/zoom)."""
+    editable, mode, selected = layer.editable, layer.mode, layer.selected_label
+    layer.editable = False
+    try:
+        yield
+    finally:
+        layer.editable = editable
+        if editable:
+            layer.mode = mode
+        layer.selected_label = selected
+
+
+def label_values(data) -> list[int]:
+    """The non-zero values present in ``data``, ascending (a histogram for 8- and 16-bit data,
+    which is much faster than sorting)."""
+    data = np.asarray(data)
+    if data.dtype in (np.uint8, np.uint16):
+        return [int(v) for v in np.flatnonzero(np.bincount(data.ravel(), minlength=1)) if v]
+    return [int(v) for v in np.unique(data) if v != 0]
+
+
+def values_present(data, values: Iterable[int]) -> set[int]:
+    """Which of ``values`` label at least one pixel of ``data``, read one 2D slice at a time and
+    stopping once all are found."""
+    wanted = set(values)
+    found: set[int] = set()
+    for index in np.ndindex(*np.shape(data)[:-2]):
+        if found == wanted:
+            break
+        found |= wanted.intersection(label_values(data[index]))
+    return found
 
 
 def write_labels(layer, region: tuple, new_values: np.ndarray, keep: np.ndarray | None) -> int:

@@ -34,13 +34,18 @@ class JobProgress:
 @dataclass(frozen=True)
 class SliceResult:
     """The labels of one 2D slice (in the layer's numbering when the job gives ``label_values``,
-    else the engine's 1..C), its confidence if kept, and whether the slice's image features came
-    from the engine's feature cache."""
+    else the engine's 1..C), its confidence if kept, and how the engine made it (its
+    ``SegmentationResult.params``: model, weights, device, precision, method and parameters)."""
 
     region: Region
     labels: np.ndarray
     confidence: np.ndarray | None
-    features_reused: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def features_reused(self) -> bool:
+        """Whether the slice's image features came from the engine's feature cache."""
+        return bool(self.params.get("features_reused"))
 
 
 @dataclass
@@ -110,8 +115,7 @@ def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list[Sli
             except StopIteration as stop:
                 confidence = stop.value.confidence if job.keep_confidence else None
                 labels = stop.value.labels if job.label_values is None else job.label_values[stop.value.labels]
-                reused = bool(stop.value.params.get("features_reused"))
-                results.append(SliceResult(region, labels, confidence, reused))
+                results.append(SliceResult(region, labels, confidence, stop.value.params))
                 break
             low, high = _STAGE_SPAN.get(step.stage, (0.0, 0.0))
             text = _STAGE_TEXT.get(step.stage, step.stage)

@@ -1,18 +1,24 @@
 """The "SCLIP segmentation" dock widget (Qt, through qtpy only).
 
-Business logic lives in :mod:`napari_sclip.classes`, :mod:`.edits`, :mod:`.layers` and :mod:`.runner`; this
-module wires them to Qt controls and to a napari generator worker, so nothing slow ever runs on
-the GUI thread.
+Business logic lives in :mod:`napari_sclip.classes`, :mod:`.state`, :mod:`.edits`, :mod:`.layers`
+and :mod:`.runner`; this module wires them to Qt controls and to napari generator workers, so
+nothing slow ever runs on the GUI thread.
+
+The widget keeps one record per labels layer it works with (:class:`_LabelsRecord`: the layer's
+:class:`~napari_sclip.plugin.state.LabelsState` and the tracker of a person's edits), keyed by the
+layer's ``unique_id``: plugins see napari's proxies of layers, so identity is no key.  Each change
+is written back into the layer's metadata as plain data, where napari's writer hook finds it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Hashable
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
@@ -45,21 +51,66 @@ from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.methods import METHODS, get_method
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.plugin.edits import EditTracker
-from napari_sclip.plugin.io import METADATA_KEY, labelled_image
+from napari_sclip.plugin.io import labelled_images
 from napari_sclip.plugin.layers import (
     confidence_name,
     iter_write_labels,
     labels_name,
+    locked,
     style_labels_layer,
+    values_present,
 )
 from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
+from napari_sclip.plugin.state import (
+    METADATA_KEY,
+    OPTION_NAMES,
+    REVIEWED,
+    UNREVIEWED,
+    LabelsState,
+    SegmentOptions,
+)
 
 if TYPE_CHECKING:
     import napari
 
 _log = logging.getLogger(__name__)
 EXAMPLE_VOCABULARY = "person\nsky\ntree, plant\nbuilding\ngrass\n"
-_METADATA_KEY = METADATA_KEY
+
+
+@dataclass
+class _LabelsRecord:
+    """The widget's record of one labels layer: its state, and the tracker marking a person's
+    edits into ``state.edited``."""
+
+    state: LabelsState
+    tracker: EditTracker
+
+
+class _Choice(QComboBox):
+    """A combo box over ``(text, value)`` pairs, read and set by value."""
+
+    def __init__(self, choices: list[tuple[str, Any]], tip: str) -> None:
+        super().__init__()
+        self.setToolTip(tip)
+        self.set_choices(choices)
+
+    def set_choices(self, choices: list[tuple[str, Any]]) -> None:
+        current = self.value() if self.count() else None
+        self._values = [value for _, value in choices]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems([text for text, _ in choices])
+        self.blockSignals(False)
+        if current in self._values:
+            self.setValue(current)
+
+    def value(self) -> Any:
+        return self._values[self.currentIndex()]
+
+    def setValue(self, value: Any) -> None:
+        if value not in self._values:
+            raise ValueError(f"{value!r} is not one of {self._values}")
+        self.setCurrentIndex(self._values.index(value))
 
 
 class SclipWidget(QWidget):
@@ -73,113 +124,131 @@ class SclipWidget(QWidget):
         self._progress = None
         self._stop_export: threading.Event | None = None
         self._segmenter = None
+        self._warnings: list[str] = []  # the running job's warnings, for its final status
+        self._records: dict[Hashable, _LabelsRecord] = {}  # by labels layer unique_id
+        self._drafts: dict[Hashable, str] = {}  # by image unique_id: vocabulary typed, not yet run
+        self._image_names: dict[Hashable, str] = {}  # by image unique_id: to follow renames
+        self._setting_text = False
 
         self._image_combo = QComboBox()
         self._image_combo.setToolTip("The image layer to segment")
-        self._slice_combo = QComboBox()
-        self._slice_combo.addItems(["current slice", "all slices"])
-        self._slice_combo.setToolTip("For stacks: segment the slice on screen, or every 2D slice")
+        slices = _Choice([("current slice", False), ("all slices", True)],
+                         "For stacks: segment the slice on screen, or every 2D slice")
 
         self._vocabulary_edit = QPlainTextEdit(EXAMPLE_VOCABULARY)
         self._vocabulary_edit.setPlaceholderText("One class per line; synonyms after commas:\ncar, automobile")
-        self._vocabulary_edit.setToolTip("One class per line. Synonyms after commas: the first name is shown.")
+        self._vocabulary_edit.setToolTip(
+            "One class per line. Synonyms after commas: the first name is shown. Shows the classes "
+            "of the picked image's labels, or what you typed for it"
+        )
         self._vocabulary_edit.setMaximumHeight(150)
-        load_button = QPushButton("Load…")
-        save_button = QPushButton("Save…")
-        load_button.clicked.connect(self._load_vocabulary)
-        save_button.clicked.connect(self._save_vocabulary)
         self._class_list = QListWidget()
         self._class_list.setToolTip("Label value and colour of each class")
         self._class_list.setMaximumHeight(140)
 
-        self._model_edit = QLineEdit(config.default_model())
-        self._weights_edit = QLineEdit(config.default_pretrained())
-        self._weights_edit.setToolTip("An open_clip pretrained tag (e.g. openai) or a checkpoint file")
-        browse = QPushButton("…")
-        browse.setFixedWidth(30)
-        browse.clicked.connect(self._browse_weights)
-        self._device_combo = QComboBox()
-        self._device_combo.addItem(config.default_device())
-        self._method_combo = QComboBox()
-        for index, method in enumerate(METHODS.values()):
-            self._method_combo.addItem(method.title, method.name)
-            self._method_combo.setItemData(index, method.description, Qt.ItemDataRole.ToolTipRole)
-        self._method_combo.setToolTip("The training-free method; each brings its authors' settings")
+        method = _Choice([(m.title, m.name) for m in METHODS.values()],
+                         "The training-free method; each brings its authors' settings")
+        for index, described in enumerate(METHODS.values()):
+            method.setItemData(index, described.description, Qt.ItemDataRole.ToolTipRole)
         self._method_note = QLabel()
         self._method_note.setWordWrap(True)
         self._method_note.setStyleSheet("color: gray")
-        self._pamr_box = QCheckBox("PAMR refinement")
-        self._pamr_box.setToolTip("Refine the labels along image edges (PAMR); slower, NACLIP's default")
-        self._short_side = _spin(16, 4096, config.DEFAULT_SHORT_SIDE, "Resize so the short side has this many pixels")
-        self._window = _spin(16, 2048, config.DEFAULT_WINDOW, "Sliding-window size in pixels")
-        self._stride = _spin(1, 2048, config.DEFAULT_STRIDE, "Sliding-window step in pixels")
-        self._logit_scale = _double(0.1, 1000.0, config.DEFAULT_LOGIT_SCALE, 1, "Sharpness of the softmax")
-        self._threshold = _double(0.0, 1.0, config.DEFAULT_PROB_THRESHOLD, 2, "Leave pixels unlabelled below this probability")
-        self._confidence_box = QCheckBox("confidence layer")
-        self._confidence_box.setToolTip("Also show the winning class's probability as an image layer")
+        weights = QLineEdit(config.default_pretrained())
+        weights.setToolTip("An open_clip pretrained tag (e.g. openai) or a checkpoint file")
+        quick_gelu = _Choice(
+            [("auto (from the weights)", None), ("on", True), ("off", False)],
+            "The MLP activation: QuickGELU (OpenAI's CLIP) or GELU; auto decides from the weights "
+            "and warns when they cannot tell",
+        )
+        pamr = QCheckBox("PAMR refinement")
+        pamr.setToolTip("Refine the labels along image edges (PAMR); slower, NACLIP's default")
+        confidence = QCheckBox("confidence layer")
+        confidence.setToolTip("Also show the winning class's probability as an image layer")
+        overwrite = QCheckBox("overwrite my edits")
+        overwrite.setToolTip("Re-running normally keeps pixels you painted or filled")
+        #: One control per field of SegmentOptions (options() and set_options() go through it).
+        self._controls: dict[str, QWidget] = {
+            "model": QLineEdit(config.default_model()),
+            "pretrained": weights,
+            "device": _Choice([(config.default_device(), config.default_device())], "Where the model runs"),
+            "quick_gelu": quick_gelu,
+            "method": method,
+            "pamr": pamr,
+            "short_side": _spin(16, 4096, config.DEFAULT_SHORT_SIDE, "Resize so the short side has this many pixels"),
+            "window": _spin(16, 2048, config.DEFAULT_WINDOW, "Sliding-window size in pixels"),
+            "stride": _spin(1, 2048, config.DEFAULT_STRIDE, "Sliding-window step in pixels"),
+            "logit_scale": _double(0.1, 1000.0, config.DEFAULT_LOGIT_SCALE, 1, "Sharpness of the softmax"),
+            "prob_threshold": _double(0.0, 1.0, config.DEFAULT_PROB_THRESHOLD, 2,
+                                      "Leave pixels unlabelled below this probability"),
+            "all_slices": slices,
+            "confidence": confidence,
+            "overwrite": overwrite,
+        }
+
         self._reviewed_box = QCheckBox("reviewed")
         self._reviewed_box.setToolTip(
             "Mark this image's labels as checked by a person: exported with review status "
             "'reviewed', and never replaced by 'napari-sclip segment --overwrite'"
         )
         self._reviewed_box.toggled.connect(self._set_reviewed)
-        self._overwrite_box = QCheckBox("overwrite my edits")
-        self._overwrite_box.setToolTip("Re-running normally keeps pixels you painted or filled")
-
-        self._run_button = QPushButton("Segment")
-        self._run_button.setToolTip("Run the chosen method in the background; click again to cancel")
-        self._run_button.clicked.connect(self._toggle_run)
+        self._run_button = _button("Segment", "Run the chosen method in the background; click again to cancel",
+                                   self._toggle_run)
         self._progress_bar = QProgressBar()
         self._progress_bar.setRange(0, 1000)
         self._progress_bar.setTextVisible(False)
-        self._export_button = QPushButton("Export dataset…")
-        self._export_button.setToolTip(
+        self._open_button = _button("Open dataset…", "Open a napari-sclip dataset folder to go on editing it",
+                                    self._open_dataset_clicked)
+        self._export_button = _button(
+            "Export dataset…",
             "Save labelled images as a training dataset: those whose image or labels layer is "
-            "selected, or all of them when none is"
+            "selected, or all of them when none is; only the slices segmented or edited",
+            self._export_clicked,
         )
-        self._export_button.clicked.connect(self.export_dataset)
         self._status = QLabel("ready")
         self._status.setWordWrap(True)
 
-        self._build_layout(load_button, save_button, browse)
+        self._build_layout()
         self._connect_viewer()
-        self._vocabulary_edit.textChanged.connect(self._refresh_class_list)
-        self._image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self._method_combo.currentIndexChanged.connect(self._apply_method_defaults)
+        self._vocabulary_edit.textChanged.connect(self._on_text_changed)
+        self._image_combo.currentIndexChanged.connect(self._on_picked)
+        method.currentIndexChanged.connect(self._apply_method_defaults)
         self._apply_method_defaults()
         self._refresh_images()
-        self._refresh_class_list()
         self._find_devices()
 
     # -- layout -----------------------------------------------------------------------------------
 
-    def _build_layout(self, load_button, save_button, browse) -> None:
+    def _build_layout(self) -> None:
+        controls = self._controls
         form = QFormLayout()
         form.addRow("image", self._image_combo)
-        form.addRow("stack", self._slice_combo)
-        form.addRow("method", self._method_combo)
+        form.addRow("stack", controls["all_slices"])
+        form.addRow("method", controls["method"])
         form.addRow("", self._method_note)
 
         vocabulary_buttons = QHBoxLayout()
         vocabulary_buttons.addWidget(QLabel("classes"))
         vocabulary_buttons.addStretch()
-        vocabulary_buttons.addWidget(load_button)
-        vocabulary_buttons.addWidget(save_button)
+        vocabulary_buttons.addWidget(_button("Load…", "Read classes from a text file", self._load_vocabulary))
+        vocabulary_buttons.addWidget(_button("Save…", "Write these classes to a text file", self._save_vocabulary))
 
         weights_row = QHBoxLayout()
-        weights_row.addWidget(self._weights_edit)
+        weights_row.addWidget(controls["pretrained"])
+        browse = _button("…", "Choose a checkpoint file", self._browse_weights)
+        browse.setFixedWidth(30)
         weights_row.addWidget(browse)
         advanced_form = QFormLayout()
-        advanced_form.addRow("model", self._model_edit)
+        advanced_form.addRow("model", controls["model"])
         advanced_form.addRow("weights", weights_row)
-        advanced_form.addRow("device", self._device_combo)
-        advanced_form.addRow("short side", self._short_side)
-        advanced_form.addRow("window", self._window)
-        advanced_form.addRow("stride", self._stride)
-        advanced_form.addRow("logit scale", self._logit_scale)
-        advanced_form.addRow("threshold", self._threshold)
-        advanced_form.addRow(self._pamr_box)
-        advanced_form.addRow(self._confidence_box)
+        advanced_form.addRow("QuickGELU", controls["quick_gelu"])
+        advanced_form.addRow("device", controls["device"])
+        advanced_form.addRow("short side", controls["short_side"])
+        advanced_form.addRow("window", controls["window"])
+        advanced_form.addRow("stride", controls["stride"])
+        advanced_form.addRow("logit scale", controls["logit_scale"])
+        advanced_form.addRow("threshold", controls["prob_threshold"])
+        advanced_form.addRow(controls["pamr"])
+        advanced_form.addRow(controls["confidence"])
         advanced_widget = QWidget()
         advanced_widget.setLayout(advanced_form)
         self._advanced = QCollapsible("Advanced")
@@ -190,40 +259,99 @@ class SclipWidget(QWidget):
         layout.addLayout(vocabulary_buttons)
         layout.addWidget(self._vocabulary_edit)
         layout.addWidget(self._class_list)
-        layout.addWidget(self._overwrite_box)
+        layout.addWidget(controls["overwrite"])
         layout.addWidget(self._advanced)
         layout.addWidget(self._run_button)
-        export_row = QHBoxLayout()
-        export_row.addWidget(self._reviewed_box)
-        export_row.addWidget(self._export_button, stretch=1)
-        layout.addLayout(export_row)
+        dataset_row = QHBoxLayout()
+        dataset_row.addWidget(self._reviewed_box)
+        dataset_row.addWidget(self._open_button, stretch=1)
+        dataset_row.addWidget(self._export_button, stretch=1)
+        layout.addLayout(dataset_row)
         layout.addWidget(self._progress_bar)
         layout.addWidget(self._status)
         layout.addStretch()
 
+    # -- options ----------------------------------------------------------------------------------
+
+    def options(self) -> SegmentOptions:
+        """Every setting, as the controls show it."""
+        return SegmentOptions(**{name: _value(control) for name, control in self._controls.items()})
+
+    def set_options(self, **values) -> None:
+        """Set controls by :class:`SegmentOptions` field name; a method first fills its defaults,
+        then the other values given apply."""
+        unknown = set(values) - set(OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        for name in OPTION_NAMES:  # "method" comes before the settings it fills
+            if name in values:
+                _set_value(self._controls[name], values[name])
+
+    def _apply_method_defaults(self) -> None:
+        method = get_method(self._controls["method"].value())
+        self._method_note.setText(method.description)
+        self.set_options(short_side=method.short_side, window=method.window, stride=method.stride,
+                         logit_scale=method.logit_scale, pamr=method.refinement is not None)
+
     # -- viewer layers ----------------------------------------------------------------------------
 
     def _connect_viewer(self) -> None:
-        events = self.viewer.layers.events
-        for event in (events.inserted, events.removed, events.reordered):
-            event.connect(self._refresh_images)
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._on_inserted)
+        layers.events.removed.connect(self._on_removed)
+        layers.events.reordered.connect(self._refresh_images)
+        layers.selection.events.active.connect(self._on_active_layer)
+        for layer in layers:
+            layer.events.name.connect(self._refresh_images)
+
+    def _on_inserted(self, event) -> None:
+        event.value.events.name.connect(self._refresh_images)
+        self._refresh_images()
+
+    def _on_removed(self, event) -> None:
+        present = {layer.unique_id for layer in self.viewer.layers}
+        for uid in [uid for uid in self._records if uid not in present]:
+            self._records.pop(uid).tracker.disconnect()
+        for uid in [uid for uid in self._drafts if uid not in present]:
+            del self._drafts[uid]
+        self._refresh_images()
 
     def _image_layers(self) -> list:
+        """The image layers one can segment (not the confidence layers this widget made)."""
         from napari.layers import Image
 
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        derived = {confidence_name(layer.name) for layer in images}
+        return [layer for layer in images if layer.name not in derived]
+
+    def _layer(self, unique_id: Hashable):
+        return next((layer for layer in self.viewer.layers if layer.unique_id == unique_id), None)
 
     def _refresh_images(self, event=None) -> None:
+        """Rebuild the picker; follow renamed images with their labels and confidence layers;
+        start tracking edits on every labels layer napari-sclip made or opened."""
+        images = self._image_layers()
+        self._follow_renames(images)
         self._track_sclip_layers()
         current = self._image_combo.currentText()
         self._image_combo.blockSignals(True)
         self._image_combo.clear()
-        names = [layer.name for layer in self._image_layers()]
+        names = [layer.name for layer in images]
         self._image_combo.addItems(names)
         if current in names:
             self._image_combo.setCurrentText(current)
         self._image_combo.blockSignals(False)
         self._on_image_changed()
+
+    def _follow_renames(self, images: list) -> None:
+        layers = self.viewer.layers
+        renamed = [(self._image_names[image.unique_id], image.name) for image in images
+                   if self._image_names.get(image.unique_id, image.name) != image.name]
+        self._image_names = {image.unique_id: image.name for image in images}
+        for old, new in renamed:  # each rename below comes back here, with nothing left to do
+            for derived in (labels_name, confidence_name):
+                if derived(old) in layers and derived(new) not in layers:
+                    layers[derived(old)].name = derived(new)
 
     def _track_sclip_layers(self) -> None:
         """Follow edits on every labels layer napari-sclip made or opened, from now on."""
@@ -231,34 +359,40 @@ class SclipWidget(QWidget):
 
         for layer in self.viewer.layers:
             if isinstance(layer, Labels) and METADATA_KEY in layer.metadata:
-                self._tracker(layer)
+                self._record(layer)
+
+    def _on_active_layer(self, event) -> None:
+        """Picking an image, or its labels or confidence layer, in the layer list picks the image."""
+        name = self._image_of(event.value) if event.value is not None else None
+        if name is not None and name != self._image_combo.currentText():
+            self._image_combo.setCurrentText(name)
+
+    def _on_picked(self, *_) -> None:
+        """Picking an image makes it (or its labels layer, where one paints) napari's active
+        layer, unless one of its layers already is: the picker and the layer list agree."""
+        self._on_image_changed()
+        image = self.selected_image()
+        active = self.viewer.layers.selection.active
+        if image is None or (active is not None and self._image_of(active) == image.name):
+            return
+        self.viewer.layers.selection.active = self._labels_layer(image) or image
+
+    def _image_of(self, layer) -> str | None:
+        """The name of the image a layer is, or belongs to ("<image> labels", "<image> confidence")."""
+        names = {layer.name, layer.name.removesuffix(" labels"), layer.name.removesuffix(" confidence")}
+        return next((image.name for image in self._image_layers() if image.name in names), None)
 
     def selected_image(self):
         """The image layer chosen in the picker, or ``None``."""
         name = self._image_combo.currentText()
         return next((layer for layer in self._image_layers() if layer.name == name), None)
 
-    def _on_image_changed(self, *_) -> None:
-        layer = self.selected_image()
-        stacked = layer is not None and (layer.data.ndim - (1 if layer.rgb else 0)) > 2
-        self._slice_combo.setEnabled(stacked)
-        self._refresh_class_list()
+    def _on_image_changed(self) -> None:
+        image = self.selected_image()
+        stacked = image is not None and (image.data[0] if image.multiscale else image.data).ndim - image.rgb > 2
+        self._controls["all_slices"].setEnabled(stacked)
+        self._show_vocabulary(image)
         self._refresh_reviewed()
-
-    def _refresh_reviewed(self) -> None:
-        """The reviewed box shows the chosen image's labels layer's status."""
-        labels = self._selected_labels()
-        state = labels.metadata.get(_METADATA_KEY, {}) if labels is not None else {}
-        self._reviewed_box.blockSignals(True)
-        self._reviewed_box.setEnabled(labels is not None)
-        self._reviewed_box.setChecked(state.get("review_status") == "reviewed")
-        self._reviewed_box.blockSignals(False)
-
-    def _set_reviewed(self, checked: bool) -> None:
-        labels = self._selected_labels()
-        if labels is not None:
-            self._tracker(labels)  # adopt a layer made elsewhere first
-            labels.metadata[_METADATA_KEY]["review_status"] = "reviewed" if checked else "unreviewed"
 
     def _selected_labels(self):
         """The labels layer of the image chosen in the picker, or ``None``."""
@@ -269,23 +403,15 @@ class SclipWidget(QWidget):
         name = labels_name(image.name)
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _registry(self, labels) -> ClassRegistry:
-        """The layer's classes; a new, empty registry for layers napari-sclip has not written."""
-        state = labels.metadata.get(_METADATA_KEY, {}) if labels is not None else {}
-        return state.get("classes") or ClassRegistry()
-
-    def _tracker(self, labels) -> EditTracker:
-        # Kept with the layer (not keyed by the layer object: plugins see napari's proxies of it).
-        adopted = _METADATA_KEY not in labels.metadata
-        state = labels.metadata.setdefault(_METADATA_KEY, {})
-        if "edits" not in state:
-            state["edits"] = EditTracker(labels)
-            if adopted:
-                # A labels layer napari-sclip did not make: its labels are someone's work.
-                state["edits"].mask[...] = np.asarray(labels.data) != 0
-            elif "edited" in state:  # opened from a dataset: the stored person-edited mask
-                state["edits"].mask[...] = state.pop("edited")
-        return state["edits"]
+    def _record(self, labels) -> _LabelsRecord:
+        """The widget's record of ``labels``, made on first use from the layer's metadata (a
+        layer napari-sclip did not make is adopted: its labels are someone's work)."""
+        record = self._records.get(labels.unique_id)
+        if record is None:
+            state = LabelsState.from_metadata(labels.metadata, labels.data)
+            state.store(labels.metadata)
+            record = self._records[labels.unique_id] = _LabelsRecord(state, EditTracker(labels, state.edited))
+        return record
 
     # -- vocabulary -------------------------------------------------------------------------------
 
@@ -294,8 +420,31 @@ class SclipWidget(QWidget):
         return parse_vocabulary_text(self._vocabulary_edit.toPlainText())
 
     def set_vocabulary(self, lines: list[str] | str) -> None:
+        """Put classes in the editor, as if typed."""
         text = lines if isinstance(lines, str) else "\n".join(lines)
         self._vocabulary_edit.setPlainText(text)
+
+    def _on_text_changed(self) -> None:
+        image = self.selected_image()
+        if image is not None and not self._setting_text:
+            self._drafts[image.unique_id] = self._vocabulary_edit.toPlainText()
+        self._refresh_class_list()
+
+    def _show_vocabulary(self, image) -> None:
+        """Show the picked image's vocabulary: what was typed for it and not yet run, else its
+        labels' classes; an image with neither keeps the text there (to segment it alike)."""
+        text = self._drafts.get(image.unique_id) if image is not None else None
+        labels = self._labels_layer(image) if image is not None else None
+        if text is None and labels is not None:
+            classes = self._record(labels).state.classes
+            text = "\n".join(", ".join(classes.names[uid]) for uid in classes.active) or None
+        if text is not None and text != self._vocabulary_edit.toPlainText():
+            self._setting_text = True
+            try:
+                self._vocabulary_edit.setPlainText(text)
+            finally:
+                self._setting_text = False
+        self._refresh_class_list()
 
     def _refresh_class_list(self) -> None:
         self._class_list.clear()
@@ -306,8 +455,9 @@ class SclipWidget(QWidget):
             item.setForeground(QColor("orange"))
             self._class_list.addItem(item)
             return
-        registry = self._registry(self._selected_labels())
-        uids, _ = registry.plan(vocabulary.classes)
+        labels = self._selected_labels()
+        classes = self._record(labels).state.classes if labels is not None else ClassRegistry()
+        uids, _ = classes.plan(vocabulary.classes)
         for uid, names in zip(uids, vocabulary.classes):
             swatch = QPixmap(14, 14)
             swatch.fill(QColor(*label_color(uid)))
@@ -333,14 +483,31 @@ class SclipWidget(QWidget):
             try:
                 Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
             except OSError as exc:
-                self._notify_error(exc)
+                self._notify_error(f"cannot write {path}: {exc.strerror or exc}")
 
     def _browse_weights(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
             self, "Choose CLIP weights", "", "Checkpoints (*.pt *.pth *.bin *.safetensors);;All files (*)"
         )
         if path:
-            self._weights_edit.setText(path)
+            self.set_options(pretrained=path)
+
+    # -- review status ----------------------------------------------------------------------------
+
+    def _refresh_reviewed(self) -> None:
+        """The reviewed box shows the chosen image's labels layer's status."""
+        labels = self._selected_labels()
+        self._reviewed_box.blockSignals(True)
+        self._reviewed_box.setEnabled(labels is not None)
+        self._reviewed_box.setChecked(labels is not None and self._record(labels).state.review_status == REVIEWED)
+        self._reviewed_box.blockSignals(False)
+
+    def _set_reviewed(self, checked: bool) -> None:
+        labels = self._selected_labels()
+        if labels is not None:
+            record = self._record(labels)
+            record.state.review_status = REVIEWED if checked else UNREVIEWED
+            record.state.store(labels.metadata)
 
     # -- devices (found in the background: it imports torch) ---------------------------------------
 
@@ -359,17 +526,17 @@ class SclipWidget(QWidget):
         self._device_worker.start()
 
     def _set_devices(self, devices: list[str]) -> None:
-        current = self._device_combo.currentText()
-        self._device_combo.clear()
-        self._device_combo.addItems(["auto", *devices])
-        if current in ("auto", *devices):
-            self._device_combo.setCurrentText(current)
+        combo = self._controls["device"]
+        names = ["auto", *devices]
+        if combo.value() not in names:  # e.g. NAPARI_SCLIP_DEVICE names a device not found: keep it
+            names.append(combo.value())
+        combo.set_choices([(name, name) for name in names])
 
     # -- running ----------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
-        """Whether a segmentation is computing or its labels are being written."""
+        """Whether a segmentation or export is computing, or labels are being written."""
         return self._worker is not None or self._writing
 
     def _toggle_run(self) -> None:
@@ -378,42 +545,18 @@ class SclipWidget(QWidget):
         else:
             self.segment()
 
-    def set_method(self, name: str) -> None:
-        """Choose a method by name (``"sclip"``, ``"naclip"``, ...); its defaults fill the settings."""
-        index = self._method_combo.findData(get_method(name).name)
-        self._method_combo.setCurrentIndex(index)
-
-    def _apply_method_defaults(self) -> None:
-        method = get_method(self._method_combo.currentData())
-        self._method_note.setText(method.description)
-        self._short_side.setValue(method.short_side)
-        self._window.setValue(method.window)
-        self._stride.setValue(method.stride)
-        self._logit_scale.setValue(method.logit_scale)
-        self._pamr_box.setChecked(method.refinement is not None)
-
-    def _options(self) -> dict:
-        return {
-            "method": self._method_combo.currentData(),
-            "pamr": self._pamr_box.isChecked(),
-            "short_side": self._short_side.value(),
-            "window": self._window.value(),
-            "stride": self._stride.value(),
-            "logit_scale": self._logit_scale.value(),
-            "prob_threshold": self._threshold.value(),
-        }
-
     def _get_segmenter(self):
         from napari_sclip import Segmenter
 
-        wanted = (self._model_edit.text().strip(), self._weights_edit.text().strip(), self._device_combo.currentText())
+        options = self.options()
+        wanted = (options.model, options.pretrained, options.device, options.quick_gelu)
         seg = self._segmenter
-        if seg is None or (seg.model_name, seg.pretrained, seg.device_name) != wanted:
-            self._segmenter = Segmenter(*(value or None for value in wanted))
+        if seg is None or (seg.model_name, seg.pretrained, seg.device_name, seg.quick_gelu) != wanted:
+            self._segmenter = Segmenter(*(value or None for value in wanted[:3]), quick_gelu=options.quick_gelu)
         return self._segmenter
 
     def segment(self) -> None:
-        """Start segmenting the selected image in a background worker."""
+        """Start segmenting the selected image in a background worker (what Segment does)."""
         if self.running:
             return
         image = self.selected_image()
@@ -425,38 +568,63 @@ class SclipWidget(QWidget):
         except SclipError as exc:
             self._notify_error(exc)
             return
+        options = self.options()
         labels = self._labels_layer(image)
-        if labels is not None:
-            self._tracker(labels)  # adopt a layer made elsewhere before anything else reads it
-            if not self._confirm_removals(labels, vocabulary):
-                return
-        current = None if self._slice_combo.currentText() == "all slices" else self.viewer.dims.current_step
-        uids, _ = self._registry(labels).plan(vocabulary.classes)
+        agreed = self._confirm_removals(labels, vocabulary, set()) if labels is not None else set()
+        if agreed is None:
+            return
+        classes = self._record(labels).state.classes if labels is not None else ClassRegistry()
+        uids, _ = classes.plan(vocabulary.classes)
+        data = image.data[0] if image.multiscale else image.data  # the full-resolution level
         job = SegmentJob(
-            data=image.data[0] if image.multiscale else image.data,  # the full-resolution level
+            data=data,
             rgb=image.rgb,
-            regions=slice_regions(image.data.shape, image.rgb, current),
+            regions=slice_regions(data.shape, image.rgb, None if options.all_slices else self._slice_on_screen(image)),
             vocabulary=vocabulary,
-            options=self._options(),
-            contrast_limits=None if image.rgb and image.data.dtype == np.uint8 else tuple(image.contrast_limits),
-            keep_confidence=self._confidence_box.isChecked(),
+            options=options.method_options(),
+            contrast_limits=None if image.rgb and data.dtype == np.uint8 else tuple(image.contrast_limits),
+            keep_confidence=options.confidence,
             label_values=np.array([0, *uids], dtype=np.uint8 if max(uids) <= 255 else np.uint16),
         )
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
         segmenter = self._get_segmenter()
-        params = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, **job.options}
-        # Errors are ours to report (one line); they are not re-raised in the GUI thread.
-        self._worker = create_worker(run_job, segmenter, job, _start_thread=False, _ignore_errors=True)
+        image_id = image.unique_id
+        self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
+        self._status.setText("starting…")
+        self._start_worker(run_job, (segmenter, job),
+                           lambda results: self._apply(image_id, vocabulary, options, agreed, results))
+
+    def _start_worker(self, job: Callable, args: tuple, returned: Callable[[Any], None]) -> None:
+        """Run the generator ``job(*args)`` in a worker thread; the Segment button cancels it.
+
+        The worker is superqt's plain one, not napari's, which would show every error and warning
+        a second time: this widget reports each once, as one line (status and notification).
+        """
+        from napari.qt.threading import create_worker
+        from superqt.utils import GeneratorWorker
+
+        self._warnings = []
+        self._worker = create_worker(job, *args, _worker_class=GeneratorWorker, _start_thread=False,
+                                     _ignore_errors=True)
         self._worker.yielded.connect(self._on_progress)
-        self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results, params))
+        self._worker.warned.connect(self._on_warning)
+        self._worker.returned.connect(returned)
         self._worker.errored.connect(self._notify_error)
         self._worker.finished.connect(self._on_finished)
-        self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
-        self._run_button.setText("Cancel")
-        self._status.setText("starting…")
+        self._show_busy()
         self._worker.start()
+
+    def _show_busy(self) -> None:
+        """Segment becomes Cancel while a worker runs; while labels are written nothing can
+        start, and no export starts while anything runs."""
+        self._run_button.setText("Segment" if self._worker is None else "Cancel")
+        self._run_button.setEnabled(not self._writing)
+        self._export_button.setEnabled(not self.running)
+
+    def _slice_on_screen(self, image) -> tuple[int, ...]:
+        """The image's data position on screen (its scale and translation undone), rounded."""
+        return tuple(int(round(c)) for c in image.world_to_data(self.viewer.dims.point))
 
     def cancel(self) -> None:
         """Stop the running segmentation (nothing is written) or export (between images)."""
@@ -476,6 +644,19 @@ class SclipWidget(QWidget):
             bar.set_description(f"SCLIP: {step.message}")
             bar.update(value - bar.n)
 
+    def _on_warning(self, warning: tuple) -> None:
+        """A warning raised in the worker (``warnings.showwarning``'s arguments).  Deprecation
+        notices of libraries are for developers: Python hides them by default, and so do we."""
+        from napari.utils.notifications import show_warning
+
+        message = " ".join(str(warning[0]).split())
+        if issubclass(warning[1], (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            _log.debug("worker warning: %s", message)
+            return
+        self._warnings.append(message)
+        self._status.setText(f"warning: {message}")
+        show_warning(f"SCLIP: {message}")
+
     def _on_finished(self) -> None:
         aborted = self._worker is not None and self._worker.abort_requested
         self._worker = None
@@ -483,8 +664,7 @@ class SclipWidget(QWidget):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self._run_button.setText("Segment")
-        self._run_button.setEnabled(not self._writing)
+        self._show_busy()
         self._progress_bar.setValue(0)
         if aborted:
             self._status.setText("cancelled: nothing was changed")
@@ -501,59 +681,68 @@ class SclipWidget(QWidget):
 
     # -- writing results --------------------------------------------------------------------------
 
-    def _confirm_removals(self, labels, vocabulary: Vocabulary) -> bool:
-        registry = self._registry(labels)
-        _, retired = registry.plan(vocabulary.classes)
-        tracker = self._tracker(labels)
-        painted = sorted(set(retired) & tracker.painted_values())
-        if not painted:
-            return True
-        names = ", ".join(registry.display_name(uid) for uid in painted)
+    def _confirm_removals(self, labels, vocabulary: Vocabulary, agreed: set[int]) -> set[int] | None:
+        """Ask before a run retires classes that still label pixels of ``labels`` (beyond those
+        already ``agreed``); the classes agreed to, or ``None`` when the person declines."""
+        classes = self._record(labels).state.classes
+        _, retired = classes.plan(vocabulary.classes)
+        present = sorted(values_present(labels.data, set(retired) - agreed))
+        if not present:
+            return agreed
+        names = ", ".join(classes.display_name(uid) for uid in present)
         answer = QMessageBox.question(
             self,
-            "Remove classes with painted pixels?",
-            f"You painted pixels of {names}, which the new vocabulary no longer has. "
+            "Remove classes that label pixels?",
+            f"Pixels of '{labels.name}' are labelled {names}, which the new vocabulary no longer has. "
             "Continue and set those pixels to unlabelled?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
             QMessageBox.StandardButton.No,
         )
-        return answer == QMessageBox.StandardButton.Yes
+        return agreed | set(present) if answer == QMessageBox.StandardButton.Yes else None
 
-    def _apply(self, image, vocabulary: Vocabulary, results: list[SliceResult], params: dict) -> None:
+    def _apply(self, image_id, vocabulary: Vocabulary, options: SegmentOptions, agreed: set[int],
+               results: list[SliceResult]) -> None:
         """Write the worker's results into the image's labels layer (GUI thread)."""
-        if image not in self.viewer.layers:
+        image = self._layer(image_id)
+        if image is None:
             self._status.setText("the image layer was removed; results dropped")
             return
-        shape = tuple(image.data.shape[:-1] if image.rgb else image.data.shape)
+        data = image.data[0] if image.multiscale else image.data
+        shape = tuple(data.shape[:-1] if image.rgb else data.shape)
         labels = self._labels_layer(image)
         if labels is not None and labels.data.shape != shape:
             self._notify_error(f"layer '{labels.name}' does not have the image's shape; rename or remove it")
             return
-        registry = self._registry(labels)
-        _, retired = registry.plan(vocabulary.classes)
-        registry.update(vocabulary.classes)  # the worker already numbered the labels this way
-        dtype = np.uint8 if max(registry.names) <= 255 else np.uint16
+        if labels is not None and self._confirm_removals(labels, vocabulary, agreed) is None:
+            # a labels layer that appeared during the run
+            self._status.setText("labels not written: keep the classes or segment again")
+            return
         if labels is None:
             # A new layer: nothing to undo or protect, so no history is written.
-            data = np.zeros(shape, dtype)
+            labels_data = np.zeros(shape, results[0].labels.dtype)
             for item in results:
-                data[item.region] = item.labels
-            labels = self.viewer.add_labels(
-                data, name=labels_name(image.name), scale=image.scale, translate=image.translate
-            )
-            labels.metadata[_METADATA_KEY] = {"classes": registry, "params": params}
-            self._finish(image, labels, registry, results, int(sum(item.labels.size for item in results)))
+                labels_data[item.region] = item.labels
+            metadata: dict = {}
+            LabelsState.new(shape).store(metadata)
+            labels = self.viewer.add_labels(labels_data, name=labels_name(image.name), scale=image.scale,
+                                            translate=image.translate, metadata=metadata)
+            record = self._record(labels)
+            record.state.classes.update(vocabulary.classes)
+            self._finish(image, labels, record, results, options, sum(item.labels.size for item in results))
             return
-        labels.metadata.setdefault(_METADATA_KEY, {}).update(classes=registry, params=params)
+        record = self._record(labels)
+        _, retired = record.state.classes.plan(vocabulary.classes)
+        record.state.classes.update(vocabulary.classes)  # the worker already numbered the labels this way
+        dtype = np.uint8 if max(record.state.classes.names) <= 255 else np.uint16
         if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
             labels.data = labels.data.astype(dtype)
-        steps = self._update_labels(labels, results, retired, self._overwrite_box.isChecked())
+        steps = self._update_labels(labels, record, results, retired, options.overwrite)
         self._writing = True
-        self._run_button.setEnabled(False)
+        self._show_busy()
         self._status.setText("writing labels…")
-        self._drive(steps, lambda changed: self._finish(image, labels, registry, results, changed))
+        self._drive(steps, lambda changed: self._finish(image, labels, record, results, options, changed))
 
-    def _drive(self, steps, done) -> None:
+    def _drive(self, steps, done: Callable[[Any], None]) -> None:
         """Run a generator one step per event-loop turn (the GUI repaints in between), then call
         ``done`` with its return value."""
         try:
@@ -564,127 +753,64 @@ class SclipWidget(QWidget):
         QTimer.singleShot(0, lambda: self._drive(steps, done))
 
     def _update_labels(
-        self, labels, results: list[SliceResult], retired: list[int], overwrite: bool
+        self, labels, record: _LabelsRecord, results: list[SliceResult], retired: list[int], overwrite: bool
     ) -> Generator[None, None, int]:
         """Re-run: write new labels around the person's edits, as one undo step, in bands of rows.
 
         The layer is not editable meanwhile, so no stroke can slip into the run's undo step.
         """
-        tracker = self._tracker(labels)
-        editable = labels.editable
-        labels.editable = False
+        edited = record.state.edited
         changed = 0
-        try:
-            with tracker.suspended(), labels.block_history():
-                for item in results:
-                    new = item.labels.astype(labels.data.dtype, copy=False)
-                    keep = None if overwrite else tracker.mask[item.region]
-                    if retired and keep is not None:
-                        # Kept pixels of a removed class become unlabelled (the person agreed).
-                        stale = keep & np.isin(np.asarray(labels.data[item.region]), retired)
-                        new = np.where(stale, 0, new).astype(new.dtype)
-                        keep = keep & ~stale
-                    changed += yield from iter_write_labels(labels, item.region, new, keep)
-                    if overwrite:
-                        tracker.mask[item.region] = False
-                if retired:  # slices this run did not segment may still hold removed classes
-                    done = [item.region for item in results]  # slices are unhashable before 3.12
-                    for region in slice_regions(labels.data.shape, False, None):
-                        if region in done:
-                            continue
-                        current = np.asarray(labels.data[region])
-                        stale = np.isin(current, retired)
-                        if stale.any():
-                            cleared = np.where(stale, 0, current).astype(current.dtype)
-                            changed += yield from iter_write_labels(labels, region, cleared, None)
-        finally:
-            labels.editable = editable
+        with locked(labels), record.tracker.suspended(), labels.block_history():
+            for item in results:
+                new = item.labels.astype(labels.data.dtype, copy=False)
+                keep = None if overwrite else edited[item.region]
+                if retired and keep is not None:
+                    # Kept pixels of a removed class become unlabelled (the person agreed).
+                    stale = keep & np.isin(np.asarray(labels.data[item.region]), retired)
+                    new = np.where(stale, 0, new).astype(new.dtype)
+                    keep = keep & ~stale
+                changed += yield from iter_write_labels(labels, item.region, new, keep)
+                if overwrite:
+                    edited[item.region] = False
+            if retired:  # slices this run did not segment may still hold removed classes
+                done = [item.region for item in results]  # slices are unhashable before 3.12
+                for region in slice_regions(labels.data.shape, False, None):
+                    if region in done:
+                        continue
+                    current = np.asarray(labels.data[region])
+                    stale = np.isin(current, retired)
+                    if stale.any():
+                        cleared = np.where(stale, 0, current).astype(current.dtype)
+                        changed += yield from iter_write_labels(labels, region, cleared, None)
         return changed
 
-    def _finish(self, image, labels, registry: ClassRegistry, results: list[SliceResult], changed: int) -> None:
+    def _finish(self, image, labels, record: _LabelsRecord, results: list[SliceResult], options: SegmentOptions,
+                changed: int) -> None:
         self._writing = False
-        self._run_button.setEnabled(True)
-        tracker = self._tracker(labels)
-        style_labels_layer(labels, registry)
-        if all(item.confidence is not None for item in results):
-            confidence = self._write_confidence(image, labels.data.shape, results)
-            # Keep the labels on top, where the brush works.
-            layers = self.viewer.layers
-            layers.move(layers.index(confidence), layers.index(labels))
-        self.viewer.layers.selection.active = labels
-        # The model changed the labels: a review of the earlier ones no longer holds.
-        labels.metadata[_METADATA_KEY]["review_status"] = "unreviewed"
+        self._show_busy()
+        state = record.state
+        for item in results:
+            state.record_run(item.region[:-2], item.params)
+        state.review_status = UNREVIEWED  # the model changed the labels: a review no longer holds
+        state.store(labels.metadata)
+        style_labels_layer(labels, state.classes)
+        layers = self.viewer.layers
+        if labels in layers and image in layers:  # neither was removed while the labels were written
+            if options.confidence:
+                confidence = self._write_confidence(image, labels.data.shape, results)
+                layers.move(layers.index(confidence), layers.index(labels))  # labels on top, where one paints
+            layers.selection.active = labels
+        self._drafts.pop(image.unique_id, None)  # what was typed has now been run
         self._refresh_class_list()
         self._refresh_reviewed()
-        kept = int(tracker.mask.sum())
-        note = f", kept {kept} edited pixels" if kept and not self._overwrite_box.isChecked() else ""
+        kept = int(state.edited.sum())
+        note = f", kept {kept} edited pixels" if kept and not options.overwrite else ""
         reused = sum(item.features_reused for item in results)
         if reused:
             note += ", image features reused" if reused == len(results) else f", features of {reused} slice(s) reused"
+        note += "".join(f"; warning: {message}" for message in self._warnings)
         self._status.setText(f"done: {len(results)} slice(s), {changed} pixels updated{note}")
-
-    # -- export -----------------------------------------------------------------------------------
-
-    def labelled_images(self, selected_only: bool = False) -> list:
-        """The image layers that have a "<image> labels" layer of their shape, ready to export;
-        with ``selected_only``, those whose image or labels layer is selected (all if none is)."""
-        pairs = [(image, self._labels_layer(image)) for image in self._image_layers()]
-        pairs = [(image, labels) for image, labels in pairs if labels is not None]
-        selection = self.viewer.layers.selection
-        chosen = [(image, labels) for image, labels in pairs if image in selection or labels in selection]
-        items = []
-        for image, labels in chosen if selected_only and chosen else pairs:
-            confidence_layer = confidence_name(image.name)
-            confidence = self.viewer.layers[confidence_layer].data if confidence_layer in self.viewer.layers else None
-            self._tracker(labels)  # make sure the edits are part of the export
-            image_meta = {"name": image.name, "rgb": image.rgb, "source": {"path": image.source.path},
-                          "metadata": image.metadata}
-            items.append(labelled_image(image.data, image_meta, labels.data, {"metadata": labels.metadata}, confidence))
-        return items
-
-    def export_dataset(self, folder: str | None = None) -> None:
-        """Export the selected labelled images (all when none is selected) to a dataset folder
-        (asks for it), in the background; the Cancel button stops it between images."""
-        if self.running:
-            return
-        try:
-            items = self.labelled_images(selected_only=True)
-            if not items:
-                raise SclipError("nothing to export: segment an image first")
-        except SclipError as exc:
-            self._notify_error(exc)
-            return
-        if folder is None:
-            folder = QFileDialog.getExistingDirectory(self, "Export dataset to (a new or empty folder, or a dataset)")
-            if not folder:
-                return
-        from napari.qt.threading import create_worker
-
-        from napari_sclip.dataset.export import iter_export
-
-        stop = self._stop_export = threading.Event()
-
-        def job():
-            written = 0
-            with closing(iter_export(folder, items)) as export:
-                for written, total in export:
-                    yield JobProgress(written / total, f"exporting {written}/{total} image(s)")
-                    if stop.is_set():
-                        break
-            return written
-
-        def report(written: int) -> None:
-            what = "export cancelled after" if stop.is_set() else "exported"
-            self._status.setText(f"{what} {written} image(s) to {folder}")
-
-        self._worker = create_worker(job, _start_thread=False, _ignore_errors=True)
-        self._worker.yielded.connect(self._on_progress)
-        self._worker.returned.connect(report)
-        self._worker.errored.connect(self._notify_error)
-        self._worker.finished.connect(self._on_finished)
-        self._run_button.setText("Cancel")
-        self._status.setText(f"exporting to {folder}…")
-        self._worker.start()
 
     def _write_confidence(self, image, shape, results):
         name = confidence_name(image.name)
@@ -701,6 +827,123 @@ class SclipWidget(QWidget):
             layer.data[item.region] = item.confidence
         layer.refresh()
         return layer
+
+    # -- datasets ---------------------------------------------------------------------------------
+
+    def _open_dataset_clicked(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a napari-sclip dataset")
+        if folder:
+            self.open_dataset(folder)
+
+    def open_dataset(self, folder: str) -> None:
+        """Open a dataset folder's images and labels to go on editing them."""
+        from napari_sclip.dataset.format import MANIFEST
+        from napari_sclip.dataset.reader import find_dataset_root
+
+        root = find_dataset_root(folder)
+        if root is None:
+            self._notify_error(f"{folder} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
+            return
+        try:
+            # napari offers only a dataset's manifest to our reader (never folders): open that.
+            self.viewer.open(str(root / MANIFEST), plugin="napari-sclip")
+        except Exception as exc:  # napari wraps the reader's errors
+            cause = exc.__cause__ if isinstance(exc.__cause__, SclipError) else exc
+            self._notify_error(cause)
+            return
+        self._status.setText(f"opened {folder}")
+
+    def _export_sources(self, selected_only: bool) -> tuple[list[tuple], list[str]]:
+        """For each image layer with a "<image> labels" layer: the layer data and metadata that
+        :func:`~napari_sclip.plugin.io.labelled_images` takes; with ``selected_only``, those whose
+        image or labels layer is selected (all if none is).  Also the names of labels layers
+        napari-sclip knows whose image is not open (they cannot be exported)."""
+        layers = self.viewer.layers
+        pairs = [(image, self._labels_layer(image)) for image in self._image_layers()]
+        pairs = [(image, labels) for image, labels in pairs if labels is not None]
+        chosen = [(image, labels) for image, labels in pairs if image in layers.selection or labels in layers.selection]
+        sources = []
+        for image, labels in chosen if selected_only and chosen else pairs:
+            if not self._record(labels).state.labelled_slices():  # adopts a layer made elsewhere
+                continue
+            confidence = confidence_name(image.name)
+            image_meta = {"name": image.name, "rgb": image.rgb, "source": {"path": image.source.path},
+                          "metadata": image.metadata}
+            sources.append((image.data[0] if image.multiscale else image.data, image_meta,
+                            labels.data, {"metadata": labels.metadata},
+                            layers[confidence].data if confidence in layers else None))
+        paired = {labels.unique_id for _, labels in pairs}
+        orphans = [layer.name for layer in layers if layer.unique_id in self._records and layer.unique_id not in paired]
+        return sources, orphans
+
+    def _export_clicked(self) -> None:
+        if self.running:
+            return
+        if not self._export_sources(selected_only=True)[0]:
+            self._notify_error("nothing to export: segment an image first")
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Export dataset to (a new or empty folder, or a dataset)")
+        if folder:
+            self.export_dataset(folder)
+
+    def export_dataset(self, folder: str) -> None:
+        """Export the selected labelled images (all when none is selected) to a dataset folder, in
+        the background: their slices that hold model labels or edits.  Cancel stops it between
+        samples."""
+        if self.running:
+            return
+        sources, orphans = self._export_sources(selected_only=True)
+        if not sources:
+            self._notify_error("nothing to export: segment an image first")
+            return
+        from napari_sclip.dataset.export import iter_export
+
+        stop = self._stop_export = threading.Event()
+        skipped = f"; skipped {', '.join(orphans)} (image layer not open)" if orphans else ""
+
+        def job():
+            items = [item for source in sources for item in labelled_images(*source)]
+            written = 0
+            if not items:
+                return 0
+            with closing(iter_export(folder, items)) as export:
+                for written, total in export:
+                    yield JobProgress(written / total, f"exporting {written}/{total} image(s)")
+                    if stop.is_set():
+                        break
+            return written
+
+        def report(written: int) -> None:
+            what = "export cancelled after" if stop.is_set() else "exported"
+            self._status.setText(f"{what} {written} image(s) to {folder}{skipped}")
+
+        self._status.setText(f"exporting to {folder}…")
+        self._start_worker(job, (), report)
+
+
+def _button(text: str, tip: str, slot: Callable[[], None]) -> QPushButton:
+    """A push button that calls ``slot()`` when clicked (Qt's ``checked`` argument dropped)."""
+    button = QPushButton(text)
+    button.setToolTip(tip)
+    button.clicked.connect(lambda *_: slot())
+    return button
+
+
+def _value(control: QWidget) -> Any:
+    if isinstance(control, QCheckBox):
+        return control.isChecked()
+    if isinstance(control, QLineEdit):
+        return control.text().strip()
+    return control.value()
+
+
+def _set_value(control: QWidget, value: Any) -> None:
+    if isinstance(control, QCheckBox):
+        control.setChecked(bool(value))
+    elif isinstance(control, QLineEdit):
+        control.setText(str(value))
+    else:
+        control.setValue(value)
 
 
 def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
