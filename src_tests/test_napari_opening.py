@@ -1,5 +1,5 @@
-"""napari opens files as a user does it, with napari-sclip installed: plain images and folders as
-without the plugin, datasets through their manifest.
+"""napari opens and saves files as a user does it, with napari-sclip installed: plain images and
+folders as without the plugin, datasets through their manifest.
 
 ``viewer.open(path, plugin=None)`` is what napari's File > Open does (``viewer.open``'s own default
 is the builtin reader): napari picks the reader from the path alone."""
@@ -97,3 +97,12 @@ def test_someone_elses_dataset_json_is_not_taken_for_ours(tmp_path):
     assert get_reader(str(other / "dataset.json")) is None
     (other / "dataset.json").write_text("{not json")
     assert get_reader(str(other / "dataset.json")) is None
+
+
+def test_saving_layers_to_a_folder_stays_napari_s(display, make_napari_viewer, tmp_path):
+    """An extensionless save of an image with its labels is napari's "Save to Folder"."""
+    viewer = make_napari_viewer()
+    viewer.add_image(natural_image(20, 30), name="img", rgb=True)
+    viewer.add_labels(np.ones((20, 30), np.uint8), name="img labels")
+    viewer.layers.save(str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img labels.tif", "img.tif"]

@@ -1,8 +1,10 @@
-"""napari reader and writer for pseudo-label datasets.
+"""napari's reader for pseudo-label datasets, and labels layers as exportable samples.
 
 A dataset (napari offers us only its ``dataset.json``) opens as image + labels layers with class
 names, colours, confidence and the person-edited mask, so that editing continues where it stopped.  Labels
-layers (with their images) save as a dataset: the slices that hold model labels or edits.
+layers (with their images) export as a dataset through the widget: the slices that hold model
+labels or edits.  There is no npe2 writer: napari would pick one with no file extension for every
+extensionless save of images with labels, in place of its own "Save to Folder".
 """
 
 from __future__ import annotations
@@ -106,24 +108,3 @@ def _export_classes(classes: ClassRegistry, labels: np.ndarray) -> ClassRegistry
     present = [v for v in label_values(labels) if v not in classes.active]
     names = {**classes.names, **{v: (f"label {v}",) for v in present if v not in classes.names}}
     return ClassRegistry(names, [*classes.active, *present])
-
-
-def write_dataset(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
-    """npe2 writer hook: save labels layers, each with the image layer it was made from (named
-    "<image>" for "<image> labels"), as a dataset folder at ``path``."""
-    from napari_sclip.dataset.export import export_images
-    from napari_sclip.dataset.paths import DatasetError
-
-    images = {meta["name"]: (data, meta) for data, meta, kind in layer_data if kind == "image"}
-    items = []
-    for data, meta, kind in layer_data:
-        if kind != "labels":
-            continue
-        image_name = meta["name"].removesuffix(" labels")
-        if image_name not in images:
-            raise DatasetError(f"select the image layer {image_name!r} together with {meta['name']!r} to save a dataset")
-        image_data, image_meta = images[image_name]
-        confidence = images.get(confidence_name(image_name), (None, None))[0]
-        items += labelled_images(image_data, image_meta, data, meta, confidence)
-    export_images(path, items)
-    return [path]
