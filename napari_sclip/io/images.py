@@ -52,9 +52,9 @@ def find_images(paths: list[str | Path]) -> list[Path]:
 
 def pixel_limit() -> int | None:
     """The most pixels one 2D slice may have: twice ``PIL.Image.MAX_IMAGE_PIXELS``, the size at
-    which Pillow refuses a file as a decompression bomb (178,956,970 by default).  Labelling an
-    image that large takes about 4 GB of memory.  Raise ``PIL.Image.MAX_IMAGE_PIXELS`` to read
-    larger images; ``None`` there removes the bound."""
+    which Pillow refuses a file as a decompression bomb (178,956,970 by default: 13000 x 13000
+    fits).  Raise ``PIL.Image.MAX_IMAGE_PIXELS`` to read larger images; ``None`` there removes
+    the bound."""
     from PIL import Image
 
     return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
@@ -166,8 +166,8 @@ def _layout(path: Path, shape, axes: str | None = None) -> Layout:
 
 def _too_large(path: Path, pixels: int | None) -> ImageError:
     """The error for a slice over :func:`pixel_limit` (``pixels``: how many, when known)."""
-    size = f" has {pixels:,} pixels," if pixels is not None else ""
+    size = f" {pixels:,} pixels," if pixels is not None else ""
     return ImageError(
-        f"{path}{size} over the {pixel_limit():,} pixels per image that napari-sclip reads "
+        f"{path}:{size} over the {pixel_limit():,} pixels per image that napari-sclip reads "
         "(Pillow's decompression-bomb bound); crop it or cut it into tiles first"
     )
