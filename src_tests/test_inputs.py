@@ -250,6 +250,26 @@ def test_a_12000_px_square_png_reads_without_a_warning(tmp_path):
     assert data.shape == (12000, 12000) and layout.count == 1
 
 
+def test_an_uncompressed_stack_is_mapped_not_loaded(tmp_path):
+    """A 1 GB stack (a sparse file: cheap on disk) is read slice by slice: reading it and taking
+    one slice keeps the process's peak memory far below the stack's size."""
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, shape=(1000, 1000, 1000), dtype="uint8", photometric="minisblack")
+    code = textwrap.dedent(
+        f"""
+        import resource
+        from napari_sclip.io.images import read_with_layout
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        data, layout = read_with_layout({str(path)!r})
+        assert layout.count == 1000 and layout.plane(data, (999,)).sum() == 0
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 100  # MB; loading would take 1000
+
+
 # -- the batch and the CLI -----------------------------------------------------------------------
 
 

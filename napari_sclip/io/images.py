@@ -69,8 +69,9 @@ def read_with_layout(path: str | Path) -> tuple[np.ndarray, Layout]:
     """Read an image file and say where its 2D slices are.
 
     TIFFs go through tifffile (16-bit, float and multi-page data keep their values; the first
-    series, full resolution); everything else through Pillow (the first frame), with the EXIF
-    orientation applied and palette and CMYK images expanded to RGB(A).
+    series, full resolution; uncompressed data is memory-mapped, read-only); everything else
+    through Pillow (the first frame), with the EXIF orientation applied and palette and CMYK
+    images expanded to RGB(A).
 
     Raises
     ------
@@ -105,7 +106,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, Layout]:
             pixels, limit = layout.shape[layout.rows] * layout.shape[layout.cols], pixel_limit()
             if limit is not None and pixels > limit:
                 raise _too_large(path, pixels)
-            data = np.asarray(series.asarray())
+            # An uncompressed stack in native byte order is mapped, not loaded: slices are read
+            # as they are segmented, so a stack larger than memory still works.
+            mappable = series.dataoffset is not None and series.keyframe.is_memmappable
+            native = np.dtype(tif.byteorder + series.dtype.char).isnative
+            data = series.asarray(out="memmap" if mappable and native else None)
     # tifffile logs damage (a bad page offset: a truncated stack) and reads what it can.
     if errors:
         raise ImageError(f"{path}: damaged TIFF: {errors[0]}")
