@@ -1,24 +1,8 @@
 """Turning user images into what the model sees: 2D slices (one rule for every caller), then
 8-bit RGB.
 
-Which axes are slices and which are channels
---------------------------------------------
-:func:`image_layout` is the one rule; the CLI and the dataset tools (files), the engine (arrays)
-and the widget (layers) all use it.
-
-* **Named axes** (ImageJ, OME and other TIFFs whose axes tifffile can name, e.g. ``ZCYX``,
-  ``TZCYX``, ``YXS``): ``Y`` and ``X`` are the rows and columns; ``S`` (the samples of a pixel:
-  RGB, RGBA) is the channel axis, or else ``C``; every other axis (``T``, ``Z``, ``I``, ``C``
-  beside ``S``, ...) indexes 2D slices.  Names that tifffile marks unknown (``Q``: TIFFs written
-  from plain arrays) are not used: such files follow the shape rule.
-* **By shape** (PNG, JPEG, arrays, plain TIFFs): ``(H, W)`` is one image.  With 3 or more axes,
-  the last one holds channels when it has at most 4 entries (gray, gray + alpha, RGB, RGBA: the
-  convention of numpy, Pillow and napari), or when it is at most a quarter of each of the two axes
-  before it (``(256, 256, 5)``: five channels, not 256 slices of 256 x 5 px).  Otherwise the last
-  two axes are the rows and columns.  Every axis before the rows indexes 2D slices:
-  ``(Z, H, W)``, ``(T, Z, H, W)``, ``(Z, H, W, 3)``.  A channels-first array without names,
-  ``(3, H, W)``, is therefore 3 slices, as napari shows it.
-* An image has 1 to 4 channels; more are refused (pick or combine three into RGB first).
+Which axes are slices and which are channels: :func:`image_layout`, the one rule that the CLI
+and the dataset tools (files), the engine (arrays) and the widget (layers) all use.
 
 The rule for non-8-bit data
 ---------------------------
@@ -108,10 +92,22 @@ class Layout:
 
 
 def image_layout(shape: Sequence[int], axes: str | None = None) -> Layout:
-    """Which axes of an array of ``shape`` are 2D slices, rows, columns and channels.
+    """Which axes of an array of ``shape`` are 2D slices, rows, columns and channels: the one
+    rule, used for files, arrays and napari layers alike.
 
-    ``axes`` are tifffile's axis letters, one per axis, when the file names them.  The rule is
-    this module's docstring; it is the only place that decides.
+    * **Named axes**: ``axes`` are tifffile's letters, one per axis (ImageJ, OME and other TIFFs
+      whose axes tifffile can name: ``ZCYX``, ``TZCYX``, ``YXS``, ...).  ``Y`` and ``X`` are the
+      rows and columns; ``S`` (the samples of a pixel: RGB, RGBA) is the channel axis, or else
+      ``C``; every other axis (``T``, ``Z``, ``I``, a ``C`` beside ``S``, ...) indexes slices.
+      Letters that tifffile marks unknown (``Q``: TIFFs written from plain arrays) are not used.
+    * **By shape** (PNG, JPEG, arrays, plain TIFFs): ``(H, W)`` is one image.  With 3 or more
+      axes, the last one holds channels when it has at most 4 entries (gray, gray + alpha, RGB,
+      RGBA: the convention of numpy, Pillow and napari), or when it is at most a quarter of each
+      of the two axes before it (``(256, 256, 5)``: five channels, not 256 slices of 256 x 5 px);
+      otherwise the last two axes are the rows and columns.  Every axis before the rows indexes
+      slices: ``(Z, H, W)``, ``(T, Z, H, W)``, ``(Z, H, W, 3)``.  A channels-first array without
+      names, ``(3, H, W)``, is therefore 3 slices, as napari shows it.
+    * An image has 1 to 4 channels; more are refused (pick or combine three into RGB first).
 
     Raises
     ------
