@@ -165,19 +165,38 @@ def _split_ratios(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected name=ratio pairs such as train=0.8,val=0.2, got {text!r}") from None
 
 
-def _progress_postfix(bar):
-    """A progress callback that shows the current image's stage in the bar's postfix."""
-    labels = {"download": "downloading weights", "load": "loading model", "text": "encoding classes",
-              "windows": "windows", "resize": "labelling"}
+class _SliceProgress:
+    """The ``segment`` progress bar: one step per 2D slice, the current slice's stage in its
+    postfix.  A file counts as one slice until it is read; a stack then grows the total."""
 
-    def show(step) -> None:
-        if step.stage == "download":
+    _STAGES = {"load": "loading model", "text": "encoding classes", "windows": "windows", "resize": "labelling"}
+
+    def __init__(self, bar, files: int):
+        self.bar = bar
+        self.finished = 0  # slices of the files already reported
+        self.pending = files  # files not reported yet, the current one included
+        self.current = 1  # slices of the current file, as far as known
+
+    def __call__(self, step) -> None:
+        if step.stage == "slices":
+            self.current = step.total
+            self._show(self.finished + step.done)
+        elif step.stage == "download":
             size = f" {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB" if step.total else ""
-            bar.set_postfix_str(labels["download"] + size)
+            self.bar.set_postfix_str("downloading weights" + size)
         else:
-            bar.set_postfix_str(f"{labels.get(step.stage, step.stage)} {step.done}/{step.total}")
+            self.bar.set_postfix_str(f"{self._STAGES.get(step.stage, step.stage)} {step.done}/{step.total}")
 
-    return show
+    def file_done(self) -> None:
+        self.finished += self.current
+        self.pending -= 1
+        self.current = 1
+        self._show(self.finished)
+
+    def _show(self, done: int) -> None:
+        self.bar.total = self.finished + (self.current + self.pending - 1 if self.pending else 0)
+        self.bar.n = done
+        self.bar.refresh()
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -208,23 +227,25 @@ def _segment(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures: list[str] = []
-    bar = tqdm(total=len(images), unit="image", disable=args.quiet, dynamic_ncols=True)
-    show = _progress_postfix(bar)
+    bar = tqdm(total=len(images), unit="slice", disable=args.quiet, dynamic_ncols=True)
+    progress = _SliceProgress(bar, len(images))
     try:
         run = label_images(
             images, vocabulary, out, segmenter, options=options, overwrite=args.overwrite,
-            ratios=ratios, progress=show,
+            ratios=ratios, progress=progress,
         )
         for item in run:
             counts[item.status] += 1
             if item.status == "failed":
-                failures.append(f"{item.path}: {item.reason}")
-            bar.update(1)
+                failures.append(item.reason)
+            progress.file_done()
     finally:
         bar.close()
 
+    # Some images done: the others were skipped.  None done: the input itself is unusable.
+    usable = len(failures) < len(images)
     for failure in failures:
-        print(f"napari-sclip: skipped {failure}", file=sys.stderr)
+        print(f"napari-sclip: {'skipped' if usable else 'error:'} {failure}", file=sys.stderr)
     if not args.quiet:
         notes = [f"{counts['written']} image(s) labelled into {out}"]
         if counts["skipped"]:
@@ -234,7 +255,9 @@ def _segment(args: argparse.Namespace) -> int:
         if counts["failed"]:
             notes.append(f"{counts['failed']} failed")
         print("; ".join(notes), file=sys.stderr)
-    return EXIT_SOME_FAILED if failures else 0
+    if failures:
+        return EXIT_SOME_FAILED if usable else EXIT_ERROR
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -79,10 +79,10 @@ def test_one_dimensional_input():
     ],
 )
 def test_image_planes(shape, planes, plane_shape):
-    from napari_sclip.io.images import image_planes
+    from napari_sclip.engine.image import image_layout
 
     image = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
-    found = image_planes(image)
+    found = list(image_layout(shape).planes(image))
     assert [index for index, _ in found] == planes
     for index, plane in found:
         assert plane.shape == plane_shape

@@ -43,6 +43,7 @@ class BatchItem:
     ``"kept"`` (already there and edited or reviewed by a person, so not labelled again even with
     ``overwrite``) or ``"failed"`` (unreadable or unusable image; ``reason`` says why).
     ``image_ids`` are the samples it has in the dataset: one, or one per 2D slice of a stack.
+    ``reason`` is one line that starts with the file's path.
     """
 
     path: Path
@@ -73,8 +74,8 @@ def label_images(
     progress: ProgressCallback | None = None,
 ) -> Iterator[BatchItem]:
     """Segment the images at ``paths`` into the dataset at ``root``, yielding one
-    :class:`BatchItem` per file as it is done.  Stacks are segmented slice by slice
-    (:func:`~napari_sclip.io.images.image_planes`), one sample per 2D slice.
+    :class:`BatchItem` per file as it is done.  Stacks are segmented slice by slice, one sample
+    per 2D slice (:func:`~napari_sclip.engine.image.image_layout` says which axes are slices).
 
     Parameters
     ----------
@@ -86,7 +87,8 @@ def label_images(
         Split ratios for a new dataset; an existing one keeps its own.
     progress
         Called with the engine's :class:`~napari_sclip.engine.progress.Progress` reports for the
-        image being labelled.
+        slice being labelled, and with ``Progress("slices", done, total)`` for the file being
+        labelled: once its slices are known (``done`` 0) and after each of them.
 
     Raises
     ------
@@ -96,7 +98,8 @@ def label_images(
         The model cannot be loaded or the options are wrong (bad images only fail their own item).
     """
     from napari_sclip.engine.errors import ImageError
-    from napari_sclip.io.images import image_planes, read_image
+    from napari_sclip.engine.progress import Progress
+    from napari_sclip.io.images import read_with_layout
 
     root = Path(root).expanduser()
     registry = dataset_registry(root, vocabulary)
@@ -105,41 +108,45 @@ def label_images(
     writer.rebuild_index()  # catch up with samples that an interrupted run wrote after its last index
     stored = writer.samples_by_source()
     unindexed, last_index = 0, time.monotonic()
+    report = progress or (lambda step: None)
     try:
         for path in paths:
             path = Path(path)
             try:
                 sha = sha256_of(path)
             except OSError as exc:
-                yield BatchItem(path, "failed", reason=f"cannot read {path}: {exc.strerror or exc}")
+                yield BatchItem(path, "failed", reason=f"{path}: cannot read: {exc.strerror or exc}")
                 continue
             done = stored.setdefault(sha, {})  # plane index (None for a 2D image) -> meta
             if _keep(done.get(None), overwrite):  # a 2D image already there: no need to read it
                 yield BatchItem(path, "kept" if overwrite else "skipped", (done[None]["id"],))
                 continue
             try:
-                image = read_image(path)
-                planes = image_planes(image)
+                image, layout = read_with_layout(path)
             except ImageError as exc:
                 yield BatchItem(path, "failed", reason=str(exc))
                 continue
-            ids, written = [], 0
+            ids, written, where = [], 0, ""
+            report(Progress("slices", 0, layout.count))
             try:
-                for index, plane in planes:
+                for index, plane in layout.planes(image):
                     if _keep(done.get(index), overwrite):
                         ids.append(done[index]["id"])
+                        report(Progress("slices", len(ids), layout.count))
                         continue
+                    where = f" (slice {', '.join(map(str, index))})" if index is not None else ""
                     result = segmenter.segment(plane, vocabulary, progress=progress, **dict(options or {}))
                     image_id = writer.write(_sample(path, sha, image, index, plane, uids[result.labels], result))
                     done[index] = writer.existing_meta(image_id)[1]
                     ids.append(image_id)
                     written += 1
+                    report(Progress("slices", len(ids), layout.count))
                     unindexed += 1
                     if unindexed >= INDEX_EVERY_SAMPLES or time.monotonic() - last_index > INDEX_EVERY_SECONDS:
                         writer.rebuild_index()
                         unindexed, last_index = 0, time.monotonic()
             except ImageError as exc:
-                yield BatchItem(path, "failed", tuple(ids), reason=str(exc))
+                yield BatchItem(path, "failed", tuple(ids), reason=f"{path}{where}: {exc}")
                 continue
             status = "written" if written else "kept" if overwrite else "skipped"
             yield BatchItem(path, status, tuple(ids))
@@ -155,10 +162,10 @@ def _keep(meta: dict | None, overwrite: bool) -> bool:
 
 
 def _sample(path: Path, sha: str, image: np.ndarray, index, plane: np.ndarray, labels, result) -> Sample:
-    """A 2D image keeps its file (copied when PNG or JPEG); a stack's slice is stored as PNG, its
-    meta naming the file and the slice."""
+    """A 2D image keeps its file (copied when PNG or JPEG; others stored as PNG of ``plane``, its
+    channels last); a stack's slice is stored as PNG, its meta naming the file and the slice."""
     if index is None:
-        return Sample(path.stem, labels, image=image, source=path, source_sha256=sha,
+        return Sample(path.stem, labels, image=plane, source=path, source_sha256=sha,
                       confidence=result.confidence, meta=dict(result.params))
     source = {"path": str(path), "sha256": sha, "shape": list(image.shape), "dtype": str(image.dtype)}
     return Sample(plane_stem(path.stem, index), labels, image=plane, confidence=result.confidence,

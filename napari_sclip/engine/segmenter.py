@@ -31,7 +31,7 @@ import numpy as np
 
 from napari_sclip.engine import config
 from napari_sclip.engine._torch import F, torch
-from napari_sclip.engine.errors import ModelError, ParameterError, VocabularyError
+from napari_sclip.engine.errors import ImageError, ModelError, ParameterError, VocabularyError
 from napari_sclip.engine.feature_cache import FEATURE_CACHE
 from napari_sclip.engine.image import to_rgb_uint8
 from napari_sclip.engine.methods import DEFAULT_METHOD, Method, Refinement, get_method
@@ -100,6 +100,15 @@ def _check_params(short_side, window, stride, logit_scale, prob_threshold, patch
         raise ParameterError(f"logit_scale must be a positive number, got {logit_scale!r}")
     if not (isinstance(prob_threshold, (int, float)) and 0.0 <= prob_threshold <= 1.0):
         raise ParameterError(f"prob_threshold must be between 0 and 1, got {prob_threshold!r}")
+
+
+def _check_size(height: int, width: int, patch_size: int) -> None:
+    """Refuse an image thinner than one patch: upsampled to a patch, its labels would be noise."""
+    if min(height, width) < patch_size:
+        raise ImageError(
+            f"image of {height} x {width} px is too small to segment: both sides must be at least "
+            f"the model's patch size ({patch_size} px)"
+        )
 
 
 class Segmenter:
@@ -215,8 +224,11 @@ class Segmenter:
         Parameters
         ----------
         image
-            ``(H, W)`` grayscale, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA; uint8, uint16, float
-            or bool.  Non-8-bit data is mapped to 8 bits (see :mod:`napari_sclip.engine.image`).
+            ``(H, W)`` grayscale, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA (``(H, W, 1)`` gray and
+            ``(H, W, 2)`` gray + alpha too); uint8, uint16, float or bool.  Non-8-bit data is
+            mapped to 8 bits (see :mod:`napari_sclip.engine.image`).  Both sides must be at least
+            the model's patch size (16 px for ViT-B/16); stacks and more than 4 channels are
+            refused (:func:`~napari_sclip.engine.image.image_layout`).
         classes
             One item per class: ``"person"``, ``"person, man, woman"`` (synonyms after commas,
             the first is the display name) or a list of names.
@@ -291,6 +303,7 @@ class Segmenter:
         rgb = to_rgb_uint8(image, contrast_limits)
         model = self.load(load_progress)
         _check_params(short_side, window, stride, logit_scale, prob_threshold, model.patch_size)
+        _check_size(*rgb.shape[:2], model.patch_size)
 
         text_features = yield from self._text.iter_features(vocabulary.names)  # (N, E)
         pixels, digest = self._preprocess(rgb, short_side, model)  # (3, h, w) on the device

@@ -1,15 +1,33 @@
-"""Reading images from disk for batch segmentation."""
+"""Reading image files for batch segmentation: their pixels and where their 2D slices are.
+
+Which axes are slices and which are channels is decided by
+:func:`napari_sclip.engine.image.image_layout` alone; TIFFs give it the axis names that tifffile
+reads from ImageJ and OME metadata.
+
+Size: one 2D slice may have up to :func:`pixel_limit` pixels, Pillow's decompression-bomb bound
+(178,956,970 by default: 13000 x 13000 fits).  Within it, no warning is printed; beyond it, the
+file is refused with one line, before its pixels are decoded.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from napari_sclip.engine.errors import ImageError
+from napari_sclip.engine.image import Layout, image_layout
 
 #: Suffixes the CLI picks up when given a folder.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_EXIF_ORIENTATION = 0x0112
 
 
 def find_images(paths: list[str | Path]) -> list[Path]:
@@ -32,43 +50,129 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as a numpy array in its own dtype: (H, W), (H, W, C) or a stack for TIFFs.
+def pixel_limit() -> int | None:
+    """The most pixels one 2D slice may have: twice ``PIL.Image.MAX_IMAGE_PIXELS``, the size at
+    which Pillow refuses a file as a decompression bomb (178,956,970 by default: 13000 x 13000
+    fits).  Raise ``PIL.Image.MAX_IMAGE_PIXELS`` to read larger images; ``None`` there removes
+    the bound."""
+    from PIL import Image
 
-    TIFFs go through tifffile (16-bit, float and multi-page data keep their values); everything
-    else through Pillow, with the EXIF orientation applied and palette images expanded to RGB(A).
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The pixels of an image file in its own dtype (see :func:`read_with_layout`)."""
+    return read_with_layout(path)[0]
+
+
+def read_with_layout(path: str | Path) -> tuple[np.ndarray, Layout]:
+    """Read an image file and say where its 2D slices are.
+
+    TIFFs go through tifffile (16-bit, float and multi-page data keep their values; the first
+    series, full resolution; uncompressed data is memory-mapped, read-only); everything else
+    through Pillow (the first frame), with the EXIF orientation applied and palette and CMYK
+    images expanded to RGB(A).
+
+    Raises
+    ------
+    ImageError
+        One line starting with the path: missing, empty, damaged or unknown files, too many
+        pixels, more than 4 channels.
     """
     path = Path(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            return np.asarray(tifffile.imread(path))
-        from PIL import Image, ImageOps
-
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
-            return np.asarray(image)
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {path}") from None
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file")
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            return _read_tiff(path)
+        return _read_with_pillow(path)
+    except ImageError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or " ".join(str(exc).split())[:160]
+        raise ImageError(f"{path}: cannot read image: {reason}") from None
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise ImageError(f"cannot read image {path}: {reason}") from None
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ImageError(f"{path}: cannot read image: {reason}") from None
 
 
-def image_planes(image: np.ndarray) -> list[tuple[tuple[int, ...] | None, np.ndarray]]:
-    """The 2D images in ``image`` with their index along the leading axes.
+def _read_tiff(path: Path) -> tuple[np.ndarray, Layout]:
+    import tifffile
 
-    ``(H, W)`` and ``(H, W, C)`` with at most 4 channels are one image (index ``None``); anything
-    else is a stack: ``(..., H, W)``, or ``(..., H, W, C)`` when the last axis has 1 to 4 entries,
-    gives one image per leading index (``(Z, H, W)`` TIFFs, time series, RGB stacks).
-    """
-    image = np.asarray(image)
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] <= 4):
-        return [(None, image)]
-    if image.ndim < 2:
-        raise ImageError(f"image of shape {image.shape} is not 2D")
-    lead = image.shape[:-3] if image.shape[-1] <= 4 else image.shape[:-2]
-    return [(index, image[index]) for index in np.ndindex(*lead)]
+    with _tifffile_errors() as errors, tifffile.TiffFile(path) as tif:
+        series = tif.series[0] if tif.series else None
+        if series is not None and not errors:
+            layout = _layout(path, series.shape, series.axes)
+            pixels, limit = layout.shape[layout.rows] * layout.shape[layout.cols], pixel_limit()
+            if limit is not None and pixels > limit:
+                raise _too_large(path, pixels)
+            # An uncompressed stack in native byte order is mapped, not loaded: slices are read
+            # as they are segmented, so a stack larger than memory still works.
+            mappable = series.dataoffset is not None and series.keyframe.is_memmappable
+            native = np.dtype(tif.byteorder + series.dtype.char).isnative
+            data = series.asarray(out="memmap" if mappable and native else None)
+    # tifffile logs damage (a bad page offset: a truncated stack) and reads what it can.
+    if errors:
+        raise ImageError(f"{path}: damaged TIFF: {errors[0]}")
+    if series is None:
+        raise ImageError(f"{path}: the TIFF holds no image")
+    return data, layout
+
+
+@contextmanager
+def _tifffile_errors() -> Iterator[list[str]]:
+    """Collect the errors tifffile logs while this thread reads, instead of printing them; its
+    warnings (odd but harmless tags) are dropped."""
+    thread = threading.get_ident()
+    errors: list[str] = []
+
+    def collect(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return True
+        if record.levelno >= logging.ERROR:
+            errors.append(re.sub(r"^<[^>]*>\s*", "", " ".join(record.getMessage().split())))
+        return False
+
+    logger = logging.getLogger("tifffile")
+    logger.addFilter(collect)
+    try:
+        yield errors
+    finally:
+        logger.removeFilter(collect)
+
+
+def _read_with_pillow(path: Path) -> tuple[np.ndarray, Layout]:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # Our own bound replaces Pillow's warning; its error stays, and is reported below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise _too_large(path, None) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: cannot read image: not an image format Pillow knows, or damaged") from None
+    with image:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            image = ImageOps.exif_transpose(image)
+        if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+        data = np.asarray(image)
+    return data, _layout(path, data.shape)
+
+
+def _layout(path: Path, shape, axes: str | None = None) -> Layout:
+    try:
+        return image_layout(shape, axes)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def _too_large(path: Path, pixels: int | None) -> ImageError:
+    """The error for a slice over :func:`pixel_limit` (``pixels``: how many, when known)."""
+    size = f" {pixels:,} pixels," if pixels is not None else ""
+    return ImageError(
+        f"{path}:{size} over the {pixel_limit():,} pixels per image that napari-sclip reads "
+        "(Pillow's decompression-bomb bound); crop it or cut it into tiles first"
+    )

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_sclip.engine.errors import ImageError
+from napari_sclip.engine.image import image_layout
 from napari_sclip.engine.vocabulary import Vocabulary
 
 Region = tuple  # an index into the labels array: ints for fixed axes, then two slice(None)
@@ -83,6 +85,25 @@ class SegmentJob:
     label_values: np.ndarray | None = None
 
 
+def check_layer(shape: Sequence[int], rgb: bool) -> None:
+    """Refuse an image layer whose 2D slices are not images, by the engine's one rule
+    (:func:`~napari_sclip.engine.image.image_layout`): more than 4 channels, or channels in the
+    last axis of a non-RGB layer, which napari shows as thin slices (``(256, 256, 2)``: 256
+    slices of 256 x 2 px)."""
+    shape = tuple(shape)
+    try:
+        channels = image_layout(shape).channels
+    except ImageError as exc:  # more than 4 channels
+        raise ImageError(f"{exc}, or open it with one layer per channel (channel_axis=-1)") from None
+    if channels is not None and not rgb:
+        as_rgb = "as RGB (rgb=True) or " if shape[-1] in (3, 4) else ""
+        raise ImageError(
+            f"the layer's shape {shape} has {shape[-1]} channels in its last axis, which napari "
+            f"shows as {shape[-3]} slices of {shape[-2]} x {shape[-1]} px; open it {as_rgb}with one "
+            "layer per channel (channel_axis=-1) and segment that"
+        )
+
+
 def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None) -> list[Region]:
     """The 2D slices of an image of ``shape``: all of them, or the one at ``current`` (the
     viewer's position along the leading axes)."""
@@ -98,7 +119,9 @@ def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None
 
 
 def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list[SliceResult]]:
-    """Load the model if needed, then segment every region; returns one result per region."""
+    """Check the layer, load the model if needed, then segment every region; returns one result
+    per region."""
+    check_layer(np.shape(job.data), job.rgb)
     yield JobProgress(0.0, f"loading {segmenter.model_name}")
     segmenter.load()
     results = []
