@@ -16,7 +16,8 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -115,6 +116,29 @@ def remove_folders(made: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             pass
+
+
+@contextmanager
+def output_folder(folder: Path) -> Iterator[None]:
+    """Make ``folder`` (and its missing parents) for an export.  If the block fails, a folder that
+    was new or empty is emptied and the folders made are removed: a failed export leaves neither
+    a new folder nor a skeleton (an earlier export being updated keeps its files)."""
+    fresh = not folder.exists() or not any(folder.iterdir())
+    made = make_folders(folder)
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            try:
+                for child in folder.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            except OSError:
+                pass
+            remove_folders(made)
+        raise
 
 
 #: What to do about the file-system errors a user can fix.

@@ -174,7 +174,11 @@ class DatasetLock:
 
     def _acquire(self) -> int:
         for _ in range(8):  # each round either takes the lock or removes a dead owner's
-            fd, now = self._create()
+            try:
+                fd, now = self._create()
+            except OSError as exc:  # read-only, full, vanished: name the folder, not our file
+                exc.filename, exc.filename2 = str(self.root), None
+                raise
             if fd is not None:
                 return fd
             found = _read(self.path)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_sclip._files import atomic_copy, atomic_write_bytes
+from napari_sclip._files import atomic_copy, atomic_write_bytes, output_folder
 from napari_sclip.colors import label_color
 from napari_sclip.dataset import format as fmt
-from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.paths import DatasetError, reporting_os_errors
 from napari_sclip.dataset.reader import stored_masks
 
 #: The most classes a palette PNG holds beside background.
@@ -70,7 +70,7 @@ def export_voc(
     table = np.zeros(np.iinfo(np.uint16).max + 1, np.uint8)
     table[: len(ordered)] = np.arange(1, len(ordered) + 1)
 
-    try:
+    with reporting_os_errors(out), output_folder(out):
         for folder in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass"):
             (out / folder).mkdir(parents=True, exist_ok=True)
         labelmap = fmt.labelmap_text(zip([background, *names], colors))
@@ -89,7 +89,5 @@ def export_voc(
         for split, ids in {**splits, "default": [i for ids in splits.values() for i in ids]}.items():
             text = "".join(f"{image_id}\n" for image_id in ids)
             atomic_write_bytes(out / "ImageSets" / "Segmentation" / f"{split}.txt", text.encode("utf-8"))
-    except OSError as exc:
-        raise DatasetError(f"cannot write into {out}: {exc.strerror or exc}") from None
     return {split: len(ids) for split, ids in splits.items()}
 

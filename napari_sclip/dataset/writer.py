@@ -547,7 +547,10 @@ def _merge_classes(stored: ClassRegistry, registry, vocabulary, manifest: Path) 
     registry = registry if registry is not None else ClassRegistry()
     for uid, names in stored.names.items():
         if uid in registry.names and registry.names[uid][0].casefold() != names[0].casefold():
-            raise DatasetError(f"class {uid} is {names[0]!r} in {manifest} but {registry.names[uid][0]!r} here")
+            raise DatasetError(
+                f"label {uid} is {names[0]!r} in {manifest} but {registry.names[uid][0]!r} here; open that dataset "
+                "in napari and label with its classes, or choose another folder"
+            )
         registry.names.setdefault(uid, names)
     return registry
 
