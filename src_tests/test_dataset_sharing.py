@@ -244,31 +244,36 @@ def test_only_gone_writers_temporaries_are_removed(tmp_path):
 
 
 def test_same_stem_images_never_swap_files_through_the_cli(tmp_path, tiny_dir, tiny_checkpoint):
-    """Two a.png from different folders, and a stack whose slice x-001 meets an image x-001.png:
-    every sample keeps its own image and mask, also when labelled again in the other order."""
+    """Two a.png from different folders (and an image already named as the second one's id
+    would be), and a stack whose slice x-001 meets an image x-001.png: every sample keeps its own
+    image and mask, also when labelled again in the other order."""
     import tifffile
 
     from napari_sclip import Segmenter
 
-    first, second = tmp_path / "one", tmp_path / "two"
-    first.mkdir()
-    second.mkdir()
+    first, second, third = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    for folder in (first, second, third):
+        folder.mkdir()
     Image.fromarray(natural_image(48, 64)).save(first / "a.png")
     Image.fromarray(np.roll(natural_image(48, 64), 20, axis=0)).save(second / "a.png")
     stack = np.stack([np.roll(natural_image(40, 56)[..., 0], 9 * k, axis=1) for k in range(3)])
     tifffile.imwrite(first / "x.tif", stack, photometric="minisblack")
     Image.fromarray(natural_image(40, 56)[..., 1]).save(second / "x-001.png")
-    out = tmp_path / "ds"
-    args = ["--classes", "grass; sky", "--out", str(out)]
-    done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(first), str(second), *args))
-    assert done.returncode == 0, done.stderr
 
     def sha(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
+    taken = third / f"a-{sha(second / 'a.png')[:8]}.png"
+    Image.fromarray(np.roll(natural_image(48, 64), 30, axis=1)).save(taken)
+    out = tmp_path / "ds"
+    args = ["--classes", "grass; sky", "--out", str(out)]
+    done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(first), str(third), str(second), *args))
+    assert done.returncode == 0, done.stderr
+
     sources = {  # what each sample must hold: (image as stored, the engine's labels for it)
         "a": np.asarray(Image.open(first / "a.png")),
-        f"a-{sha(second / 'a.png')[:8]}": np.asarray(Image.open(second / "a.png")),
+        taken.stem: np.asarray(Image.open(taken)),
+        f"a-{sha(second / 'a.png')[:16]}": np.asarray(Image.open(second / "a.png")),
         "x-000": stack[0], "x-001": stack[1], "x-002": stack[2],
         f"x-001-{sha(second / 'x-001.png')[:8]}": np.asarray(Image.open(second / "x-001.png")),
     }
@@ -285,7 +290,8 @@ def test_same_stem_images_never_swap_files_through_the_cli(tmp_path, tiny_dir, t
         assert_consistent(out)
 
     check()
-    again = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(second), str(first), *args, "--overwrite"))
+    again = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(second), str(third), str(first), *args,
+                            "--overwrite"))
     assert again.returncode == 0, again.stderr
     check()
 

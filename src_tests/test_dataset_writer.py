@@ -144,13 +144,20 @@ def test_export_images_writes_stacks_as_slices_and_updates_in_place(tmp_path, re
 
     stack_labels = np.ones((3, 20, 30), np.uint8)
     stack = LabelledImage("stack", np.zeros((3, 20, 30), np.uint16), stack_labels, registry)
+    params = {"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": True, "device": "cuda:0",
+              "precision": "fp16", "method": "sclip", "window": 224}
     photo = LabelledImage("photo", natural_image(20, 30), np.full((20, 30), 2, np.uint8), registry, rgb=True,
-                          meta={"model": "ViT-B-16", "pretrained": "openai", "method": "sclip"})
+                          meta=params)
     steps = []
     ids = export_images(tmp_path / "ds", [stack, photo], progress=lambda d, t: steps.append((d, t)))
     assert ids == ["stack-000", "stack-001", "stack-002", "photo"] and steps[-1] == (4, 4)
     manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    assert manifest["models"] == [{"model": "ViT-B-16", "pretrained": "openai", "method": "sclip"}]
+    # How labels were made (the activation included) reaches the manifest; where they were made
+    # (device, precision) stays with each sample.
+    assert manifest["models"] == [{"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": True, "method": "sclip",
+                                   "window": 224}]
+    meta = json.loads(next((tmp_path / "ds").glob("*/meta/photo.json")).read_text())
+    assert {key: meta[key] for key in params} == params
     photo.labels = np.full((20, 30), 3, np.uint8)
     export_images(tmp_path / "ds", [photo])  # re-export: same id, new mask
     mask = next((tmp_path / "ds").glob("*/masks/photo.png"))
