@@ -143,8 +143,11 @@ class DatasetLock:
 
     def file_system_now(self) -> float:
         """The file system's clock (the lock's time stamp, touched now)."""
-        os.utime(self._fd if os.utime in os.supports_fd else self.path)
+        self._touch()
         return os.fstat(self._fd).st_mtime
+
+    def _touch(self) -> None:
+        os.utime(self._fd if os.utime in os.supports_fd else self.path)
 
     def release(self) -> None:
         """Give the dataset up (idempotent).  Never raises: a lock left on a read-only or vanished
@@ -166,7 +169,7 @@ class DatasetLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                os.utime(self._fd if os.utime in os.supports_fd else self.path)
+                self._touch()
             except OSError:  # read-only or vanished: check() tells the owner
                 pass
 

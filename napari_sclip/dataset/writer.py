@@ -244,13 +244,12 @@ class DatasetWriter:
 
     def _open(self, registry, vocabulary, ratios) -> None:
         self._check_layout()
+        self._refuse_foreign_folder()  # again: another writer may have been first
         if resolve_inside(self.root, fmt.MANIFEST).exists():
             self.previous, stored, train_ids = fmt.read_manifest(self.root)
             ratios = self.previous["splits"]["ratios"]
-        elif _holds_only_leftovers(self.root):  # checked again: another process may have been first
-            stored, train_ids, self._created = ClassRegistry(), {}, True
         else:
-            raise DatasetError(f"{self.root} is not empty and not a napari-sclip dataset; choose a new or empty folder")
+            stored, train_ids, self._created = ClassRegistry(), {}, True
         before = (stored.to_json(), [stored.names[uid] for uid in stored.active])
         self.registry = _merge_classes(stored, registry, vocabulary, self.root / fmt.MANIFEST)
         self.vocabulary_version = _vocabulary_version(self.previous, before[1], self.registry)
