@@ -132,6 +132,25 @@ def test_stale_locks_are_taken_over_and_live_ones_respected(tmp_path, tiny_dir, 
     assert sorted(dataset_masks(out)) == ["first", "im0", "second"]
     assert_consistent(out)
 
+    # A lock that is not a record (half-written by a file system without hard links, or junk):
+    # judged by its age alone.
+    (out / LOCK_NAME).write_bytes(b"\x00garbage")
+    with pytest.raises(DatasetError, match=r"in use by another process \(its lock .*\.napari-sclip\.lock is unreadable"):
+        export_images(out, [_item("third")])
+    old = time.time() - 2 * STALE_SECONDS
+    os.utime(out / LOCK_NAME, (old, old))
+    export_images(out, [_item("third")])
+
+    # A lock that is a link to a file elsewhere: refused, and the file is neither read nor touched.
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("mine")
+    os.utime(elsewhere, (old, old))
+    os.symlink(elsewhere, out / LOCK_NAME)
+    with pytest.raises(DatasetError, match=r"\.napari-sclip\.lock is a symbolic link; remove it"):
+        export_images(out, [_item("fourth")])
+    assert elsewhere.read_text() == "mine" and elsewhere.stat().st_mtime == old
+    assert sorted(dataset_masks(out)) == ["first", "im0", "second", "third"]
+
 
 def test_processes_recovering_a_stale_lock_at_once_end_with_one_owner(tmp_path):
     """Six processes find the same dead owner's lock at the same moment, several times over:
