@@ -384,6 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("napari-sclip: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a file or folder the user can fix (full, read-only, vanished, ...)
+        if args.debug:
+            raise
+        from napari_sclip._files import describe_os_error
+
+        print(f"napari-sclip: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:
         if args.debug:
             raise

@@ -45,8 +45,8 @@ def test_segment_folder_writes_a_dataset(images, model_args, tmp_path):
         ("person", ["astronaut"], 0), ("sky", [], 1), ("rocket", [], 2)
     ]
     assert manifest["models"] == [{
-        "model": TINY_MODEL, "pretrained": model_args[3], "method": "sclip", "short_side": 336, "window": 224,
-        "stride": 112, "logit_scale": 40.0, "prob_threshold": 0.0, "pamr": False,
+        "model": TINY_MODEL, "pretrained": model_args[3], "quick_gelu": True, "method": "sclip", "short_side": 336,
+        "window": 224, "stride": 112, "logit_scale": 40.0, "prob_threshold": 0.0, "pamr": False,
     }]
     assert (out / "classes.txt").read_text() == "person\nsky\nrocket\n"
 
@@ -97,18 +97,18 @@ def test_resume_after_a_kill_mid_write(images, model_args, tmp_path, monkeypatch
     args = ["segment", str(images), "--classes", "a; b", *model_args]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
 
-    real_write = writer_module.atomic_write_bytes
+    real_write = writer_module.write_temporary
     masks_written = []
 
-    def killed_on_second_mask(path, data):
+    def killed_on_second_mask(path, write):
         if path.parent.name == "masks":
             masks_written.append(path)
             if len(masks_written) == 2:
                 raise KeyboardInterrupt
-        real_write(path, data)
+        return real_write(path, write)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(writer_module, "atomic_write_bytes", killed_on_second_mask)
+    monkeypatch.setattr(writer_module, "write_temporary", killed_on_second_mask)
     assert main([*args, "--out", str(out)]) == 130
     monkeypatch.undo()
     read_manifest(out)  # still a dataset
@@ -177,7 +177,6 @@ def test_a_real_kill_leaves_a_valid_dataset_and_the_rerun_completes(tmp_path, ti
 
 
 def test_overwrite_never_replaces_a_persons_edits(images, model_args, tmp_path, capsys):
-    from napari_sclip.dataset.batch import dataset_registry
     from napari_sclip.dataset.reader import read_sample, sample_ids
     from napari_sclip.dataset.writer import DatasetWriter, Sample
     from napari_sclip.engine.vocabulary import parse_vocabulary
@@ -188,14 +187,12 @@ def test_overwrite_never_replaces_a_persons_edits(images, model_args, tmp_path, 
     assert main(args) == 0  # nothing new
     assert "2 already there" in capsys.readouterr().err
 
-    vocabulary = parse_vocabulary(["a", "b"])
-    writer = DatasetWriter(out, dataset_registry(out, vocabulary))
-    split, _ = next(s for s in sample_ids(out) if s[1] == "a")
-    stored = read_sample(out, split, "a", writer.train_ids)
-    painted = stored.labels.copy()
-    painted[:20] = 2
-    writer.write(Sample("a", painted, image=stored.image, source=images / "a.png", edited=painted != stored.labels))
-    writer.rebuild_index()
+    with DatasetWriter(out, vocabulary=parse_vocabulary(["a", "b"]).classes) as writer:
+        split, _ = next(s for s in sample_ids(out) if s[1] == "a")
+        stored = read_sample(out, split, "a", writer.train_ids)
+        painted = stored.labels.copy()
+        painted[:20] = 2
+        writer.write(Sample("a", painted, image=stored.image, source=images / "a.png", edited=painted != stored.labels))
     before = _dataset_masks(out)
 
     assert main([*args, "--overwrite", "--prob-threshold", "0.99"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -79,9 +80,8 @@ def test_a_non_dataset_folder_is_never_written_into(tmp_path, registry):
 
 
 def test_reopening_keeps_ratios_and_class_ids(tmp_path, registry):
-    writer = DatasetWriter(tmp_path / "ds", registry, ratios={"train": 0.5, "val": 0.5})
-    writer.write(_sample())
-    writer.rebuild_index()
+    with DatasetWriter(tmp_path / "ds", registry, ratios={"train": 0.5, "val": 0.5}) as writer:
+        writer.write(_sample())
     grown = ClassRegistry.from_json(registry.to_json())
     grown.update((("person",), ("sky",), ("flag",), ("rocket",)))
     reopened = DatasetWriter(tmp_path / "ds", grown, ratios={"train": 0.9, "val": 0.1})
@@ -94,10 +94,10 @@ def test_a_kill_mid_write_leaves_no_partial_sample(tmp_path, registry, monkeypat
     writer = DatasetWriter(tmp_path / "ds", registry)
     writer.write(_sample("first"))
 
-    def killed(array):
+    def killed(array, handle):
         raise KeyboardInterrupt("killed while encoding a PNG")
 
-    monkeypatch.setattr(writer_module, "_png_bytes", killed)
+    monkeypatch.setattr(writer_module, "_encode_png", killed)
     with pytest.raises(KeyboardInterrupt):
         writer.write(_sample("second", seed=1))
     monkeypatch.undo()
@@ -110,19 +110,19 @@ def test_a_kill_mid_write_leaves_no_partial_sample(tmp_path, registry, monkeypat
 def test_unwritable_location_fails_clearly(tmp_path, registry):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(DatasetError, match="cannot create dataset folder"):
+    with pytest.raises(DatasetError, match="file/ds: a part of the path is not a folder; choose another folder"):
         DatasetWriter(blocker / "ds", registry)
 
 
-def test_index_refuses_meta_files_that_point_outside(tmp_path, registry):
-    writer = DatasetWriter(tmp_path / "ds", registry)
-    image_id = writer.write(_sample())
+def test_opening_refuses_meta_files_that_point_outside(tmp_path, registry):
+    with DatasetWriter(tmp_path / "ds", registry) as writer:
+        image_id = writer.write(_sample())
     meta_path = next((tmp_path / "ds").glob(f"*/meta/{image_id}.json"))
     meta = json.loads(meta_path.read_text())
     meta["mask"] = "../../../etc/passwd"
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="invalid path"):
-        writer.rebuild_index()
+        DatasetWriter(tmp_path / "ds", registry)
 
 
 def test_hugging_face_imagefolder_loads_image_and_label(tmp_path, registry):
@@ -144,13 +144,20 @@ def test_export_images_writes_stacks_as_slices_and_updates_in_place(tmp_path, re
 
     stack_labels = np.ones((3, 20, 30), np.uint8)
     stack = LabelledImage("stack", np.zeros((3, 20, 30), np.uint16), stack_labels, registry)
+    params = {"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": True, "device": "cuda:0",
+              "precision": "fp16", "method": "sclip", "window": 224}
     photo = LabelledImage("photo", natural_image(20, 30), np.full((20, 30), 2, np.uint8), registry, rgb=True,
-                          meta={"model": "ViT-B-16", "pretrained": "openai", "method": "sclip"})
+                          meta=params)
     steps = []
     ids = export_images(tmp_path / "ds", [stack, photo], progress=lambda d, t: steps.append((d, t)))
     assert ids == ["stack-000", "stack-001", "stack-002", "photo"] and steps[-1] == (4, 4)
     manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    assert manifest["models"] == [{"model": "ViT-B-16", "pretrained": "openai", "method": "sclip"}]
+    # How labels were made (the activation included) reaches the manifest; where they were made
+    # (device, precision) stays with each sample.
+    assert manifest["models"] == [{"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": True, "method": "sclip",
+                                   "window": 224}]
+    meta = json.loads(next((tmp_path / "ds").glob("*/meta/photo.json")).read_text())
+    assert {key: meta[key] for key in params} == params
     photo.labels = np.full((20, 30), 3, np.uint8)
     export_images(tmp_path / "ds", [photo])  # re-export: same id, new mask
     mask = next((tmp_path / "ds").glob("*/masks/photo.png"))
@@ -159,9 +166,8 @@ def test_export_images_writes_stacks_as_slices_and_updates_in_place(tmp_path, re
 
 
 def test_training_ids_survive_a_removed_class_and_a_new_one(tmp_path, registry):
-    writer = DatasetWriter(tmp_path / "ds", registry)
-    first = writer.write(_sample("first"))
-    writer.rebuild_index()
+    with DatasetWriter(tmp_path / "ds", registry) as writer:
+        first = writer.write(_sample("first"))
     old_mask = np.asarray(Image.open(next((tmp_path / "ds").glob(f"*/masks/{first}.png"))))
     later = ClassRegistry.from_json(registry.to_json())
     later.update((("person",), ("flag",), ("rocket",)))  # sky removed in napari, rocket added
@@ -186,15 +192,23 @@ def test_conflicting_layers_refuse_to_share_a_dataset(tmp_path, registry):
 
 
 def test_opening_a_dataset_removes_a_killed_writers_temporaries(tmp_path, registry):
-    writer = DatasetWriter(tmp_path / "ds", registry)
-    writer.write(Sample("a", np.ones((8, 8), np.uint8), image=natural_image(8, 8)))
-    writer.rebuild_index()
-    leftover = next((tmp_path / "ds").glob("*/masks")) / ".a.png.x1y2.tmp"
+    import subprocess
+    import sys
+
+    from napari_sclip._files import this_host
+
+    with DatasetWriter(tmp_path / "ds", registry) as writer:
+        writer.write(Sample("a", np.ones((8, 8), np.uint8), image=natural_image(8, 8)))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    masks = next((tmp_path / "ds").glob("*/masks"))
+    leftover = masks / f".a.png.{this_host()}.{int(dead.stdout)}.0123abcd.tmp"  # its writer has ended
     leftover.write_bytes(b"half a png")
-    keep = next((tmp_path / "ds").glob("*/masks")) / "notes.tmp"  # not one of ours
+    live = masks / f".b.png.{this_host()}.{os.getpid()}.0123abcd.tmp"  # a running writer's
+    live.write_bytes(b"being written")
+    keep = masks / "notes.tmp"  # not one of ours
     keep.write_text("mine")
-    DatasetWriter(tmp_path / "ds", registry)
-    assert not leftover.exists() and keep.exists()
+    DatasetWriter(tmp_path / "ds", registry).close()
+    assert not leftover.exists() and live.exists() and keep.exists()
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Pseudo-labelling image files into a dataset, the engine's way (no napari): what
 ``napari-sclip segment`` runs, usable from Python as well.
 
-A run can be stopped at any moment and started again: each image's files are written atomically
+A run holds the dataset while it runs (another run into the same folder is refused), and can be
+stopped at any moment and started again: each image's files are written atomically
 (:class:`~napari_sclip.dataset.writer.DatasetWriter`, which writes a new dataset's manifest first),
 the index is refreshed as the run goes, and an image whose SHA-256 is already in the dataset is
 skipped.  With ``overwrite`` such an image is labelled again, unless a person edited or reviewed
@@ -10,7 +11,6 @@ it: those masks are never replaced.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from napari_sclip.classes import ClassRegistry
-from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.export import plane_stem
 from napari_sclip.dataset.writer import DatasetWriter, Sample, is_edited, sha256_of
 
@@ -27,10 +25,6 @@ if TYPE_CHECKING:
     from napari_sclip.engine.progress import ProgressCallback
     from napari_sclip.engine.segmenter import Segmenter
     from napari_sclip.engine.vocabulary import Vocabulary
-
-#: The index is refreshed after this many new samples, or this many seconds, whichever is first.
-INDEX_EVERY_SAMPLES = 25
-INDEX_EVERY_SECONDS = 60.0
 
 Status = Literal["written", "skipped", "kept", "failed"]
 
@@ -50,16 +44,6 @@ class BatchItem:
     status: Status
     image_ids: tuple[str, ...] = ()
     reason: str = ""
-
-
-def dataset_registry(root: Path, vocabulary: Vocabulary) -> ClassRegistry:
-    """The dataset's classes (if ``root`` holds one) with ``vocabulary`` adopted: its classes keep
-    their uids when the dataset knows them by name, and new ones get new uids."""
-    registry = ClassRegistry()
-    if (root / fmt.MANIFEST).is_file():
-        _, registry, _ = fmt.read_manifest(root)
-    registry.update(vocabulary.classes)
-    return registry
 
 
 def label_images(
@@ -93,7 +77,8 @@ def label_images(
     Raises
     ------
     DatasetError
-        ``root`` is not a dataset (nor empty), or its manifest is damaged.
+        ``root`` is not a dataset (nor empty), its manifest is damaged, another process holds it,
+        or it cannot be written (read-only, full, vanished).
     SclipError
         The model cannot be loaded or the options are wrong (bad images only fail their own item).
     """
@@ -101,15 +86,12 @@ def label_images(
     from napari_sclip.engine.progress import Progress
     from napari_sclip.io.images import read_with_layout
 
-    root = Path(root).expanduser()
-    registry = dataset_registry(root, vocabulary)
-    uids = np.array([0, *registry.active], dtype=np.int64)  # segmenter label value -> uid
-    writer = DatasetWriter(root, registry, dict(ratios) if ratios else None)
-    writer.rebuild_index()  # catch up with samples that an interrupted run wrote after its last index
-    stored = writer.samples_by_source()
-    unindexed, last_index = 0, time.monotonic()
     report = progress or (lambda step: None)
-    try:
+    with DatasetWriter(root, ratios=dict(ratios) if ratios else None, vocabulary=vocabulary.classes) as writer:
+        # Segmenter label value -> uid, in the smallest dtype (the labels of huge images are big).
+        active = [0, *writer.registry.active]
+        uids = np.array(active, dtype=np.min_scalar_type(max(active)))
+        stored = writer.samples_by_source()
         for path in paths:
             path = Path(path)
             try:
@@ -141,18 +123,11 @@ def label_images(
                     ids.append(image_id)
                     written += 1
                     report(Progress("slices", len(ids), layout.count))
-                    unindexed += 1
-                    if unindexed >= INDEX_EVERY_SAMPLES or time.monotonic() - last_index > INDEX_EVERY_SECONDS:
-                        writer.rebuild_index()
-                        unindexed, last_index = 0, time.monotonic()
             except ImageError as exc:
                 yield BatchItem(path, "failed", tuple(ids), reason=f"{path}{where}: {exc}")
                 continue
             status = "written" if written else "kept" if overwrite else "skipped"
             yield BatchItem(path, status, tuple(ids))
-    finally:
-        if unindexed:
-            writer.rebuild_index()
 
 
 def _keep(meta: dict | None, overwrite: bool) -> bool:

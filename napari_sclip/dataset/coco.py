@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from napari_sclip import __version__
-from napari_sclip._files import atomic_write_bytes
+from napari_sclip._files import atomic_write_bytes, output_folder
 from napari_sclip.dataset import format as fmt
-from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.paths import DatasetError, reporting_os_errors
 from napari_sclip.dataset.reader import sample_ids, stored_mask
 
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -99,9 +99,6 @@ def export_coco(
         "annotations": annotations,
         "categories": categories,
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with reporting_os_errors(out), output_folder(out.parent):
         atomic_write_bytes(out, json.dumps(document, ensure_ascii=False).encode("utf-8"))
-    except OSError as exc:
-        raise DatasetError(f"cannot write {out}: {exc.strerror or exc}") from None
     return {"images": len(images), "categories": len(categories), "annotations": len(annotations)}

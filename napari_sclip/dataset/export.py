@@ -56,20 +56,20 @@ def iter_export(
     """Write every item (every 2D slice of stacks) into the dataset at ``root``, yielding
     ``(samples done, samples in all)`` after each; returns the ids.
 
-    Closing the generator early stops between samples and still leaves a complete index of what
-    was written.  Re-exporting into the same folder updates the samples in place.
+    The dataset is held from the start to the end (another process writing into it is refused in
+    one line naming it).  Closing the generator early stops between samples and still leaves a
+    complete index of what was written.  Re-exporting into the same folder updates the samples in
+    place.
     """
     if not items:
         raise DatasetError("nothing to export: no image has a labels layer")
-    writer = DatasetWriter(root, merge_registries([item.registry for item in items]), ratios)
-    samples = [sample for item in items for sample in _samples(item)]
+    registry = merge_registries([item.registry for item in items])
     ids: list[str] = []
-    try:
+    with DatasetWriter(root, registry, ratios) as writer:
+        samples = [sample for item in items for sample in _samples(item)]
         for sample in samples:
             ids.append(writer.write(sample))
             yield len(ids), len(samples)
-    finally:
-        writer.rebuild_index()
     return ids
 
 

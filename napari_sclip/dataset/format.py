@@ -24,7 +24,7 @@ from napari_sclip import __version__
 from napari_sclip._files import atomic_write_bytes
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
-from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.paths import DatasetError, resolve_inside
 
 FORMAT_NAME = "napari-sclip-pseudo-labels"
 FORMAT_VERSION = 1
@@ -61,13 +61,31 @@ def ignore_value(dtype: np.dtype) -> int:
 
 
 def labels_to_mask(labels: np.ndarray, train_ids: TrainIds) -> np.ndarray:
-    """napari label values -> training-id mask.  Values without a training id become ignore."""
+    """napari label values -> training-id mask.  Values without a training id become ignore.
+
+    Works in bands of rows (:func:`row_bands`), so a huge int64 labels layer costs no more than the
+    8-bit mask it becomes."""
     dtype = mask_dtype(train_ids)
-    values = np.asarray(labels).astype(np.int64, copy=False)
-    table = np.full(max([*train_ids, int(values.max(initial=0))]) + 1, ignore_value(dtype), dtype=dtype)
+    labels = np.asarray(labels)
+    # One entry per uid, and one more for every value above them (and below 0): ignore.
+    table = np.full(max(train_ids, default=0) + 2, ignore_value(dtype), dtype=dtype)
     for uid, train_id in train_ids.items():
         table[uid] = train_id
-    return table[np.clip(values, 0, None)]
+    mask = np.empty(labels.shape, dtype)
+    for rows in row_bands(labels.shape):
+        band = labels[rows]
+        if not (band.dtype.kind == "u" and band.dtype.itemsize == 1 and len(table) >= 256):
+            band = np.clip(band, -1, len(table) - 1)  # -1 and the top entry are ignore
+        mask[rows] = table[band]
+    return mask
+
+
+def row_bands(shape: tuple[int, ...], elements: int = 1 << 22) -> list[slice]:
+    """Slices of rows, each about ``elements`` values of a ``shape`` array: how the writer keeps
+    its temporaries small on huge images."""
+    height = shape[0] if shape else 0
+    rows = max(1, elements // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+    return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
 def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
@@ -83,7 +101,8 @@ def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
 
 
 def _write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write a file of the dataset's root (never through a symbolic link)."""
+    atomic_write_bytes(resolve_inside(path.parent, path.name), text.encode("utf-8"))
 
 
 def write_class_files(root: Path, registry: ClassRegistry, train_ids: TrainIds) -> None:
@@ -168,7 +187,7 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry, TrainIds]:
 
     Raises :class:`DatasetError` naming the file for anything missing, unreadable or malformed.
     """
-    path = root / MANIFEST
+    path = resolve_inside(root, MANIFEST)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

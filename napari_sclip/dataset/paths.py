@@ -1,14 +1,18 @@
-"""Paths inside a dataset folder that can never point outside it."""
+"""Paths inside a dataset folder that can never point outside it, and the one place where
+file-system failures become messages that say what to do."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from napari_sclip._files import describe_os_error
 from napari_sclip.engine.errors import SclipError
 
 
 class DatasetError(SclipError):
-    """A dataset folder is missing, corrupt, or unsafe to use."""
+    """A dataset folder is missing, corrupt, unsafe to use, or cannot be written."""
 
 
 def safe_relative(relative: str) -> PurePosixPath:
@@ -26,10 +30,28 @@ def safe_relative(relative: str) -> PurePosixPath:
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
-    """``root / relative``, refusing anything that lands outside ``root`` (symlinks included)."""
-    target = root.joinpath(*safe_relative(relative).parts)
-    real_root = root.resolve()
-    real_target = target.resolve()
-    if real_target != real_root and real_root not in real_target.parents:
-        raise DatasetError(f"path {relative!r} in the dataset leads outside {root} (a symlink?)")
+    """``root / relative``, refusing ``..``, absolute paths and symbolic links below ``root``.
+
+    A dataset holds plain files and folders only: a link (to a folder elsewhere, or to a file) is
+    refused whether it leads outside or not, so nothing is ever read, written or deleted through
+    one.  ``root`` itself may be a link: it is the folder the user chose.
+    """
+    target = root
+    for part in safe_relative(relative).parts:
+        target = target / part
+        if target.is_symlink():
+            raise DatasetError(
+                f"{target} is a symbolic link; a dataset holds plain files and folders only, "
+                "so napari-sclip does not follow it (replace it with a copy of what it points to)"
+            )
     return target
+
+
+@contextmanager
+def reporting_os_errors(folder: Path) -> Iterator[None]:
+    """Turn an :class:`OSError` (disk full, read-only, vanished, no permission, ...) raised while
+    working on ``folder`` into a one-line :class:`DatasetError` naming the file and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise DatasetError(describe_os_error(exc, folder)) from None

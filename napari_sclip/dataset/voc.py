@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_sclip._files import atomic_copy, atomic_write_bytes
+from napari_sclip._files import atomic_copy, atomic_write_bytes, output_folder
 from napari_sclip.colors import label_color
 from napari_sclip.dataset import format as fmt
-from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.paths import DatasetError, reporting_os_errors
 from napari_sclip.dataset.reader import StoredMask, sample_ids, stored_mask
 from napari_sclip.dataset.splits import SPLIT_NAMES
 
@@ -126,7 +126,7 @@ def export_voc(
     table[: len(ordered)] = np.arange(1, len(ordered) + 1)
 
     lists = out / "ImageSets" / "Segmentation"
-    try:
+    with reporting_os_errors(out), output_folder(out):
         for folder in (lists, out / "JPEGImages", out / "SegmentationClass"):
             folder.mkdir(parents=True, exist_ok=True)
         labelmap = fmt.labelmap_text(zip([_free_name("background", names), *names], colors))
@@ -148,6 +148,4 @@ def export_voc(
                 atomic_write_bytes(lists / f"{split}.txt", text.encode("utf-8"))
             else:
                 (lists / f"{split}.txt").unlink(missing_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot write into {out}: {exc.strerror or exc}") from None
     return {split: len(ids) for split, ids in splits.items()}
