@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset.export import export_images
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
-from napari_sclip.dataset.export import export_images
 from napari_sclip.plugin.io import get_reader, labelled_images
 from napari_sclip.plugin.state import LabelsState
 
