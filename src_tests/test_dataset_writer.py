@@ -70,6 +70,33 @@ def test_source_files_are_copied_byte_for_byte_and_same_stems_get_distinct_ids(t
     assert copied.read_bytes() == (a / "img.jpg").read_bytes()
 
 
+def test_a_turned_photo_is_stored_in_the_frame_of_its_labels(tmp_path, registry):
+    """A JPEG whose EXIF turns it: loaders that apply EXIF and those that ignore it must both see
+    the mask's frame, so the pixels the labels were made on are stored (as PNG, no EXIF)."""
+    from PIL import ImageOps
+
+    pixels = natural_image(30, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show"
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg")))  # (40, 30, 3)
+    stored_as_is = np.asarray(Image.open(tmp_path / "phone.jpg"))  # (30, 40, 3), as napari shows it
+    # The CLI reads the shown frame; napari's reader the stored one: each labels its own.
+    for name, expected in (("cli", shown), ("napari", stored_as_is)):
+        with DatasetWriter(tmp_path / name, registry) as writer:
+            writer.write(Sample("phone", np.ones(expected.shape[:2], np.uint8), image=expected,
+                                source=tmp_path / "phone.jpg"))
+            writer.rebuild_index()
+        [image_path] = (tmp_path / name).glob("*/images/phone.*")
+        assert image_path.suffix == ".png"
+        with Image.open(image_path) as stored:
+            assert stored.getexif().get(0x0112, 1) == 1
+            np.testing.assert_array_equal(np.asarray(stored), expected)
+            np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(stored)), expected)
+        [mask_path] = (tmp_path / name).glob("*/masks/phone.png")
+        assert np.asarray(Image.open(mask_path)).shape == expected.shape[:2]
+
+
 def test_a_non_dataset_folder_is_never_written_into(tmp_path, registry):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -53,11 +53,12 @@ from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.lock import LOCK_NAME, DatasetLock, is_gone
 from napari_sclip.dataset.paths import DatasetError, reporting_os_errors, resolve_inside
 from napari_sclip.dataset.splits import DEFAULT_RATIOS, SPLIT_NAMES, assign_split, check_ratios
+from napari_sclip.io.images import exif_orientation
 
 #: Provenance mask values.
 MODEL, PAINTED, IGNORED_BY_PERSON = 0, 1, 2
 _FOLDERS = ("images", "masks", "confidence", "provenance", "meta")
-#: Source files in these formats are copied byte for byte; others are stored as PNG.
+#: Source files in these formats are copied byte for byte (unless EXIF turns them); others are PNG.
 COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Per-image facts that say how labels were made (their distinct combinations are the manifest's
 #: ``models``): the model, its weights and activation, the method and its parameters.
@@ -381,7 +382,14 @@ class DatasetWriter:
         image_id = self.image_id(sample.stem, identity_of({"source": source, "slice": carried.get("slice")}))
         previous = self._samples.get(image_id)
         split = previous[0] if previous else assign_split(image_id, self.ratios)
-        copied = sample.source is not None and sample.source.suffix.lower() in COPIED_SUFFIXES
+        copied = (
+            sample.source is not None
+            and sample.source.suffix.lower() in COPIED_SUFFIXES
+            # A turned photo is stored as the pixels its labels were made on: loaders that apply
+            # EXIF (Hugging Face, MMSegmentation, Detectron2) and those that do not (torchvision,
+            # Datumaro) must all see the mask's frame.
+            and (sample.image is None or exif_orientation(sample.source) == 1)
+        )
         image_name = f"images/{image_id}{sample.source.suffix.lower() if copied else '.png'}"
 
         folder = resolve_inside(self.root, split)

@@ -50,6 +50,18 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def exif_orientation(path: str | Path) -> int:
+    """A JPEG's or PNG's EXIF orientation: 1 (or no tag) means its pixels are shown as stored;
+    anything else turns or mirrors them.  1 for files Pillow cannot open."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
 def pixel_limit() -> int | None:
     """The most pixels one 2D slice may have: twice ``PIL.Image.MAX_IMAGE_PIXELS``, the size at
     which Pillow refuses a file as a decompression bomb (178,956,970 by default: 13000 x 13000
