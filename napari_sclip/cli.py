@@ -11,9 +11,10 @@ Errors are one line on stderr and a non-zero exit status; ``--debug`` shows trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from napari_sclip import __version__
@@ -165,6 +166,22 @@ def _split_ratios(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected name=ratio pairs such as train=0.8,val=0.2, got {text!r}") from None
 
 
+@contextlib.contextmanager
+def _progress_bar(quiet: bool, **options) -> Iterator:
+    """A tqdm bar on a terminal only (logs and pipes get none), erased when the command fails so
+    that its error stays one line."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(disable=True if quiet else None, dynamic_ncols=True, **options)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
 class _SliceProgress:
     """The ``segment`` progress bar: one step per 2D slice, the current slice's stage in its
     postfix.  A file counts as one slice until it is read; a stack then grows the total."""
@@ -200,8 +217,6 @@ class _SliceProgress:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from napari_sclip.dataset.batch import label_images
     from napari_sclip.dataset.splits import check_ratios
     from napari_sclip.engine.segmenter import Segmenter
@@ -227,9 +242,8 @@ def _segment(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures: list[str] = []
-    bar = tqdm(total=len(images), unit="slice", disable=args.quiet, dynamic_ncols=True)
-    progress = _SliceProgress(bar, len(images))
-    try:
+    with _progress_bar(args.quiet, total=len(images), unit="slice") as bar:
+        progress = _SliceProgress(bar, len(images))
         run = label_images(
             images, vocabulary, out, segmenter, options=options, overwrite=args.overwrite,
             ratios=ratios, progress=progress,
@@ -239,8 +253,6 @@ def _segment(args: argparse.Namespace) -> int:
             if item.status == "failed":
                 failures.append(item.reason)
             progress.file_done()
-    finally:
-        bar.close()
 
     # Some images done: the others were skipped.  None done: the input itself is unusable.
     usable = len(failures) < len(images)
@@ -261,16 +273,13 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    with _progress_bar(args.quiet, unit="image") as bar:
 
-    bar = tqdm(unit="image", disable=args.quiet, dynamic_ncols=True)
+        def show(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
 
-    def show(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
         if args.command == "export-coco":
             from napari_sclip.dataset.coco import export_coco
 
@@ -281,8 +290,6 @@ def _export(args: argparse.Namespace) -> int:
 
             per_split = export_voc(args.dataset, args.out, progress=show)
             summary = ", ".join(f"{n} {split}" for split, n in per_split.items()) or "no images"
-    finally:
-        bar.close()
     if not args.quiet:
         print(f"wrote {args.out}: {summary}", file=sys.stderr)
     return 0

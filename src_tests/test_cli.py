@@ -338,3 +338,20 @@ def test_method_choice_is_recorded(images, model_args, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([*args, "--method", "fastclip"])
     assert info.value.code == 2 and "invalid choice: 'fastclip'" in capsys.readouterr().err
+
+
+def test_a_refusal_is_one_line_also_with_the_progress_bar_on(tmp_path):
+    """Without --quiet: the bar is for terminals, and an error still leaves one stderr line."""
+    import subprocess
+    import sys
+
+    (tmp_path / "photo.png").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a dataset")
+    done = subprocess.run(
+        [sys.executable, "-m", "napari_sclip.cli", "segment", str(tmp_path / "photo.png"), "--classes", "cat",
+         "--out", str(tmp_path / "notes")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1 and "not empty and not a napari-sclip dataset" in done.stderr, done.stderr
