@@ -28,8 +28,16 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 1, like every other error (argparse prints the
+    whole usage and exits 2, which ``segment`` uses for "some images were skipped")."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="napari-sclip",
         description="Open-vocabulary semantic segmentation with SCLIP and later training-free CLIP "
         "methods (CLIP ViT-B/16, no training).",
@@ -389,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"napari-sclip: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("napari-sclip: interrupted", file=sys.stderr)
+        resume = "; the dataset is valid: run the same command to go on" if args.command == "segment" else ""
+        print(f"napari-sclip: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:  # a file or folder the user can fix (full, read-only, vanished, ...)
         if args.debug:

@@ -114,7 +114,9 @@ def test_resume_after_a_kill_mid_write(images, model_args, tmp_path, monkeypatch
     read_manifest(out)  # still a dataset
     assert list(_dataset_masks(out)) == ["a"] and not list(out.rglob("*.tmp"))
     assert len(list(out.glob("*/meta/*.json"))) == 1
-    capsys.readouterr()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "napari-sclip: interrupted; the dataset is valid: run the same command to go on"
+    ]
 
     calls = []
     original = Segmenter.segment
@@ -321,10 +323,18 @@ def test_info(capsys, monkeypatch):
     assert "sc-clip" in out and "512 MB" in out
 
 
-def test_usage_errors_exit_with_argparse_status(capsys):
+@pytest.mark.parametrize("argv", [
+    ["segment", "x.png", "--out", "o"],  # neither --classes nor --classes-file
+    ["segment", "x.png", "--classes", "cat", "--out", "o", "--method", "sclipp"],
+    ["export-voc"],
+    ["nonsense"],
+])
+def test_usage_errors_are_one_line_with_the_user_error_status(argv, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["segment", "x.png", "--out", "o"])  # neither --classes nor --classes-file
-    assert info.value.code == 2
+        main(argv)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "error:" in err and "--help" in err, err
 
 
 def test_method_choice_is_recorded(images, model_args, tmp_path, capsys):

@@ -110,7 +110,7 @@ def odd_dataset(tmp_path):
         images.append((photo.stem, read_image(photo), photo))
         images.append((f"array.{k}", np.roll(natural_image(24, 32), 5 * k, axis=0), None))
     for k in range(2):  # labels in the frame they are shown in
-        turned = turned_jpeg(sources / f"turned{k}.jpg", 20, 30)
+        turned = turned_jpeg(sources / f"turned{k}.jpg", 20 + 2 * k, 30)  # distinct files: distinct samples
         images.append((turned.stem, read_image(turned), turned))
     root = make_dataset(tmp_path / "dataset", registry, images)
     assert {split for split, _, _ in stored(root).values()} == {"train", "val"}

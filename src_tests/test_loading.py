@@ -119,6 +119,8 @@ def test_offline_download_says_how_to_work_offline(monkeypatch):
     message = str(info.value)
     assert "could not download the 'openai' weights for ViT-B-16" in message
     assert "NAPARI_SCLIP_PRETRAINED" in message and "pretrained='/path/to/ViT-B-16.pt'" in message
+    assert "weights field under Advanced" in message and "--pretrained PATH" in message
+    assert "https://openaipublic.azureedge.net/clip/models/" in message  # where to get the file
     assert "We couldn't connect to the Hub)" in message and "\n" not in message
     assert len(calls) == 1  # a network failure does not go on to try other file names
 
@@ -191,6 +193,8 @@ def test_unavailable_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="no CUDA GPU is available"):
         resolve_device("cuda")
+    with pytest.raises(DeviceError, match="device 'cuda:1' was requested"):
+        resolve_device("cuda:1")
 
 
 def test_environment_variables_set_the_defaults(monkeypatch, tiny_checkpoint, tmp_path):

@@ -191,6 +191,8 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry, TrainIds]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not root.is_dir():
+            raise DatasetError(f"dataset folder {root} does not exist") from None
         raise DatasetError(f"{root} is not a napari-sclip dataset: {MANIFEST} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None

@@ -89,7 +89,7 @@ def resolve_device(device: str) -> torch.device:
         ) from None
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("device 'cuda' was requested but no CUDA GPU is available")
+            raise DeviceError(f"device {device!r} was requested but no CUDA GPU is available; use auto or cpu")
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
             raise DeviceError(
                 f"device {device!r} was requested but only {torch.cuda.device_count()} GPU(s) exist"
@@ -172,9 +172,8 @@ def _activation(name: str, weights: WeightsFile, config_quick: bool, forced: boo
         return True
     if weights.tag is None:
         warnings.warn(
-            f"weights file {weights.path} does not say whether it needs QuickGELU (OpenAI's weights do) "
-            f"or GELU; using GELU, as model {name} does. Choose with quick_gelu=True or False: "
-            "--quick-gelu or --no-quick-gelu in the CLI, the QuickGELU box in the widget",
+            f"{weights.path.name} does not say whether it needs QuickGELU (OpenAI's weights do); "
+            "using GELU. Set QuickGELU under Advanced, --quick-gelu in the CLI or quick_gelu=True",
             ActivationWarning,
         )
     return False

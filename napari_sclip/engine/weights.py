@@ -77,11 +77,12 @@ def _looks_like_path(pretrained: str) -> bool:
     )
 
 
-def _offline_hint(model: str, tag: str) -> str:
+def _offline_hint(model: str, tag: str, url: str | None) -> str:
+    where = f" (download it elsewhere from {url})" if url else ""
     return (
-        f"could not download the '{tag}' weights for {model}; to work offline, pass a local "
-        f"checkpoint (pretrained='/path/to/{model}.pt', --pretrained PATH in the CLI) or set "
-        "NAPARI_SCLIP_PRETRAINED to its path"
+        f"could not download the '{tag}' weights for {model}; to work offline, use a local "
+        f"checkpoint{where}: the widget's weights field under Advanced, --pretrained PATH in the "
+        f"CLI, pretrained='/path/to/{model}.pt' in Python, or NAPARI_SCLIP_PRETRAINED"
     )
 
 
@@ -132,7 +133,7 @@ def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | 
 
             return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
     except Exception as exc:  # network, proxy, hub and disk errors all mean "not available"
-        raise ModelError(f"{_offline_hint(model, tag)} ({describe_cause(exc)})") from None
+        raise ModelError(f"{_offline_hint(model, tag, cfg.get('url'))} ({describe_cause(exc)})") from None
     raise ModelError(f"the '{tag}' weights for {model} have no download location in open_clip")
 
 

@@ -56,8 +56,10 @@ def exif_orientation(path: str | Path) -> int:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read
+            with Image.open(path) as image:
+                return int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:
         return 1
 
