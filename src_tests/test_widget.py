@@ -821,3 +821,31 @@ def test_two_viewers_keep_their_own_layers(display, make_napari_viewer, tiny_che
     second_labels = widgets[1].viewer.layers["img labels"]
     assert widgets[1]._records[second_labels.unique_id].state.edited.sum() == 0
     assert widgets[1]._vocabulary_edit.toPlainText() == "sky\ntree\nrocket"
+
+
+def test_the_picker_names_the_active_image_also_when_docked_after_several(display, make_napari_viewer, qtbot):
+    """napari makes each new layer active: the picker names that image, whether the widget was
+    docked before or after the images were added."""
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(natural_image(20, 30), name="first", rgb=True)
+    viewer.add_image(natural_image(20, 30), name="second", rgb=True)
+    _, late = viewer.window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")
+    assert viewer.layers.selection.active.name == "second"
+    assert late.selected_image().name == "second"
+    viewer.add_image(natural_image(20, 30), name="third", rgb=True)
+    assert late.selected_image().name == "third"
+    viewer.layers.selection.active = viewer.layers["first"]
+    assert late.selected_image().name == "first"
+
+
+def test_advanced_opens_without_squeezing_the_rows(widget, qtbot):
+    """A short dock and a long status line: the rows keep their height (the widget scrolls)."""
+    from qtpy.QtWidgets import QScrollArea
+
+    widget._status.setText("error: " + "a long message that wraps over many lines " * 20)
+    widget.resize(300, 300)
+    widget._advanced.expand(animate=False)
+    qtbot.waitUntil(lambda: widget._advanced.isExpanded())
+    model = widget._controls["model"]
+    assert model.height() >= model.minimumSizeHint().height()
+    assert widget.findChild(QScrollArea).verticalScrollBar().maximum() > 0

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -38,6 +39,7 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -254,7 +256,17 @@ class SclipWidget(QWidget):
         self._advanced = QCollapsible("Advanced")
         self._advanced.addWidget(advanced_widget)
 
-        layout = QVBoxLayout(self)
+        # In a scroll area: opening Advanced in a short dock (or beside a long status line) must not
+        # squeeze the rows into each other.
+        content = QWidget()
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        layout = QVBoxLayout(content)
         layout.addLayout(form)
         layout.addLayout(vocabulary_buttons)
         layout.addWidget(self._vocabulary_edit)
@@ -333,10 +345,15 @@ class SclipWidget(QWidget):
         images = self._image_layers()
         self._follow_renames(images)
         self._track_sclip_layers()
-        current = self._image_combo.currentText()
+        names = [layer.name for layer in images]
+        # The layer list's active image first (a new layer becomes active before the picker lists
+        # it, and a widget docked after several images should name the one on top).
+        active = self.viewer.layers.selection.active
+        current = self._image_of(active) if active is not None else None
+        if current not in names:
+            current = self._image_combo.currentText()
         self._image_combo.blockSignals(True)
         self._image_combo.clear()
-        names = [layer.name for layer in images]
         self._image_combo.addItems(names)
         if current in names:
             self._image_combo.setCurrentText(current)
