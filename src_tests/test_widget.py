@@ -49,9 +49,18 @@ def answers(monkeypatch):
 def click(qtbot, control) -> None:
     """Click a control a person can see: a button at its centre, a checkbox on its box (a
     stretched checkbox's centre may be blank space that does not toggle it)."""
-    from qtpy.QtWidgets import QCheckBox, QStyle, QStyleOptionButton
+    from qtpy.QtWidgets import QCheckBox, QScrollArea, QStyle, QStyleOptionButton
 
-    qtbot.waitUntil(lambda: not control.visibleRegion().isEmpty(), timeout=5_000)
+    parent = control.parentWidget()
+    while parent is not None and not isinstance(parent, QScrollArea):
+        parent = parent.parentWidget()
+
+    def in_view() -> bool:
+        if parent is not None:  # scroll to it, as a person would (again while Advanced unfolds)
+            parent.ensureWidgetVisible(control)
+        return not control.visibleRegion().isEmpty()
+
+    qtbot.waitUntil(in_view, timeout=5_000)
     position = control.rect().center()
     if isinstance(control, QCheckBox):
         option = QStyleOptionButton()
@@ -849,3 +858,4 @@ def test_advanced_opens_without_squeezing_the_rows(widget, qtbot):
     model = widget._controls["model"]
     assert model.height() >= model.minimumSizeHint().height()
     assert widget.findChild(QScrollArea).verticalScrollBar().maximum() > 0
+    assert not widget._run_button.visibleRegion().isEmpty()  # Segment stays in view

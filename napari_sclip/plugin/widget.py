@@ -256,32 +256,32 @@ class SclipWidget(QWidget):
         self._advanced = QCollapsible("Advanced")
         self._advanced.addWidget(advanced_widget)
 
-        # In a scroll area: opening Advanced in a short dock (or beside a long status line) must not
-        # squeeze the rows into each other.
-        content = QWidget()
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setWidget(content)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        layout = QVBoxLayout(content)
+        # The settings scroll (opening Advanced in a short dock must not squeeze rows into each
+        # other); Segment, the dataset buttons, progress and status stay in view below them.
+        settings = QWidget()
+        layout = QVBoxLayout(settings)
         layout.addLayout(form)
         layout.addLayout(vocabulary_buttons)
         layout.addWidget(self._vocabulary_edit)
         layout.addWidget(self._class_list)
         layout.addWidget(controls["overwrite"])
         layout.addWidget(self._advanced)
-        layout.addWidget(self._run_button)
+        layout.addStretch()
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(settings)
+
+        outer = QVBoxLayout(self)
+        outer.addWidget(scroll, stretch=1)
+        outer.addWidget(self._run_button)
         dataset_row = QHBoxLayout()
         dataset_row.addWidget(self._reviewed_box)
         dataset_row.addWidget(self._open_button, stretch=1)
         dataset_row.addWidget(self._export_button, stretch=1)
-        layout.addLayout(dataset_row)
-        layout.addWidget(self._progress_bar)
-        layout.addWidget(self._status)
-        layout.addStretch()
+        outer.addLayout(dataset_row)
+        outer.addWidget(self._progress_bar)
+        outer.addWidget(self._status)
 
     # -- options ----------------------------------------------------------------------------------
 
