@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -267,9 +267,7 @@ class SclipWidget(QWidget):
         layout.addWidget(controls["overwrite"])
         layout.addWidget(self._advanced)
         layout.addStretch()
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll = _VerticalScroll()
         scroll.setWidget(settings)
 
         outer = QVBoxLayout(self)
@@ -961,6 +959,22 @@ def _set_value(control: QWidget, value: Any) -> None:
         control.setText(str(value))
     else:
         control.setValue(value)
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls up and down only: as wide as its content needs (asked when Qt lays the dock out,
+    so napari's stylesheet is counted), so nothing is clipped at the side."""
+
+    def __init__(self):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        content = self.widget().minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+        return QSize(max(hint.width(), content), hint.height())
 
 
 def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
