@@ -45,6 +45,7 @@ from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.methods import METHODS, get_method
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.plugin.edits import EditTracker
+from napari_sclip.plugin.engine_loader import engine_devices, make_segmenter
 from napari_sclip.plugin.io import METADATA_KEY, labelled_image
 from napari_sclip.plugin.layers import (
     confidence_name,
@@ -342,18 +343,14 @@ class SclipWidget(QWidget):
         if path:
             self._weights_edit.setText(path)
 
-    # -- devices (found in the background: it imports torch) ---------------------------------------
+    # -- devices (found in the background: it imports the engine) ---------------------------------
 
     def _find_devices(self) -> None:
+        """Import the engine in the background now, so that it is usually there by the first click."""
         from napari.qt.threading import create_worker
 
-        def available() -> list[str]:
-            from napari_sclip.engine.model import available_devices
-
-            return available_devices()
-
         # Keep a reference: a worker that is garbage-collected never delivers its result.
-        self._device_worker = create_worker(available, _start_thread=False, _ignore_errors=True)
+        self._device_worker = create_worker(engine_devices, _start_thread=False, _ignore_errors=True)
         self._device_worker.returned.connect(self._set_devices)
         self._device_worker.errored.connect(lambda exc: None)  # the default device stays usable
         self._device_worker.start()
@@ -403,14 +400,27 @@ class SclipWidget(QWidget):
             "prob_threshold": self._threshold.value(),
         }
 
-    def _get_segmenter(self):
-        from napari_sclip import Segmenter
+    def _engine_choice(self) -> tuple[str, str, str]:
+        """Model, weights and device as set under Advanced; the defaults where left empty."""
+        return (
+            self._model_edit.text().strip() or config.default_model(),
+            self._weights_edit.text().strip() or config.default_pretrained(),
+            self._device_combo.currentText() or config.default_device(),
+        )
 
-        wanted = (self._model_edit.text().strip(), self._weights_edit.text().strip(), self._device_combo.currentText())
+    def _get_segmenter(self, choice: tuple[str, str, str] | None = None):
+        """The segmenter for ``choice`` (default: the Advanced settings), kept while it stays the
+        same.  It imports the engine: only workers call it."""
+        choice = choice or self._engine_choice()
         seg = self._segmenter
-        if seg is None or (seg.model_name, seg.pretrained, seg.device_name) != wanted:
-            self._segmenter = Segmenter(*(value or None for value in wanted))
+        if seg is None or (seg.model_name, seg.pretrained, seg.device_name) != choice:
+            self._segmenter = make_segmenter(*choice)
         return self._segmenter
+
+    def _segment_job(self, choice: tuple[str, str, str], job: SegmentJob) -> Generator[JobProgress, None, list[SliceResult]]:
+        """The worker's job: the segmenter (torch's import on a first run), then the segmentation."""
+        yield JobProgress(0.0, "starting the engine")
+        return (yield from run_job(self._get_segmenter(choice), job))
 
     def segment(self) -> None:
         """Start segmenting the selected image in a background worker."""
@@ -445,10 +455,10 @@ class SclipWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        segmenter = self._get_segmenter()
-        params = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, **job.options}
+        choice = self._engine_choice()
+        params = {"model": choice[0], "pretrained": choice[1], **job.options}
         # Errors are ours to report (one line); they are not re-raised in the GUI thread.
-        self._worker = create_worker(run_job, segmenter, job, _start_thread=False, _ignore_errors=True)
+        self._worker = create_worker(self._segment_job, choice, job, _start_thread=False, _ignore_errors=True)
         self._worker.yielded.connect(self._on_progress)
         self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results, params))
         self._worker.errored.connect(self._notify_error)
