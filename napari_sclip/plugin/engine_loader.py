@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib
 import importlib.abc
 import importlib.machinery
 import os
@@ -34,6 +35,7 @@ import threading
 from collections.abc import Iterator
 
 _LOCK = threading.Lock()
+_HEAVY = ("pandas", "napari_sclip.engine.segmenter")  # the engine brings torch and open_clip
 _loaded = False
 
 
@@ -47,10 +49,11 @@ def load_engine() -> None:
     with _LOCK:
         if _loaded:
             return
-        with _garbage_collection_paused(), _torch_libraries_loaded_without_gil():
-            import pandas  # noqa: F401
-
-            import napari_sclip.engine.segmenter  # noqa: F401  (torch and open_clip, through the guard)
+        missing = [name for name in _HEAVY if name not in sys.modules]
+        if missing:  # the measures cost a full collection: only for a real import
+            with _garbage_collection_paused(), _torch_libraries_loaded_without_gil():
+                for name in missing:
+                    importlib.import_module(name)  # torch and open_clip through the Mesa guard
         _loaded = True
 
 
