@@ -11,12 +11,14 @@ gap belongs to the phase that holds its middle).
 
 * ``import``: the GIL bursts of importing the engine while napari shows an image, for each design
   (``--designs``): on the GUI thread (the old first click), in a thread as it is, with a 1 ms
-  switch interval, with the garbage collector paused (then re-enabled, or frozen), with libtorch
-  loaded with the GIL released, all of the widget's measures (``load_engine``, with and without a
-  1 ms switch interval), or in a subprocess.  Meanwhile the GUI thread runs 10 ms of Python every
+  switch interval, with the garbage collector paused (then just re-enabled, or with what the
+  import made promoted to the oldest generation first), with libtorch loaded with the GIL
+  released, all of the widget's measures (``load_engine``, with and without a 1 ms switch
+  interval), or in a subprocess.  Meanwhile the GUI thread runs 10 ms of Python every
   100 ms (as napari does when it repaints or reacts to a click); how long that takes during the
   import shows how the import's Python competes for the GIL.  After the import: the time of one
-  full ``gc.collect()``, which later collections in napari's process pay too.
+  full ``gc.collect()``, which every later full collection in the process costs (napari runs one
+  whenever a layer is removed).
 * ``dlopen``: does loading ``libtorch`` stall other threads?  A plain process (no Qt) whose main
   thread wakes every millisecond while a thread loads libtorch with ``ctypes.CDLL`` (CPython's own
   ``dlopen``) or with the C library's ``dlopen`` called as a ctypes foreign function.
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DESIGNS = ("gui-thread", "thread", "switch-1ms", "gc-paused", "gc-paused+freeze", "dlopen-no-gil",
+DESIGNS = ("gui-thread", "thread", "switch-1ms", "gc-paused", "gc-paused+promoted", "dlopen-no-gil",
            "load_engine", "load_engine+switch-1ms", "subprocess")
 SIZES = {"1 MP": (1000, 1000), "4 MP": (2000, 2000), "12 MP": (3000, 4000)}
 #: The flow's marks, in order; each phase runs from one mark to the next.
@@ -174,7 +176,7 @@ def child_import(design: str, on_main_thread: dict) -> dict:
         finally:
             gc.enable()
 
-    def freeze_paused() -> None:
+    def promoted_paused() -> None:
         with engine_loader._garbage_collection_paused():
             engine()
 
@@ -186,7 +188,7 @@ def child_import(design: str, on_main_thread: dict) -> dict:
         "thread": engine,
         "switch-1ms": lambda: switch_1ms(engine),
         "gc-paused": gc_paused,
-        "gc-paused+freeze": freeze_paused,
+        "gc-paused+promoted": promoted_paused,
         "dlopen-no-gil": dlopen_no_gil,
         "load_engine": engine_loader.load_engine,
         "load_engine+switch-1ms": lambda: switch_1ms(engine_loader.load_engine),

@@ -7,11 +7,12 @@ before the first click, and the segmentation job calls :func:`make_segmenter` in
 A background import still holds the GIL in bursts, and while it does the GUI thread cannot run
 either.  Two steps of the import cause the long ones (figures in docs/benchmarks.md):
 
-* Full garbage collections.  The import allocates enough to trigger several; each walks every
-  object of the process, napari's included, with the GIL held.  So the collector runs once before
-  the import (napari's garbage goes), pauses during it, and then freezes what exists (``gc.freeze``):
-  torch's and open_clip's modules, classes and functions live as long as the process, and without
-  the freeze every later full collection in napari would walk them again (three times as long).
+* Garbage collections.  The import allocates enough to trigger several full ones, each walking
+  every object of the process, napari's included, with the GIL held.  So the collector pauses
+  during the import; then ``gc.freeze()`` and ``gc.unfreeze()`` move everything it made straight
+  to the oldest generation, which is what surviving collections would have done, without walking
+  it (re-enabling alone would walk all of it in the next young collection).  Nothing stays frozen:
+  a frozen object is never collected, so a napari layer removed later would never be freed.
 * Loading torch's C++ libraries (about 1 GB of code and its static initialisers).  CPython's
   ``dlopen`` calls for extension modules and ``ctypes.CDLL`` keep the GIL; calling the C library's
   ``dlopen`` as a ctypes foreign function releases it.  So right before torch imports its
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import importlib
 import importlib.abc
 import importlib.machinery
 import os
@@ -35,7 +35,6 @@ import threading
 from collections.abc import Iterator
 
 _LOCK = threading.Lock()
-_HEAVY = ("pandas", "napari_sclip.engine.segmenter")  # the engine brings torch and open_clip
 _loaded = False
 
 
@@ -49,11 +48,10 @@ def load_engine() -> None:
     with _LOCK:
         if _loaded:
             return
-        missing = [name for name in _HEAVY if name not in sys.modules]
-        if missing:  # the measures cost a full collection: only for a real import
-            with _garbage_collection_paused(), _torch_libraries_loaded_without_gil():
-                for name in missing:
-                    importlib.import_module(name)  # torch and open_clip through the Mesa guard
+        with _garbage_collection_paused(), _torch_libraries_loaded_without_gil():
+            import pandas  # noqa: F401
+
+            import napari_sclip.engine.segmenter  # noqa: F401  (torch and open_clip, through the guard)
         _loaded = True
 
 
@@ -78,12 +76,12 @@ def _garbage_collection_paused() -> Iterator[None]:
     if not gc.isenabled():  # the application manages the collector itself
         yield
         return
-    gc.collect()  # so that no garbage gets frozen
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        gc.freeze()  # every generation into the permanent one...
+        gc.unfreeze()  # ...which goes back as the oldest: no collection walked it
         gc.enable()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Generator
 from contextlib import closing
 from pathlib import Path
@@ -460,7 +461,10 @@ class SclipWidget(QWidget):
         # Errors are ours to report (one line); they are not re-raised in the GUI thread.
         self._worker = create_worker(self._segment_job, choice, job, _start_thread=False, _ignore_errors=True)
         self._worker.yielded.connect(self._on_progress)
-        self._worker.returned.connect(lambda results: self._apply(image, vocabulary, results, params))
+        # napari keeps every worker (and what its slots hold) as long as the window: hold the
+        # layer weakly, or a removed image would never be freed.
+        image_ref = weakref.ref(image)
+        self._worker.returned.connect(lambda results: self._apply(image_ref(), vocabulary, results, params))
         self._worker.errored.connect(self._notify_error)
         self._worker.finished.connect(self._on_finished)
         self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
