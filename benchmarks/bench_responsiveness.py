@@ -10,15 +10,16 @@ Every measurement runs in a fresh interpreter that has imported neither torch no
 gap belongs to the phase that holds its middle).
 
 * ``import``: the GIL bursts of importing the engine while napari shows an image, for each design
-  (``--designs``): on the GUI thread (the old first click), in a thread as it is, with a 1 ms
-  switch interval, with the garbage collector paused (then just re-enabled, or with what the
-  import made promoted to the oldest generation first), with libtorch loaded with the GIL
-  released, all of the widget's measures (``load_engine``, with and without a 1 ms switch
-  interval), or in a subprocess.  Meanwhile the GUI thread runs 10 ms of Python every
-  100 ms (as napari does when it repaints or reacts to a click); how long that takes during the
-  import shows how the import's Python competes for the GIL.  After the import: the time of one
-  full ``gc.collect()``, which every later full collection in the process costs (napari runs one
-  whenever a layer is removed).
+  (``--designs``): on the GUI thread (the old first click); in a thread as it is; with a 1 ms
+  switch interval; with the garbage collector paused, then re-enabled, or with what the import
+  made moved to the oldest generation without a collection (freeze, then unfreeze); with full
+  collections deferred to one at the end (young ones still run); with libtorch loaded with the
+  GIL released; with both of these (the widget's ``load_engine``), also with a 1 ms switch
+  interval; or in a subprocess.  Meanwhile the GUI thread runs 10 ms of Python every 100 ms (as
+  napari does when it repaints or reacts to a click); how long that takes during the import
+  shows how the import's Python competes for the GIL.  After the import: the time napari takes to
+  remove a layer, twice (it runs a full garbage collection each time, and that grows with the
+  objects in the process and how they lie in memory).
 * ``dlopen``: does loading ``libtorch`` stall other threads?  A plain process (no Qt) whose main
   thread wakes every millisecond while a thread loads libtorch with ``ctypes.CDLL`` (CPython's own
   ``dlopen``) or with the C library's ``dlopen`` called as a ctypes foreign function.
@@ -42,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DESIGNS = ("gui-thread", "thread", "switch-1ms", "gc-paused", "gc-paused+promoted", "dlopen-no-gil",
-           "load_engine", "load_engine+switch-1ms", "subprocess")
+DESIGNS = ("gui-thread", "thread", "switch-1ms", "gc-paused", "gc-paused+promoted", "full-gc-deferred",
+           "dlopen-no-gil", "load_engine", "load_engine+switch-1ms", "subprocess")
 SIZES = {"1 MP": (1000, 1000), "4 MP": (2000, 2000), "12 MP": (3000, 4000)}
 #: The flow's marks, in order; each phase runs from one mark to the next.
 MARKS = ("open", "opened", "first click", "first engine ready", "first model loaded", "first returned",
@@ -177,11 +178,20 @@ def child_import(design: str, on_main_thread: dict) -> dict:
             gc.enable()
 
     def promoted_paused() -> None:
-        with engine_loader._garbage_collection_paused():
+        gc.disable()
+        try:
             engine()
+        finally:
+            gc.freeze()
+            gc.unfreeze()
+            gc.enable()
 
     def dlopen_no_gil() -> None:
         with engine_loader._torch_libraries_loaded_without_gil():
+            engine()
+
+    def full_gc_deferred() -> None:
+        with engine_loader._full_collections_deferred():
             engine()
 
     designs = {
@@ -189,6 +199,7 @@ def child_import(design: str, on_main_thread: dict) -> dict:
         "switch-1ms": lambda: switch_1ms(engine),
         "gc-paused": gc_paused,
         "gc-paused+promoted": promoted_paused,
+        "full-gc-deferred": full_gc_deferred,
         "dlopen-no-gil": dlopen_no_gil,
         "load_engine": engine_loader.load_engine,
         "load_engine+switch-1ms": lambda: switch_1ms(engine_loader.load_engine),
@@ -208,9 +219,13 @@ def child_import(design: str, on_main_thread: dict) -> dict:
     _settle(2.0)
     end = time.perf_counter()
     ticker.timer.stop()
-    collect = time.perf_counter()
-    gc.collect()
-    collect = time.perf_counter() - collect
+    removals = []
+    for name in ("first", "second"):  # napari runs a full garbage collection for each
+        viewer.add_image(np.zeros((512, 512), np.uint8), name=name)
+        _settle(0.3)
+        removed = time.perf_counter()
+        viewer.layers.remove(name)  # on the GUI thread, as when a user deletes a layer
+        removals.append(round((time.perf_counter() - removed) * 1000, 1))
     in_process = design != "subprocess"
     return {
         "design": design,
@@ -218,7 +233,7 @@ def child_import(design: str, on_main_thread: dict) -> dict:
         "during_gaps": ticker.gaps(start, done[0]),
         "after_gaps": ticker.gaps(done[0], end),
         "work_slowdown": [round(w / alone, 2) for w in work],
-        "full_gc_ms": round(collect * 1000, 1),
+        "removal_ms": removals,
         "gui_thread_imported_torch": on_main_thread.get("torch"),
         "guard": [llvm_mapped, sys.modules.get("triton", 0) is None] if in_process else None,
     }
@@ -361,7 +376,7 @@ def report_imports(results: dict[str, list[dict]]) -> None:
           "per design)\n")
     print("| Design | Import (s), median | Longest stall (ms), median / max | Stalls > 50 / 100 / 200 / 500 ms, "
           "all runs | 10 ms of GUI Python took, median / max | Longest stall in the 2 s after (ms) "
-          "| One full gc.collect() after (ms) |")
+          "| Removing a layer after: first / second (ms, median) |")
     print("|---|---|---|---|---|---|---|")
     for design, runs in results.items():
         longest = [max(run["during_gaps"], default=0.0) for run in runs]
@@ -370,7 +385,8 @@ def report_imports(results: dict[str, list[dict]]) -> None:
               f"{_distribution([g for run in runs for g in run['during_gaps']])} | "
               f"{np.median(slowdown) * 10:.0f} / {max(slowdown) * 10:.0f} ms | "
               f"{_longest([max(run['after_gaps'], default=0.0) for run in runs])} | "
-              f"{_longest([run['full_gc_ms'] for run in runs])} |")
+              f"{np.median([run['removal_ms'][0] for run in runs]):.0f} / "
+              f"{np.median([run['removal_ms'][1] for run in runs]):.0f} |")
     guard = sorted({tuple(run["guard"]) for runs in results.values() for run in runs if run["guard"]})
     on_gui = sorted({design for design, runs in results.items() for run in runs if run["gui_thread_imported_torch"]})
     print(f"\nIn-process designs, (Mesa's libLLVM mapped, triton hidden): {guard}; "

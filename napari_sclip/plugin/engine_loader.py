@@ -7,12 +7,13 @@ before the first click, and the segmentation job calls :func:`make_segmenter` in
 A background import still holds the GIL in bursts, and while it does the GUI thread cannot run
 either.  Two steps of the import cause the long ones (figures in docs/benchmarks.md):
 
-* Garbage collections.  The import allocates enough to trigger several full ones, each walking
-  every object of the process, napari's included, with the GIL held.  So the collector pauses
-  during the import; then ``gc.freeze()`` and ``gc.unfreeze()`` move everything it made straight
-  to the oldest generation, which is what surviving collections would have done, without walking
-  it (re-enabling alone would walk all of it in the next young collection).  Nothing stays frozen:
-  a frozen object is never collected, so a napari layer removed later would never be freed.
+* Full garbage collections.  The import allocates enough to trigger five or six, each walking
+  every object of the process, napari's included, with the GIL held, each longer than the last.
+  They wait until the import is done (young collections still free its garbage as it goes), and
+  then one runs: it costs what every full collection costs from then on, napari's included (it
+  runs one whenever a layer is removed), the price of having torch in the process.  Rejected:
+  ``gc.freeze()`` would freeze napari's objects too (a layer removed later is never freed);
+  freezing then unfreezing skips that collection, but later full ones take a third longer.
 * Loading torch's C++ libraries (about 1 GB of code and its static initialisers).  CPython's
   ``dlopen`` calls for extension modules and ``ctypes.CDLL`` keep the GIL; calling the C library's
   ``dlopen`` as a ctypes foreign function releases it.  So right before torch imports its
@@ -48,7 +49,7 @@ def load_engine() -> None:
     with _LOCK:
         if _loaded:
             return
-        with _garbage_collection_paused(), _torch_libraries_loaded_without_gil():
+        with _full_collections_deferred(), _torch_libraries_loaded_without_gil():
             import pandas  # noqa: F401
 
             import napari_sclip.engine.segmenter  # noqa: F401  (torch and open_clip, through the guard)
@@ -72,17 +73,17 @@ def make_segmenter(model: str, pretrained: str, device: str):
 
 
 @contextlib.contextmanager
-def _garbage_collection_paused() -> Iterator[None]:
-    if not gc.isenabled():  # the application manages the collector itself
+def _full_collections_deferred() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    if not gc.isenabled() or thresholds[0] == 0:  # the application runs the collector itself
         yield
         return
-    gc.disable()
+    gc.set_threshold(thresholds[0], thresholds[1], 1 << 30)  # young collections only
     try:
         yield
     finally:
-        gc.freeze()  # every generation into the permanent one...
-        gc.unfreeze()  # ...which goes back as the oldest: no collection walked it
-        gc.enable()
+        gc.set_threshold(*thresholds)
+        gc.collect()  # the one full collection the import left due, now rather than at random
 
 
 class _LibtorchFirst(importlib.abc.MetaPathFinder):
