@@ -38,13 +38,14 @@ def test_import_is_cheap():
 
 
 def test_opening_the_widget_and_reader_does_not_import_torch():
+    """Nor pandas (0.2 s): napari imports these on its GUI thread; the widget's worker loads them."""
     done = _run(
         """
         import sys
         import napari_sclip.plugin.widget, napari_sclip.plugin.sample_data
         from napari_sclip.plugin.io import get_reader
         get_reader("dataset.json")  # napari asks the reader about every dataset.json it opens
-        print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
+        print(sorted(m for m in ("torch", "open_clip", "pandas") if m in sys.modules))
         """
     )
     assert done.returncode == 0, done.stderr

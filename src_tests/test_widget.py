@@ -723,7 +723,7 @@ def test_method_choice_fills_its_defaults_and_is_recorded(widget, qtbot):
     labels = _segmented(qtbot, widget, (60, 70))
     provenance = labels.metadata["napari_sclip"]["slices"][0]["provenance"]
     assert (provenance["method"], provenance["pamr"], provenance["window"]) == ("naclip", True, 112)
-    engine = widget._get_segmenter().segment(
+    engine = widget._get_segmenter(widget.options()).segment(
         widget.viewer.layers["img"].data, ["cat", "dog"], method="naclip", window=112, stride=56
     )
     np.testing.assert_array_equal(labels.data, engine.labels)

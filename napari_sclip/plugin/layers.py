@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Generator, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Shown for label values that no class owns (e.g. painted with a free label number).
 UNKNOWN_COLOR = (0.6, 0.6, 0.6, 1.0)
@@ -36,6 +39,8 @@ def class_colormap(registry: ClassRegistry):
 
 def class_features(registry: ClassRegistry) -> pd.DataFrame:
     """One row per class (current and retired): napari shows ``class_name`` under the cursor."""
+    import pandas as pd  # 0.2 s: imported in the background by the widget's engine_loader
+
     uids = sorted(registry.names)
     return pd.DataFrame(
         {

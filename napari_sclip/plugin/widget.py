@@ -53,6 +53,7 @@ from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.methods import METHODS, get_method
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.plugin.edits import EditTracker
+from napari_sclip.plugin.engine_loader import engine_devices, make_segmenter
 from napari_sclip.plugin.io import labelled_images
 from napari_sclip.plugin.layers import (
     confidence_name,
@@ -524,18 +525,14 @@ class SclipWidget(QWidget):
             record.state.review_status = REVIEWED if checked else UNREVIEWED
             record.state.store(labels.metadata)
 
-    # -- devices (found in the background: it imports torch) ---------------------------------------
+    # -- devices (found in the background: it imports the engine) ---------------------------------
 
     def _find_devices(self) -> None:
+        """Import the engine in the background now, so that it is usually there by the first click."""
         from napari.qt.threading import create_worker
 
-        def available() -> list[str]:
-            from napari_sclip.engine.model import available_devices
-
-            return available_devices()
-
         # Keep a reference: a worker that is garbage-collected never delivers its result.
-        self._device_worker = create_worker(available, _start_thread=False, _ignore_errors=True)
+        self._device_worker = create_worker(engine_devices, _start_thread=False, _ignore_errors=True)
         self._device_worker.returned.connect(self._set_devices)
         self._device_worker.errored.connect(lambda exc: None)  # the default device stays usable
         self._device_worker.start()
@@ -560,15 +557,20 @@ class SclipWidget(QWidget):
         else:
             self.segment()
 
-    def _get_segmenter(self):
-        from napari_sclip import Segmenter
-
-        options = self.options()
-        wanted = (options.model, options.pretrained, options.device, options.quick_gelu)
+    def _get_segmenter(self, options: SegmentOptions):
+        """The segmenter for ``options``' model, weights, device and activation, kept while they
+        stay the same.  It imports the engine: only workers call it."""
+        wanted = (options.model or config.default_model(), options.pretrained or config.default_pretrained(),
+                  options.device or config.default_device(), options.quick_gelu)
         seg = self._segmenter
         if seg is None or (seg.model_name, seg.pretrained, seg.device_name, seg.quick_gelu) != wanted:
-            self._segmenter = Segmenter(*(value or None for value in wanted[:3]), quick_gelu=options.quick_gelu)
+            self._segmenter = make_segmenter(*wanted)
         return self._segmenter
+
+    def _segment_job(self, options: SegmentOptions, job: SegmentJob) -> Generator[JobProgress, None, list]:
+        """The worker's job: the segmenter (the engine's import on a first run), then the job."""
+        yield JobProgress(0.0, "starting the engine")
+        return (yield from run_job(self._get_segmenter(options), job))
 
     def segment(self) -> None:
         """Start segmenting the selected image in a background worker (what Segment does)."""
@@ -603,11 +605,10 @@ class SclipWidget(QWidget):
         )
         from napari.utils import progress
 
-        segmenter = self._get_segmenter()
         image_id = image.unique_id
         self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
         self._status.setText("starting…")
-        self._start_worker(run_job, (segmenter, job),
+        self._start_worker(self._segment_job, (options, job),
                            lambda results: self._apply(image_id, vocabulary, options, agreed, results))
 
     def _start_worker(self, job: Callable, args: tuple, returned: Callable[[Any], None]) -> None:
