@@ -100,3 +100,34 @@ def test_export_import_export_gives_identical_files(dataset, tmp_path):
             assert path.read_bytes() == data, path
     meta = json.loads(next(root.glob("*/meta/astronaut.json")).read_text())
     assert meta["review_status"] == "edited" and meta["source"]["path"].endswith("astronaut.png")
+
+
+def test_masks_of_a_dataset_that_grew_past_254_classes_keep_their_own_ignore(tmp_path):
+    """An 8-bit mask written before the dataset grew keeps 255 as ignore, although training id
+    255 is a class by then; napari gets 0 (unlabelled) there, not that class."""
+    import warnings
+
+    from napari_sclip.dataset import format as fmt
+    from napari_sclip.dataset.reader import read_sample, sample_ids
+
+    registry = ClassRegistry()
+    registry.update((("a",), ("b",)))
+    early = np.ones((20, 30), np.uint8)
+    early[:5] = 0  # unlabelled: stored as 255 in the 8-bit mask
+    with DatasetWriter(tmp_path / "ds", registry) as writer:
+        writer.write(Sample("early", early, image=natural_image(20, 30)))
+        writer.rebuild_index()
+    grown = ClassRegistry()
+    grown.update(tuple((name,) for name in ["a", "b", *(f"k{i}" for i in range(300))]))
+    late = np.full((20, 30), 300, np.uint16)  # a uid whose training id is past 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with DatasetWriter(tmp_path / "ds", grown) as writer:
+            writer.write(Sample("late", late, image=natural_image(20, 30)))
+            writer.rebuild_index()
+    _, _, train_ids = fmt.read_manifest(tmp_path / "ds")
+    assert max(train_ids.values()) > 255
+    samples = {image_id: read_sample(tmp_path / "ds", split, image_id, train_ids)
+               for split, image_id in sample_ids(tmp_path / "ds")}
+    np.testing.assert_array_equal(samples["early"].labels, early)
+    np.testing.assert_array_equal(samples["late"].labels, late)

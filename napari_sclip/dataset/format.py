@@ -96,7 +96,11 @@ def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
     dtype = np.uint8 if max(train_ids, default=0) <= 255 else np.uint16
     table = np.zeros(np.iinfo(mask.dtype).max + 1, dtype)
     for uid, train_id in train_ids.items():
-        table[train_id] = uid
+        if train_id < len(table):
+            table[train_id] = uid
+    # Each mask's own ignore value: an 8-bit mask written before the dataset grew past 254 classes
+    # keeps 255 as ignore, although training id 255 is a class by now.
+    table[ignore_value(mask.dtype)] = 0
     return table[mask]
 
 
