@@ -125,3 +125,23 @@ def test_exports_of_a_non_dataset_fail_in_one_line(tmp_path, capsys):
         assert main([*command, "--quiet"]) == 1
         err = capsys.readouterr().err.strip()
         assert "dataset.json is missing" in err and "\n" not in err
+
+
+def test_voc_never_writes_or_deletes_through_a_symlinked_folder_of_an_earlier_export(dataset, tmp_path, capsys):
+    """An "earlier export" whose JPEGImages or image-list folder links elsewhere: refused in one
+    line, and what is elsewhere stays as it was."""
+    elsewhere = tmp_path / "photos"
+    elsewhere.mkdir()
+    (elsewhere / "precious.jpeg").write_text("precious")
+    (elsewhere / "train.txt").write_text("keep")
+    for linked in ("JPEGImages", "ImageSets/Segmentation"):
+        out = tmp_path / f"voc-{linked.replace('/', '-')}"
+        (out / "SegmentationClass").mkdir(parents=True)
+        (out / "labelmap.txt").touch()
+        (out / linked).parent.mkdir(parents=True, exist_ok=True)
+        (out / linked).symlink_to(elsewhere)
+        assert main(["export-voc", str(dataset), str(out), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "symbolic link" in err, err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.jpeg", "train.txt"]
+    assert (elsewhere / "train.txt").read_text() == "keep"

@@ -32,7 +32,7 @@ import numpy as np
 from napari_sclip._files import atomic_copy, atomic_write_bytes, output_folder
 from napari_sclip.colors import label_color
 from napari_sclip.dataset import format as fmt
-from napari_sclip.dataset.paths import DatasetError, reporting_os_errors
+from napari_sclip.dataset.paths import DatasetError, reporting_os_errors, resolve_inside
 from napari_sclip.dataset.reader import StoredMask, sample_ids, stored_mask
 from napari_sclip.dataset.splits import SPLIT_NAMES
 
@@ -49,6 +49,9 @@ def _check_out(out: Path) -> None:
         raise DatasetError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not all((out / name).exists() for name in _LAYOUT):
         raise DatasetError(f"{out} is not empty and not a VOC export; choose a new or empty folder")
+    # An export is written, and its stale files deleted, only in real folders of its own.
+    for relative in ("labelmap.txt", "SegmentationClass", "JPEGImages", "ImageSets", "ImageSets/Segmentation"):
+        resolve_inside(out, relative)
 
 
 def _png(image) -> bytes:
