@@ -139,6 +139,27 @@ def test_engine_runs_inside_a_napari_window_on_mesa(display, tiny_dir, tiny_chec
         assert "triton-hidden" in line
 
 
+def test_closing_napari_while_the_engine_still_imports_exits_cleanly(display):
+    """A script that docks the widget and closes the viewer at once: the widget's background
+    import is still running when the interpreter exits (Qt aborted the process, exit 134)."""
+    done = _run(
+        """
+        import time
+        from qtpy.QtWidgets import QApplication
+        from napari_sclip.cli import open_gui
+        viewer, widget = open_gui([])
+        end = time.time() + 0.3
+        while time.time() < end:
+            QApplication.processEvents()
+            time.sleep(0.02)
+        viewer.close()
+        print("closed")
+        """
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip().splitlines()[-1] == "closed" and "Traceback" not in done.stderr
+
+
 def test_npe2_validates_the_manifest_with_imports():
     done = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", "--imports", "napari-sclip"],

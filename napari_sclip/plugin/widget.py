@@ -12,6 +12,7 @@ is written back into the layer's metadata as plain data, where napari's writer h
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Generator, Hashable
@@ -531,6 +532,8 @@ class SclipWidget(QWidget):
         """Import the engine in the background now, so that it is usually there by the first click."""
         from napari.qt.threading import create_worker
 
+        _settle_workers_at_exit()
+
         # Keep a reference: a worker that is garbage-collected never delivers its result.
         self._device_worker = create_worker(engine_devices, _start_thread=False, _ignore_errors=True)
         self._device_worker.returned.connect(self._set_devices)
@@ -960,6 +963,24 @@ def _set_value(control: QWidget, value: Any) -> None:
         control.setText(str(value))
     else:
         control.setValue(value)
+
+
+@functools.cache
+def _settle_workers_at_exit() -> None:
+    """At interpreter exit, ask this process's workers to stop and wait for them (the engine's
+    import cannot stop half-way: a few seconds at most).  Otherwise a script that closes the viewer
+    while the import runs ends with Qt deleting a worker's signals under its thread: an abort."""
+    import atexit
+
+    from superqt.utils import WorkerBase
+
+    def settle() -> None:
+        try:
+            WorkerBase.await_workers(msecs=60_000)
+        except RuntimeError:  # still running after a minute: exit all the same
+            pass
+
+    atexit.register(settle)
 
 
 class _VerticalScroll(QScrollArea):
