@@ -13,6 +13,7 @@ from napari_sclip import Segmenter
 from napari_sclip.cli import main
 
 from conftest import TINY_MODEL, natural_image
+from dataset_helpers import cli_command, save_images
 
 
 @pytest.fixture
@@ -136,26 +137,16 @@ def test_a_real_kill_leaves_a_valid_dataset_and_the_rerun_completes(tmp_path, ti
     import os
     import signal
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     from napari_sclip.dataset.format import read_manifest
     from napari_sclip.dataset.reader import read_sample, sample_ids
 
     folder = tmp_path / "in"
-    folder.mkdir()
-    for k in range(8):
-        Image.fromarray(np.roll(natural_image(200, 260), 9 * k, axis=1)).save(folder / f"im{k}.png")
+    save_images(folder, 8, 200, 260)
     out = tmp_path / "out"
-    code = (
-        f"import sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        f"from conftest import register_tiny_model; register_tiny_model(Path({str(tiny_dir)!r})); "
-        "from napari_sclip.cli import main; "
-        f"sys.exit(main(['segment', {str(folder)!r}, '--classes', 'a; b', '--out', {str(out)!r}, "
-        f"'--model', {TINY_MODEL!r}, '--pretrained', {str(tiny_checkpoint)!r}, '--device', 'cpu', '--quiet']))"
-    )
-    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    command = cli_command(tiny_dir, tiny_checkpoint, "segment", str(folder), "--classes", "a; b", "--out", str(out))
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while len(list(out.glob("*/meta/*.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -171,7 +162,7 @@ def test_a_real_kill_leaves_a_valid_dataset_and_the_rerun_completes(tmp_path, ti
         for row in map(json.loads, index.read_text().splitlines()):
             assert (index.parent / row["label_file_name"]).is_file()
 
-    rerun = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert sorted(_dataset_masks(out)) == [f"im{k}" for k in range(8)]
     assert sum(len(p.read_text().splitlines()) for p in out.glob("*/metadata.jsonl")) == 8

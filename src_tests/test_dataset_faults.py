@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_helpers import assert_consistent, cli_command, dataset_masks, run, save_images
 from PIL import Image
 
 from napari_sclip.classes import ClassRegistry
@@ -24,6 +23,7 @@ from napari_sclip.dataset.export import LabelledImage, export_images
 from napari_sclip.dataset.paths import DatasetError
 
 from conftest import TINY_MODEL, natural_image, same_files_apart_from_timestamps
+from dataset_helpers import assert_consistent, cli_command, dataset_masks, run, save_images
 
 CLASSES = ["--classes", "grass; sky; tree"]
 

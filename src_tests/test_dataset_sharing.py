@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from dataset_helpers import assert_consistent, cli_command, dataset_masks, run, save_images
 from PIL import Image
 
 from napari_sclip.classes import ClassRegistry
@@ -23,6 +22,7 @@ from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
 
 from conftest import TINY_MODEL, natural_image
+from dataset_helpers import assert_consistent, cli_command, dataset_masks, run, save_images
 
 #: One line: who holds the dataset (command, pid, host, since when) and what to do.
 BUSY = re.compile(r"napari-sclip: error: .+ is in use by '.+' \(pid (\d+) on \S+, since \S+\); wait for it to finish")

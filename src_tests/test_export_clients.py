@@ -23,7 +23,8 @@ from napari_sclip.dataset.reader import read_png, sample_ids
 from napari_sclip.dataset.writer import DatasetWriter, Sample
 from napari_sclip.io.images import read_image
 
-from conftest import TINY_MODEL, natural_image
+from conftest import natural_image
+from dataset_helpers import cli_command, save_images
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "dataset.md"
 CLI = [sys.executable, "-m", "napari_sclip.cli"]
@@ -363,18 +364,10 @@ def test_exports_stop_at_a_mask_of_another_size_than_its_image(odd_dataset, tmp_
 
 def test_cli_labels_a_class_with_a_colon_and_datumaro_reads_the_export(tmp_path, tiny_dir, tiny_checkpoint):
     folder = tmp_path / "in"
-    folder.mkdir()
-    for k in range(3):
-        Image.fromarray(np.roll(natural_image(64, 80), 11 * k, axis=1)).save(folder / f"im{k}.png")
+    save_images(folder, 3, 64, 80)
     out = tmp_path / "dataset"
-    code = (
-        f"import sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        f"from conftest import register_tiny_model; register_tiny_model(Path({str(tiny_dir)!r})); "
-        "from napari_sclip.cli import main; "
-        f"sys.exit(main(['segment', {str(folder)!r}, '--classes', 'a:b; c', '--out', {str(out)!r}, "
-        f"'--model', {TINY_MODEL!r}, '--pretrained', {str(tiny_checkpoint)!r}, '--device', 'cpu', '--quiet']))"
-    )
-    segmented = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    command = cli_command(tiny_dir, tiny_checkpoint, "segment", str(folder), "--classes", "a:b; c", "--out", str(out))
+    segmented = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert segmented.returncode == 0, segmented.stderr[-2000:]
     assert (out / "classes.txt").read_text(encoding="utf-8") == "a:b\nc\n"
     assert "a%3Ab:" in (out / "labelmap.txt").read_text(encoding="utf-8")

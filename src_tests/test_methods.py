@@ -5,16 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference_methods import (
-    aggregate_reference,
-    attention_reference,
-    lof_reference,
-    method_features_reference,
-    naclip_bias_reference,
-    pamr_loop_reference,
-    pamr_stacked_reference,
-    repair_reference,
-)
 
 from napari_sclip import Segmenter
 from napari_sclip.engine import segmenter as segmenter_module
@@ -34,6 +24,16 @@ from napari_sclip.engine.pamr import refine_tile
 from napari_sclip.engine.vit import attention_path
 
 from conftest import TINY_MODEL, make_tiny_clip, natural_image
+from reference_methods import (
+    aggregate_reference,
+    attention_reference,
+    lof_reference,
+    method_features_reference,
+    naclip_bias_reference,
+    pamr_loop_reference,
+    pamr_stacked_reference,
+    repair_reference,
+)
 from reference_sclip import sclip_reference
 
 CLASSES = ["person, astronaut", "sky", "flag, banner", "rocket"]
