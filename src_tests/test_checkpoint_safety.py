@@ -120,15 +120,20 @@ def test_our_loader_refuses_the_hostile_archive_and_runs_nothing(hostile_archive
     assert victim.read_bytes() == b"untouched\n"
 
 
-def test_the_cli_refuses_the_hostile_archive_in_one_line(hostile_archive, victim, tmp_path):
+def _cli_segment(tmp_path: Path, weights: Path) -> subprocess.CompletedProcess:
+    """``napari-sclip segment`` of a photo with ViT-B-16 and ``weights``, in a fresh interpreter."""
     image = tmp_path / "photo.png"
     Image.fromarray(natural_image(64, 64)).save(image)
-    run = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "napari_sclip.cli", "segment", str(image), "--classes", "a; b",
-         "--out", str(tmp_path / "out"), "--model", "ViT-B-16", "--pretrained", str(hostile_archive),
+         "--out", str(tmp_path / "out"), "--model", "ViT-B-16", "--pretrained", str(weights),
          "--device", "cpu", "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
+
+
+def test_the_cli_refuses_the_hostile_archive_in_one_line(hostile_archive, victim, tmp_path):
+    run = _cli_segment(tmp_path, hostile_archive)
     assert run.returncode == 1, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("napari-sclip: error: cannot read weights file"), run.stderr
@@ -522,14 +527,7 @@ def test_storages_cannot_declare_more_than_the_file_holds(tmp_path, monkeypatch)
 def test_the_cli_refuses_a_lying_storage_in_one_line(tmp_path):
     path = _declare_size(_write_archive(tmp_path / "liar.pt", _claiming(20000)),
                          "archive/data/0", 20000 * 4)
-    image = tmp_path / "photo.png"
-    Image.fromarray(natural_image(64, 64)).save(image)
-    run = subprocess.run(
-        [sys.executable, "-m", "napari_sclip.cli", "segment", str(image), "--classes", "a; b",
-         "--out", str(tmp_path / "out"), "--model", "ViT-B-16", "--pretrained", str(path),
-         "--device", "cpu", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = _cli_segment(tmp_path, path)
     assert run.returncode == 1, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and "cannot read weights file" in lines[0] and "damaged" in lines[0], run.stderr
@@ -596,14 +594,7 @@ def test_weight_errors_are_whole_sentences(tiny_dir, model, content, says, endin
 def test_a_state_dict_with_keys_that_are_not_text_is_refused_by_the_cli(tmp_path, content):
     path = tmp_path / "int-keys.pt"
     torch.save(content, path)
-    image = tmp_path / "photo.png"
-    Image.fromarray(natural_image(64, 64)).save(image)
-    run = subprocess.run(
-        [sys.executable, "-m", "napari_sclip.cli", "segment", str(image), "--classes", "a; b",
-         "--out", str(tmp_path / "out"), "--model", "ViT-B-16", "--pretrained", str(path),
-         "--device", "cpu", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = _cli_segment(tmp_path, path)
     assert run.returncode == 1, run.stderr
     assert run.stderr.splitlines() == [
         f"napari-sclip: error: weights file {path} holds entries whose names are not text; "
