@@ -120,15 +120,20 @@ def test_our_loader_refuses_the_hostile_archive_and_runs_nothing(hostile_archive
     assert victim.read_bytes() == b"untouched\n"
 
 
-def test_the_cli_refuses_the_hostile_archive_in_one_line(hostile_archive, victim, tmp_path):
+def _cli_segment(tmp_path: Path, weights: Path) -> subprocess.CompletedProcess:
+    """``napari-sclip segment`` of a photo with ViT-B-16 and ``weights``, in a fresh interpreter."""
     image = tmp_path / "photo.png"
     Image.fromarray(natural_image(64, 64)).save(image)
-    run = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "napari_sclip.cli", "segment", str(image), "--classes", "a; b",
-         "--out", str(tmp_path / "out"), "--model", "ViT-B-16", "--pretrained", str(hostile_archive),
+         "--out", str(tmp_path / "out"), "--model", "ViT-B-16", "--pretrained", str(weights),
          "--device", "cpu", "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
+
+
+def test_the_cli_refuses_the_hostile_archive_in_one_line(hostile_archive, victim, tmp_path):
+    run = _cli_segment(tmp_path, hostile_archive)
     assert run.returncode == 1, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("napari-sclip: error: cannot read weights file"), run.stderr
@@ -476,6 +481,58 @@ def test_a_storage_with_a_bad_checksum_is_refused(tmp_path):
         read_state_dict(path)
 
 
+def _declare_size(path: Path, name: str, size: int, *, compressed_too: bool = False) -> Path:
+    """Patch the sizes that the zip declares for record ``name`` (local header and central
+    directory), leaving its bytes as they are: the zip fields are only what the file claims."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(name).header_offset
+    fields = [local + 22] + ([local + 18] if compressed_too else [])  # uncompressed, compressed size
+    central = data.rfind(b"PK\x01\x02", 0, data.rfind(name.encode()) + 1)
+    assert central > local and data[central + 46: central + 46 + len(name)] == name.encode()
+    fields += [central + 24] + ([central + 20] if compressed_too else [])
+    for offset in fields:
+        data[offset: offset + 4] = struct.pack("<I", size)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _claiming(numel: int) -> bytes:
+    """data.pkl of :func:`_outer` with storage 0 declared as ``numel`` floats and the weight
+    spanning all of them."""
+    return _outer(weight=_tensor(numel=numel, size=(numel,), stride=(1,))).replace(_int(6), _int(numel))
+
+
+@pytest.mark.parametrize("compressed_too", [False, True], ids=["file-size-lies", "both-sizes-lie"])
+def test_a_storage_whose_zip_sizes_lie_is_refused(tmp_path, compressed_too):
+    """24 real bytes declared as 20000 floats: never a tensor over memory the file does not hold."""
+    path = _write_archive(tmp_path / "liar.pt", _claiming(20000))
+    _declare_size(path, "archive/data/0", 20000 * 4, compressed_too=compressed_too)
+    with pytest.raises(ModelError) as info:
+        read_state_dict(path)
+    assert "damaged" in _one_line_error(info, path, ARCHIVE_ADVICE)
+
+
+def test_storages_cannot_declare_more_than_the_file_holds(tmp_path, monkeypatch):
+    """A 2 KB archive that declares a 4 GB storage is refused before anything is allocated."""
+    numel = (1 << 30) - 1  # the most a zip's 32-bit size field can declare
+    path = _write_archive(tmp_path / "huge.pt", _claiming(numel))
+    _declare_size(path, "archive/data/0", numel * 4, compressed_too=True)
+    monkeypatch.setattr(torch.UntypedStorage, "from_buffer", None)  # any allocation fails the test
+    with pytest.raises(ModelError) as info:
+        read_state_dict(path)
+    assert "its storages declare more bytes than the file's" in _one_line_error(info, path, ARCHIVE_ADVICE)
+
+
+def test_the_cli_refuses_a_lying_storage_in_one_line(tmp_path):
+    path = _declare_size(_write_archive(tmp_path / "liar.pt", _claiming(20000)),
+                         "archive/data/0", 20000 * 4)
+    run = _cli_segment(tmp_path, path)
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and "cannot read weights file" in lines[0] and "damaged" in lines[0], run.stderr
+
+
 def test_truncated_zip_is_refused_in_one_sentence(tmp_path):
     whole = _openai_archive(tmp_path / "ViT-tiny.pt", traced=True).read_bytes()
     path = tmp_path / "cut.pt"
@@ -530,6 +587,19 @@ def test_weight_errors_are_whole_sentences(tiny_dir, model, content, says, endin
     message = str(info.value)
     assert "\n" not in message and str(path) in message and says in message, message
     assert message.endswith(ending), message
+
+
+@pytest.mark.parametrize("content", [{1: torch.zeros(2)}, {"state_dict": {(1, 2): torch.zeros(2)}}],
+                         ids=["int-key", "tuple-key-in-state-dict"])
+def test_a_state_dict_with_keys_that_are_not_text_is_refused_by_the_cli(tmp_path, content):
+    path = tmp_path / "int-keys.pt"
+    torch.save(content, path)
+    run = _cli_segment(tmp_path, path)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines() == [
+        f"napari-sclip: error: weights file {path} holds entries whose names are not text; "
+        "pass a state dict of a CLIP model"
+    ], run.stderr
 
 
 # -- activation: a warning exactly when the weights cannot tell ---------------------------------------

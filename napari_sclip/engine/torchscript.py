@@ -71,6 +71,7 @@ def read_torchscript(path: Path) -> dict[str, torch.Tensor]:
     (on the CPU, in the stored dtypes), without running anything from the archive."""
     with zipfile.ZipFile(path) as archive:
         prefix = _archive_prefix(archive)
+        _check_storage_sizes(archive, prefix, path.stat().st_size)
         root = _ArchiveUnpickler(archive, prefix).load_root()
         state: dict[str, torch.Tensor] = {}
         _collect_state(root, "", _ClassDeclarations(archive, prefix), state, set())
@@ -90,6 +91,17 @@ def _archive_prefix(archive: zipfile.ZipFile) -> str:
     if len(pickles) != 1:
         raise ArchiveError("it does not have exactly one data.pkl record, as a TorchScript archive has")
     return pickles[0].split("/")[0]
+
+
+def _check_storage_sizes(archive: zipfile.ZipFile, prefix: str, archive_bytes: int) -> None:
+    """Storages are stored uncompressed, so together they cannot declare more bytes than the file
+    has: checked before any is allocated, as a zip's size fields are only what it claims."""
+    storages = [info for info in archive.infolist() if info.filename.startswith(f"{prefix}/data/")]
+    for info in storages:
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            raise ArchiveError(f"its record {_shown(info.filename)} gives two different sizes, so it is damaged")
+    if sum(info.file_size for info in storages) > archive_bytes:
+        raise ArchiveError(f"its storages declare more bytes than the file's {archive_bytes}, so it is damaged")
 
 
 def _read_record(archive: zipfile.ZipFile, name: str) -> bytes:
@@ -125,6 +137,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         self._byteorder = self._read_byteorder()
         self._keys: dict[str, object] = {}  # storage key -> its token
         # id(token) -> (token, storage, dtype, numel); holding the token keeps its id unique.
+        # The storage holds exactly numel elements (_read_storage checks the bytes it read).
         self._tokens: dict[int, tuple[object, torch.UntypedStorage, torch.dtype, int]] = {}
         self._classes: dict[str, type] = {}
         # Fresh bound methods per reader: a pickle can neither call nor alter anything shared.
@@ -206,6 +219,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
             data = self._archive.read(info)
         except (zipfile.BadZipFile, EOFError) as exc:  # a bad checksum, a cut file
             raise ArchiveError(f"its storage data/{key} is damaged ({type(exc).__name__})") from None
+        if len(data) != expected:  # zipfile stops at the record's stored size, whatever file_size says
+            raise ArchiveError(f"its storage data/{key} holds {len(data)} bytes where its data.pkl declares {expected}")
         if not data:
             return torch.UntypedStorage(0)
         # Decoded from the archive's byte order into this machine's.
@@ -214,7 +229,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
     def _rebuild_tensor(self, token, offset, size, stride, requires_grad, hooks, metadata=None):
         """``torch._utils._rebuild_tensor_v2``'s arguments -> a tensor on one of our storages,
         inside its bounds (``set_`` would silently grow the storage otherwise)."""
-        known, storage, dtype, numel = self._tokens.get(id(token), (None, None, None, 0))
+        known, storage, dtype, _ = self._tokens.get(id(token), (None, None, None, 0))
         if known is not token:
             raise ArchiveError("its data.pkl builds a tensor from something other than a storage")
         if not (_is_count(offset) and _is_shape(size) and _is_shape(stride) and len(size) == len(stride)):
@@ -222,7 +237,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if metadata:
             raise ArchiveError("its data.pkl marks a tensor as conjugated or negated, which weights never are")
         end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else offset
-        if end > numel:
+        if end * dtype.itemsize > storage.nbytes():
             raise ArchiveError("its data.pkl places a tensor beyond the end of its storage")
         return torch.empty(0, dtype=dtype).set_(storage, offset, tuple(size), tuple(stride))
 

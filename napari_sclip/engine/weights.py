@@ -236,6 +236,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not raw:
         raise ModelError(f"weights file {path} holds no state dict; pass a checkpoint of a CLIP model")
+    if not all(isinstance(k, str) for k in raw):  # a state dict names its tensors
+        raise ModelError(f"weights file {path} holds entries whose names are not text; pass a state dict of a CLIP model")
     openai_layout = torchscript or any(k in raw for k in _OPENAI_EXTRA_KEYS)
     state = {
         key.removeprefix("module."): value

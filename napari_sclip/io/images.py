@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,15 +76,20 @@ def pixel_limit() -> int | None:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """The pixels of an image file in its own dtype (see :func:`read_with_layout`)."""
-    return read_with_layout(path)[0]
+    """The pixels of an image file in its own dtype (see :func:`read_with_layout`), all decoded."""
+    data = read_with_layout(path)[0]
+    try:
+        return np.asarray(data)
+    except ImageError as exc:  # a page of a compressed stack is damaged
+        raise ImageError(f"{path}: {exc}") from None
 
 
 def read_with_layout(path: str | Path) -> tuple[np.ndarray, Layout]:
     """Read an image file and say where its 2D slices are.
 
     TIFFs go through tifffile (16-bit, float and multi-page data keep their values; the first
-    series, full resolution; uncompressed data is memory-mapped, read-only); everything else
+    series, full resolution; uncompressed data is memory-mapped, read-only, and a compressed stack
+    of pages comes as an array-like that decodes the pages an index selects); everything else
     through Pillow (the first frame), with the EXIF orientation applied and palette and CMYK
     images expanded to RGB(A).
 
@@ -120,17 +126,65 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, Layout]:
             pixels, limit = layout.shape[layout.rows] * layout.shape[layout.cols], pixel_limit()
             if limit is not None and pixels > limit:
                 raise _too_large(path, pixels)
-            # An uncompressed stack in native byte order is mapped, not loaded: slices are read
-            # as they are segmented, so a stack larger than memory still works.
+            # An uncompressed stack in native byte order is mapped, and a compressed one whose
+            # pages are its slices is read a page at a time: either way slices are read as they
+            # are segmented, so a stack larger than memory (or a small file that decodes to a
+            # huge one) never has to fit in it.
             mappable = series.dataoffset is not None and series.keyframe.is_memmappable
             native = np.dtype(tif.byteorder + series.dtype.char).isnative
-            data = series.asarray(out="memmap" if mappable and native else None)
+            if mappable and native:
+                data = series.asarray(out="memmap")
+            elif _PagedStack.fits(series):
+                data = _PagedStack(tifffile.TiffFile(path))  # its own handle, open while it lives
+            else:
+                data = series.asarray()
     # tifffile logs damage (a bad page offset: a truncated stack) and reads what it can.
     if errors:
         raise ImageError(f"{path}: damaged TIFF: {errors[0]}")
     if series is None:
         raise ImageError(f"{path}: the TIFF holds no image")
     return data, layout
+
+
+class _PagedStack:
+    """A TIFF stack whose pages are decoded when indexed: ``stack[key]`` reads only the pages
+    that ``key`` selects.  Damage found in a page raises :class:`ImageError` (without the path,
+    which callers add)."""
+
+    def __init__(self, tif):
+        series = tif.series[0]
+        self._pages = list(series.pages)
+        self.shape = tuple(series.shape)
+        self.dtype = np.dtype(series.dtype)
+        self.ndim = len(self.shape)
+        self._leading = self.shape[: self.ndim - len(series.keyframe.shape)]  # one page each
+        weakref.finalize(self, tif.close)  # the file stays open while its slices may be read
+
+    @staticmethod
+    def fits(series) -> bool:
+        """Whether ``series`` is a stack of whole pages, each one its trailing axes."""
+        page = tuple(series.keyframe.shape)
+        pages = list(series.pages)
+        return (len(pages) > 1 and None not in pages and tuple(series.shape[-len(page):]) == page
+                and int(np.prod(series.shape[: len(series.shape) - len(page)])) == len(pages))
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = (key if isinstance(key, tuple) else (key,)) + (slice(None),) * self.ndim
+        lead, rest = key[: len(self._leading)], key[len(self._leading): self.ndim]
+        numbers = np.arange(len(self._pages)).reshape(self._leading)[lead]
+        with _tifffile_errors() as errors:
+            try:
+                planes = [self._pages[n].asarray() for n in numbers.ravel()]
+            except Exception as exc:  # a page that cannot be decoded
+                errors.append(" ".join(str(exc).split())[:160] or type(exc).__name__)
+        if errors:
+            raise ImageError(f"damaged TIFF: {errors[0]}")
+        stacked = np.stack(planes).reshape(numbers.shape + planes[0].shape)
+        return stacked[(slice(None),) * numbers.ndim + rest]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[()]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 @contextmanager
