@@ -111,12 +111,13 @@ def label_images(
             ids, written, where = [], 0, ""
             report(Progress("slices", 0, layout.count))
             try:
-                for index, plane in layout.planes(image):
-                    if _keep(done.get(index), overwrite):
+                for index in layout.indices():
+                    if _keep(done.get(index), overwrite):  # not even read (a compressed page is decoded)
                         ids.append(done[index]["id"])
                         report(Progress("slices", len(ids), layout.count))
                         continue
                     where = f" (slice {', '.join(map(str, index))})" if index is not None else ""
+                    plane = layout.plane(image, index or ())
                     result = segmenter.segment(plane, vocabulary, progress=progress, **dict(options or {}))
                     image_id = writer.write(_sample(path, sha, image, index, plane, uids[result.labels], result))
                     done[index] = writer.existing_meta(image_id)[1]

@@ -82,13 +82,17 @@ class Layout:
         order = [kept.index(axis) for axis in (self.rows, self.cols, self.channels) if axis is not None]
         return np.asarray(array[tuple(key)]).transpose(order)
 
+    def indices(self) -> Iterator[tuple[int, ...] | None]:
+        """The index of every slice; ``None`` for a single 2D image."""
+        if not self.slice_axes:
+            yield None
+            return
+        yield from np.ndindex(*self.slice_shape)
+
     def planes(self, array) -> Iterator[tuple[tuple[int, ...] | None, np.ndarray]]:
         """Every slice with its index; a single 2D image comes as ``(None, image)``."""
-        if not self.slice_axes:
-            yield None, self.plane(array)
-            return
-        for index in np.ndindex(*self.slice_shape):
-            yield index, self.plane(array, index)
+        for index in self.indices():
+            yield index, self.plane(array, index or ())
 
 
 def image_layout(shape: Sequence[int], axes: str | None = None) -> Layout:
