@@ -56,11 +56,11 @@ def resolve_inside(root: Path, relative: str) -> Path:
                 f"{target} is a symbolic link; a dataset holds plain files and folders only, "
                 "so napari-sclip does not follow it (replace it with a copy of what it points to)"
             )
-        refuse_special(target, mode)
+        _refuse_special(target, mode)
     return root.joinpath(*parts)
 
 
-def refuse_special(path: Path, mode: int) -> None:
+def _refuse_special(path: Path, mode: int) -> None:
     """Raise :class:`DatasetError` unless ``mode`` (an ``lstat``/``fstat`` mode) is a plain file's
     or a folder's: reading a FIFO would wait forever."""
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
