@@ -22,20 +22,18 @@ class ClassRegistry:
     names: dict[int, tuple[str, ...]] = field(default_factory=dict)  # uid -> names (display first)
     active: list[int] = field(default_factory=list)  # uids of the current vocabulary, in order
 
-    def uid_of(self, display_name: str) -> int | None:
-        key = display_name.casefold()
-        return next((uid for uid, names in self.names.items() if names[0].casefold() == key), None)
-
     def plan(self, classes: tuple[tuple[str, ...], ...]) -> tuple[list[int], list[int]]:
         """The uids ``classes`` would get, and the active uids it would retire (no change made)."""
         next_uid = max(self.names, default=0) + 1
+        by_name = {names[0].casefold(): uid for uid, names in reversed(self.names.items())}  # first wins
         uids = []
         for names in classes:
-            uid = self.uid_of(names[0])
+            uid = by_name.get(names[0].casefold())
             if uid is None:
                 uid, next_uid = next_uid, next_uid + 1
             uids.append(uid)
-        retired = [uid for uid in self.active if uid not in uids]
+        kept = set(uids)
+        retired = [uid for uid in self.active if uid not in kept]
         return uids, retired
 
     def update(self, classes: tuple[tuple[str, ...], ...]) -> list[int]:
@@ -52,12 +50,13 @@ class ClassRegistry:
     def to_json(self) -> list[dict]:
         """Every class ever known, for a manifest: uid, names, and its position in the current
         vocabulary (``None`` once retired)."""
+        positions = {uid: position for position, uid in reversed(list(enumerate(self.active)))}  # first wins
         return [
             {
                 "uid": uid,
                 "name": names[0],
                 "synonyms": list(names[1:]),
-                "position": self.active.index(uid) if uid in self.active else None,
+                "position": positions.get(uid),
             }
             for uid, names in sorted(self.names.items())
         ]

@@ -148,7 +148,7 @@ def test_opening_refuses_meta_files_that_point_outside(tmp_path, registry):
     meta = json.loads(meta_path.read_text())
     meta["mask"] = "../../../etc/passwd"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DatasetError, match="invalid path"):
+    with pytest.raises(DatasetError, match="astronaut.json is malformed: its mask must be masks/astronaut.png"):
         DatasetWriter(tmp_path / "ds", registry)
 
 

@@ -36,7 +36,7 @@ class LabelledImage:
 
 def merge_registries(registries: Sequence[ClassRegistry]) -> ClassRegistry:
     """One class table for several layers; a uid naming two different classes is an error."""
-    merged = ClassRegistry()
+    merged, active = ClassRegistry(), set()
     for registry in registries:
         for uid, names in registry.names.items():
             known = merged.names.get(uid)
@@ -46,7 +46,8 @@ def merge_registries(registries: Sequence[ClassRegistry]) -> ClassRegistry:
                     "export them to separate datasets"
                 )
             merged.names.setdefault(uid, names)
-        merged.active += [uid for uid in registry.active if uid not in merged.active]
+        merged.active += [uid for uid in registry.active if uid not in active]
+        active.update(registry.active)
     return merged
 
 

@@ -24,13 +24,17 @@ from napari_sclip import __version__
 from napari_sclip._files import atomic_write_bytes
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
-from napari_sclip.dataset.paths import DatasetError, resolve_inside
+from napari_sclip.dataset.lock import STALE_SECONDS
+from napari_sclip.dataset.paths import DatasetError, is_int, read_json, resolve_inside
+from napari_sclip.dataset.splits import check_ratios
 
 FORMAT_NAME = "napari-sclip-pseudo-labels"
 FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
 IGNORE_8BIT = 255
 IGNORE_16BIT = 65535
+#: The largest class uid (napari label value): 16-bit masks and label layers hold it.
+MAX_UID = 65535
 
 
 TrainIds = dict[int, int]  # uid -> training id
@@ -189,16 +193,17 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry, TrainIds]:
     """Read and check ``dataset.json``; returns it, its class registry and its training ids.
 
-    Raises :class:`DatasetError` naming the file for anything missing, unreadable or malformed.
+    Raises :class:`DatasetError` naming the file for anything missing, unreadable or malformed
+    (types and ranges included: a uid is a label value 1..65535, as 16-bit masks hold).
     """
     path = resolve_inside(root, MANIFEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path)
     except FileNotFoundError:
         if not root.is_dir():
             raise DatasetError(f"dataset folder {root} does not exist") from None
         raise DatasetError(f"{root} is not a napari-sclip dataset: {MANIFEST} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None
     try:
         if manifest["format"]["name"] != FORMAT_NAME:
@@ -206,12 +211,75 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry, TrainIds]:
         version = int(manifest["format"]["version"])
         if version > FORMAT_VERSION:
             raise DatasetError(f"{path} has format version {version}; this napari-sclip reads up to {FORMAT_VERSION}")
+        _check_classes(path, manifest["classes"])
         registry = ClassRegistry.from_json(manifest["classes"])
-        train_ids = {int(c["uid"]): int(c["train_id"]) for c in manifest["classes"] if c.get("train_id") is not None}
+        train_ids = {c["uid"]: c["train_id"] for c in manifest["classes"] if c.get("train_id") is not None}
         if sorted(train_ids.values()) != list(range(len(train_ids))):
             raise DatasetError(f"{path} has training ids that are not 0..{len(train_ids) - 1}")
+        if not is_int(manifest.get("vocabulary_version", 1), 1, 2**63 - 1):
+            raise DatasetError(f"{path} is malformed: vocabulary_version must be a positive whole number")
+        try:
+            check_ratios(manifest["splits"]["ratios"])
+        except DatasetError as exc:
+            raise DatasetError(f"{path} is malformed: {exc}") from None
     except DatasetError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DatasetError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
     return manifest, registry, train_ids
+
+
+def _check_classes(path: Path, classes: Any) -> None:
+    """Raise :class:`DatasetError` unless ``classes`` is a list of class entries whose uids are
+    distinct label values and whose fields have their types."""
+    if not isinstance(classes, list):
+        raise DatasetError(f"{path} is malformed: 'classes' must be a list")
+    seen = set()
+    for entry in classes:
+        uid = entry.get("uid") if isinstance(entry, dict) else None
+        if not is_int(uid, 1, MAX_UID) or uid in seen:
+            raise DatasetError(
+                f"{path} is malformed: class uid {uid!r} is not a distinct label value 1..{MAX_UID}"
+            )
+        seen.add(uid)
+        synonyms = entry.get("synonyms", [])
+        if (
+            not isinstance(entry.get("name"), str)
+            or not (isinstance(synonyms, list) and all(isinstance(name, str) for name in synonyms))
+            or not (entry.get("position") is None or is_int(entry["position"], 0, 2**31))
+            or not (entry.get("train_id") is None or is_int(entry["train_id"], 0, 2**31))
+        ):
+            raise DatasetError(
+                f"{path} is malformed: class {uid} needs a text name, a list of text synonyms, "
+                "and whole numbers (or null) as position and train_id"
+            )
+
+
+def merge_stored_classes(root: Path, registry: ClassRegistry, train_ids: TrainIds) -> TrainIds:
+    """Add the classes of the manifest on disk now to ``registry`` (in place) and return
+    ``train_ids`` with theirs: what an owner writes keeps every class and training id that is
+    there, also when another program took the dataset over while this one was paused.  A uid
+    that names another class there, or a training id given to another uid, is a
+    :class:`DatasetError` and nothing is changed."""
+    if not resolve_inside(root, MANIFEST).exists():
+        return train_ids
+    _, stored, stored_ids = read_manifest(root)
+    path = root / MANIFEST
+    for uid, names in stored.names.items():
+        mine = registry.names.get(uid)
+        if mine is not None and mine[0].casefold() != names[0].casefold():
+            raise DatasetError(_changed_meanwhile(path, f"label {uid} is {names[0]!r} there but {mine[0]!r} here"))
+    merged, holders = dict(train_ids), {train_id: uid for uid, train_id in train_ids.items()}
+    for uid, train_id in stored_ids.items():
+        if merged.setdefault(uid, train_id) != train_id or holders.setdefault(train_id, uid) != uid:
+            raise DatasetError(_changed_meanwhile(path, f"training id {train_id} belongs to another class there"))
+    for uid, names in stored.names.items():
+        registry.names.setdefault(uid, names)
+    return merged
+
+
+def _changed_meanwhile(path: Path, what: str) -> str:
+    return (
+        f"{path} was changed by another program while this run held the dataset (it was taken over: "
+        f"paused for more than {STALE_SECONDS:.0f} s?): {what}; this run stopped writing, run it again"
+    )

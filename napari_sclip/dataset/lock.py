@@ -36,9 +36,10 @@ import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 
 from napari_sclip._files import temporary_path, this_host
-from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.paths import DatasetError, is_int
 
 LOCK_NAME = ".napari-sclip.lock"
 #: How often a running owner touches its lock.
@@ -47,6 +48,8 @@ HEARTBEAT_SECONDS = 10.0
 #: above the heartbeat and NFS's attribute caching (at most 60 s by default).
 STALE_SECONDS = 120.0
 #: ``link`` fails with these where a file system has no hard links (FAT, some FUSE and SMB mounts).
+#: Above any pid a system gives (Linux's ``pid_max`` is at most 2**22): larger ones overflow ``kill``.
+_MAX_PID = 2**31 - 1
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
 
@@ -78,9 +81,11 @@ class Owner:
         """The record in ``data``; ``None`` if it is not one (empty, half-written, foreign)."""
         try:
             fields = json.loads(data.decode("utf-8"))
-            return cls(str(fields["host"]), int(fields["pid"]), str(fields["since"]), str(fields["command"]),
-                       str(fields["token"]), fields.get("process_start"))
-        except (ValueError, KeyError, TypeError, AttributeError):
+            pid, start = fields["pid"], fields.get("process_start")
+            if not is_int(pid, 1, _MAX_PID) or not (start is None or is_int(start, 0, 2**63 - 1)):
+                return None
+            return cls(str(fields["host"]), pid, str(fields["since"]), str(fields["command"]), str(fields["token"]), start)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def to_bytes(self) -> bytes:
@@ -259,17 +264,25 @@ def _file_id(stat: os.stat_result) -> tuple[int, int]:
 
 
 def _read(path: Path) -> tuple[Owner | None, os.stat_result] | None:
-    """The record and status of the lock file at ``path``; ``None`` if there is none."""
+    """The record and status of the lock file at ``path``; ``None`` if there is none.  Anything
+    but a plain file there (a folder, a FIFO that would block a plain ``open``) is refused."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise DatasetError(f"{path} is a symbolic link; remove it (a dataset's lock is a plain file)") from None
         raise
+    status = os.fstat(fd)
+    if not S_ISREG(status.st_mode):
+        os.close(fd)
+        raise DatasetError(
+            f"{path} is not a plain file; remove it if no napari-sclip program is running on this dataset "
+            "(its lock is a plain file), then run again"
+        )
     with os.fdopen(fd, "rb") as handle:
-        return Owner.parse(handle.read(4096)), os.fstat(handle.fileno())
+        return Owner.parse(handle.read(4096)), status
 
 
 def _busy(root: Path, holder: Owner | None) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, resolve_inside
 from napari_sclip.dataset.splits import SPLIT_NAMES
-from napari_sclip.dataset.writer import IGNORED_BY_PERSON, PAINTED, read_meta
+from napari_sclip.dataset.writer import IGNORED_BY_PERSON, PAINTED, meta_ids, read_meta
 
 #: The EXIF tag that says how to turn the stored pixels to show them.
 _EXIF_ORIENTATION = 0x0112
@@ -43,7 +43,7 @@ def find_dataset_root(path: str | Path) -> Path | None:
     try:
         document = json.loads(manifest.read_text(encoding="utf-8"))
         return root if document["format"]["name"] == fmt.FORMAT_NAME else None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -67,12 +67,7 @@ def _with_image(path: Path, use):
 
 def sample_ids(root: Path) -> list[tuple[str, str]]:
     """``(split, id)`` of every sample (those with a meta file), sorted."""
-    found = []
-    for split in SPLIT_NAMES:
-        meta_dir = root / split / "meta"
-        if meta_dir.is_dir():
-            found += [(split, path.stem) for path in sorted(meta_dir.glob("*.json"))]
-    return found
+    return [(split, image_id) for split in SPLIT_NAMES for image_id in meta_ids(root, split)]
 
 
 def read_sample(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) -> StoredSample:

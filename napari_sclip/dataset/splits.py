@@ -7,7 +7,9 @@ never moves the existing ones, and the same id lands in the same split on every 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
+from numbers import Real
 
 DEFAULT_RATIOS = {"train": 0.8, "val": 0.2}
 SPLIT_NAMES = ("train", "val", "test")
@@ -20,8 +22,12 @@ def check_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
     unknown = set(ratios) - set(SPLIT_NAMES)
     if unknown:
         raise DatasetError(f"unknown split(s) {sorted(unknown)}; use {', '.join(SPLIT_NAMES)}")
-    if any(v < 0 for v in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
-        raise DatasetError(f"split ratios must be non-negative and sum to 1, got {dict(ratios)}")
+    values = ratios.values()
+    if (
+        not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values)
+        or abs(sum(values) - 1.0) > 1e-6
+    ):
+        raise DatasetError(f"split ratios must be non-negative numbers that sum to 1, got {dict(ratios)}")
     return {name: float(ratios[name]) for name in SPLIT_NAMES if name in ratios}
 
 

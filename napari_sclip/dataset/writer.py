@@ -51,7 +51,13 @@ from napari_sclip._files import (
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.lock import LOCK_NAME, DatasetLock, is_gone
-from napari_sclip.dataset.paths import DatasetError, reporting_os_errors, resolve_inside
+from napari_sclip.dataset.paths import (
+    DatasetError,
+    is_int,
+    read_json,
+    reporting_os_errors,
+    resolve_inside,
+)
 from napari_sclip.dataset.splits import DEFAULT_RATIOS, SPLIT_NAMES, assign_split, check_ratios
 from napari_sclip.io.images import exif_orientation
 
@@ -106,16 +112,48 @@ def storable_image(image: np.ndarray) -> np.ndarray:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """A sample's ``meta/<id>.json``, checked for the keys every sample has."""
+    """A sample's ``meta/<id>.json``, checked: its id is the file's name, its image and mask are
+    that id's files (``images/<id>.<ext>``, ``masks/<id>.png``: a hand-edited meta file never
+    makes a writer replace or delete another sample's files), and the fields a writer uses have
+    their types."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if not all(isinstance(meta.get(key), str) for key in ("id", "image", "mask")):
-            raise KeyError("id, image and mask")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        meta = read_json(path)
+    except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None
-    except KeyError as exc:
-        raise DatasetError(f"{path} lacks {exc.args[0]}") from None
+    image_id = path.name[: -len(".json")]
+    image_prefix = f"images/{image_id}."
+    source = meta.get("source") if isinstance(meta, dict) else None
+    index = meta.get("slice") if isinstance(meta, dict) else None
+    image = meta.get("image") if isinstance(meta, dict) else None
+    problem = (
+        "it is not a JSON object" if not isinstance(meta, dict)
+        else f"its id must be {image_id!r}, the file's name" if meta.get("id") != image_id
+        else f"its image must be images/{image_id}.<ext>" if not (
+            isinstance(image, str) and image.startswith(image_prefix) and image[len(image_prefix) :].isalnum()
+        )
+        else f"its mask must be masks/{image_id}.png" if meta.get("mask") != f"masks/{image_id}.png"
+        else "its source must be an object with text sha256 and path" if source is not None and not (
+            isinstance(source, dict) and all(isinstance(source.get(key), (str, type(None))) for key in ("sha256", "path"))
+        )
+        else "its slice must be a list of whole numbers" if index is not None and not (
+            isinstance(index, list) and all(is_int(i, 0, 2**31) for i in index)
+        )
+        else "its edits must be an object" if not isinstance(meta.get("edits", {}), (dict, type(None)))
+        else None
+    )
+    if problem:
+        raise DatasetError(f"{path} is malformed: {problem}; fix or remove it")
     return meta
+
+
+def meta_ids(root: Path, split: str) -> list[str]:
+    """The ids of a split's samples (those with a ``meta/<id>.json``), in file-name order.
+    Hidden names (temporary files, a system's ``._`` files) are no samples, for every reader."""
+    folder = resolve_inside(root, f"{split}/meta")
+    if not folder.is_dir():
+        return []
+    names = sorted(name for name in os.listdir(folder) if name.endswith(".json") and not name.startswith("."))
+    return [name[: -len(".json")] for name in names]
 
 
 def is_edited(meta: dict[str, Any]) -> bool:
@@ -307,18 +345,13 @@ class DatasetWriter:
     def _scan(self) -> None:
         """Read every sample's meta file (the owner's view of the dataset from now on)."""
         for split in SPLIT_NAMES:
-            folder = self.root / split / "meta"
-            if not folder.is_dir():
-                continue
-            for name in sorted(os.listdir(folder)):
-                if name.startswith(".") or not name.endswith(".json"):
-                    continue
-                path = resolve_inside(self.root, f"{split}/meta/{name}")
+            for image_id in meta_ids(self.root, split):
+                path = resolve_inside(self.root, f"{split}/meta/{image_id}.json")
                 meta = read_meta(path)
                 for relative in (meta["image"], meta["mask"]):
                     if not resolve_inside(self.root, f"{split}/{relative}").is_file():
                         raise DatasetError(f"{path} names {relative}, which is missing")
-                self._remember(name[: -len(".json")], split, meta)
+                self._remember(image_id, split, meta)
 
     def _remember(self, image_id: str, split: str, meta: dict[str, Any]) -> None:
         self._samples[image_id] = (split, meta)
@@ -487,6 +520,9 @@ class DatasetWriter:
                 model = {key: meta[key] for key in _MODEL_KEYS if key in meta}
                 if model and model not in models:
                     models.append(model)
+            # Another program may have taken the dataset over while this one was paused after the
+            # check above: what is on disk now joins what this one writes, so no class is lost.
+            self.train_ids = fmt.merge_stored_classes(self.root, self.registry, self.train_ids)
             manifest = fmt.build_manifest(
                 self.registry, self.train_ids, self.ratios, models, self.vocabulary_version, self.previous
             )
