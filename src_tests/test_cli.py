@@ -338,7 +338,7 @@ def test_method_choice_is_recorded(images, model_args, tmp_path, capsys):
     assert manifest["models"][0]["method"] == "naclip" and manifest["models"][0]["window"] == 112
     with pytest.raises(SystemExit) as info:
         main([*args, "--method", "fastclip"])
-    assert info.value.code == 2 and "invalid choice: 'fastclip'" in capsys.readouterr().err
+    assert info.value.code == 1 and "invalid choice: 'fastclip'" in capsys.readouterr().err
 
 
 def test_a_refusal_is_one_line_also_with_the_progress_bar_on(tmp_path):
