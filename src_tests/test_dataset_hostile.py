@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_helpers import assert_consistent, cli_command, run, save_images
 from PIL import Image
 
 from napari_sclip._files import this_host
@@ -23,6 +22,8 @@ from napari_sclip.dataset.lock import LOCK_NAME, DatasetLock
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.reader import read_sample, sample_ids
 from napari_sclip.dataset.writer import DatasetWriter, Sample, read_meta
+
+from dataset_helpers import assert_consistent, cli_command, run, save_images
 
 CLASSES = ["--classes", "grass; sky; tree"]
 
