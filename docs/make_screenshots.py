@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from qtpy.QtWidgets import QApplication
+from qtpy.QtWidgets import QApplication, QScrollArea
 
 from napari_sclip.cli import open_gui
 
@@ -36,6 +36,9 @@ def main(out: Path) -> None:
     pump(0.5)
     window.grab().save(str(out / "01-widget.png"))
     widget._advanced.expand(animate=False)
+    pump(0.5)
+    settings = widget.findChild(QScrollArea).verticalScrollBar()
+    settings.setValue(settings.maximum())  # the settings scroll: show all of Advanced
     pump(0.5)
     window.grab().save(str(out / "04-advanced.png"))
     widget._advanced.collapse(animate=False)
