@@ -252,7 +252,7 @@ def test_a_foreign_labels_layer_is_adopted_as_someone_s_work():
 
 
 def test_labelled_images_are_the_labelled_slices_with_their_provenance():
-    """The napari writer hook's path: a stack's slices that hold model labels or edits, each with
+    """What an export from napari writes: a stack's slices that hold model labels or edits, each with
     its own provenance; a value no class has keeps its pixels as "label <value>"."""
     from napari_sclip.plugin.io import labelled_images
 

@@ -3,7 +3,7 @@
 
 A labels layer's record travels in ``layer.metadata["napari_sclip"]`` as plain data (lists,
 dicts, strings, numbers and one boolean array), which is what the dataset reader produces and what
-napari hands to the writer hook with the layer.  :meth:`LabelsState.from_metadata` and
+an export reads from the layer.  :meth:`LabelsState.from_metadata` and
 :meth:`LabelsState.store` are the only code that reads or writes that mapping.
 """
 

@@ -7,7 +7,7 @@ nothing slow ever runs on the GUI thread.
 The widget keeps one record per labels layer it works with (:class:`_LabelsRecord`: the layer's
 :class:`~napari_sclip.plugin.state.LabelsState` and the tracker of a person's edits), keyed by the
 layer's ``unique_id``: plugins see napari's proxies of layers, so identity is no key.  Each change
-is written back into the layer's metadata as plain data, where napari's writer hook finds it.
+is written back into the layer's metadata as plain data, which an export reads.
 """
 
 from __future__ import annotations
