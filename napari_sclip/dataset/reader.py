@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,12 +9,10 @@ from typing import Any
 import numpy as np
 
 from napari_sclip.dataset import format as fmt
-from napari_sclip.dataset.paths import DatasetError, resolve_inside
+from napari_sclip.dataset.paths import DatasetError, read_json, resolve_inside
 from napari_sclip.dataset.splits import SPLIT_NAMES
 from napari_sclip.dataset.writer import IGNORED_BY_PERSON, PAINTED, meta_ids, read_meta
-
-#: The EXIF tag that says how to turn the stored pixels to show them.
-_EXIF_ORIENTATION = 0x0112
+from napari_sclip.io.images import orientation_of
 
 
 @dataclass
@@ -41,9 +38,8 @@ def find_dataset_root(path: str | Path) -> Path | None:
     if path not in (root, manifest) or not manifest.is_file():
         return None
     try:
-        document = json.loads(manifest.read_text(encoding="utf-8"))
-        return root if document["format"]["name"] == fmt.FORMAT_NAME else None
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return root if read_json(manifest)["format"]["name"] == fmt.FORMAT_NAME else None
+    except (OSError, DatasetError, KeyError, TypeError):
         return None
 
 
@@ -137,6 +133,6 @@ def _header(image) -> tuple[tuple[int, int], str, int]:
     Hugging Face, MMSegmentation and Detectron2 read images in, so masks must match it), its
     format and its orientation."""
     width, height = image.size
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    orientation = orientation_of(image)
     shape = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
     return shape, image.format, orientation

@@ -60,9 +60,14 @@ def exif_orientation(path: str | Path) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read
             with Image.open(path) as image:
-                return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+                return orientation_of(image)
     except Exception:
         return 1
+
+
+def orientation_of(image) -> int:
+    """An open Pillow image's EXIF orientation (1 when it has none)."""
+    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
 
 
 def pixel_limit() -> int | None:
@@ -222,7 +227,7 @@ def _read_with_pillow(path: Path) -> tuple[np.ndarray, Layout]:
     except UnidentifiedImageError:
         raise ImageError(f"{path}: cannot read image: not an image format Pillow knows, or damaged") from None
     with image:
-        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+        if orientation_of(image) != 1:  # exif_transpose copies even when upright
             image = ImageOps.exif_transpose(image)
         if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
