@@ -517,3 +517,5 @@ def test_widget_refuses_channels_and_thin_images_in_one_line(widget, qtbot, shap
     assert status.startswith(message) and "\n" not in status
     assert [layer.name for layer in viewer.layers] == ["odd"]  # no labels layer
     assert widget._run_button.text() == "Segment"
+    if "channels" in message:  # the shape alone decides: refused on the click, no engine loaded
+        assert widget._segmenter is None

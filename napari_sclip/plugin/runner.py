@@ -119,9 +119,8 @@ def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None
 
 
 def run_job(segmenter, job: SegmentJob) -> Generator[JobProgress, None, list[SliceResult]]:
-    """Check the layer, load the model if needed, then segment every region; returns one result
-    per region."""
-    check_layer(np.shape(job.data), job.rgb)
+    """Load the model if needed, then segment every region (of a layer :func:`check_layer`
+    accepted); returns one result per region."""
     yield JobProgress(0.0, f"loading {segmenter.model_name}")
     segmenter.load()
     results = []

@@ -64,7 +64,14 @@ from napari_sclip.plugin.layers import (
     style_labels_layer,
     values_present,
 )
-from napari_sclip.plugin.runner import JobProgress, SegmentJob, SliceResult, run_job, slice_regions
+from napari_sclip.plugin.runner import (
+    JobProgress,
+    SegmentJob,
+    SliceResult,
+    check_layer,
+    run_job,
+    slice_regions,
+)
 from napari_sclip.plugin.state import (
     METADATA_KEY,
     OPTION_NAMES,
@@ -406,7 +413,7 @@ class SclipWidget(QWidget):
 
     def _on_image_changed(self) -> None:
         image = self.selected_image()
-        stacked = image is not None and (image.data[0] if image.multiscale else image.data).ndim - image.rgb > 2
+        stacked = image is not None and _full_resolution(image).ndim - image.rgb > 2
         self._controls["all_slices"].setEnabled(stacked)
         self._show_vocabulary(image)
         self._refresh_reviewed()
@@ -585,6 +592,7 @@ class SclipWidget(QWidget):
             return
         try:
             vocabulary = self.vocabulary()
+            check_layer(_full_resolution(image).shape, image.rgb)  # shape only: no engine needed
         except SclipError as exc:
             self._notify_error(exc)
             return
@@ -595,7 +603,7 @@ class SclipWidget(QWidget):
             return
         classes = self._record(labels).state.classes if labels is not None else ClassRegistry()
         uids, _ = classes.plan(vocabulary.classes)
-        data = image.data[0] if image.multiscale else image.data  # the full-resolution level
+        data = _full_resolution(image)
         job = SegmentJob(
             data=data,
             rgb=image.rgb,
@@ -726,7 +734,7 @@ class SclipWidget(QWidget):
         if image is None:
             self._status.setText("the image layer was removed; results dropped")
             return
-        data = image.data[0] if image.multiscale else image.data
+        data = _full_resolution(image)
         shape = tuple(data.shape[:-1] if image.rgb else data.shape)
         labels = self._labels_layer(image)
         if labels is not None and labels.data.shape != shape:
@@ -888,7 +896,7 @@ class SclipWidget(QWidget):
             confidence = confidence_name(image.name)
             image_meta = {"name": image.name, "rgb": image.rgb, "source": {"path": image.source.path},
                           "metadata": image.metadata}
-            sources.append((image.data[0] if image.multiscale else image.data, image_meta,
+            sources.append((_full_resolution(image), image_meta,
                             labels.data, {"metadata": labels.metadata},
                             layers[confidence].data if confidence in layers else None))
         paired = {labels.unique_id for _, labels in pairs}
@@ -963,6 +971,11 @@ def _set_value(control: QWidget, value: Any) -> None:
         control.setText(str(value))
     else:
         control.setValue(value)
+
+
+def _full_resolution(image):
+    """An image layer's data at full resolution (the first level of a multiscale layer)."""
+    return image.data[0] if image.multiscale else image.data
 
 
 @functools.cache
