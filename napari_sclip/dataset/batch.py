@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from napari_sclip._files import describe_os_error
 from napari_sclip.dataset.export import plane_stem
 from napari_sclip.dataset.writer import DatasetWriter, Sample, is_edited, sha256_of
 
@@ -97,7 +98,7 @@ def label_images(
             try:
                 sha = sha256_of(path)
             except OSError as exc:
-                yield BatchItem(path, "failed", reason=f"{path}: cannot read: {exc.strerror or exc}")
+                yield BatchItem(path, "failed", reason=describe_os_error(exc, path))
                 continue
             done = stored.setdefault(sha, {})  # plane index (None for a 2D image) -> meta
             if _keep(done.get(None), overwrite):  # a 2D image already there: no need to read it

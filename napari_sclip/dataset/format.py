@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from napari_sclip import __version__
-from napari_sclip._files import atomic_write_bytes
+from napari_sclip._files import atomic_write_bytes, describe_os_error
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
 from napari_sclip.dataset.lock import STALE_SECONDS
@@ -204,7 +204,7 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], ClassRegistry, TrainIds]:
             raise DatasetError(f"dataset folder {root} does not exist") from None
         raise DatasetError(f"{root} is not a napari-sclip dataset: {MANIFEST} is missing") from None
     except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from None
+        raise DatasetError(describe_os_error(exc, path)) from None
     try:
         if manifest["format"]["name"] != FORMAT_NAME:
             raise DatasetError(f"{path} describes a {manifest['format']['name']!r} dataset, not {FORMAT_NAME!r}")

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from napari_sclip._files import atomic_copy, atomic_write_bytes, output_folder
+from napari_sclip._files import atomic_copy, atomic_write, atomic_write_bytes, output_folder
 from napari_sclip.colors import label_color
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.paths import DatasetError, reporting_os_errors, resolve_inside
@@ -54,19 +55,15 @@ def _check_out(out: Path) -> None:
         resolve_inside(out, relative)
 
 
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def voc_palette_png(indices: np.ndarray, colors: list[tuple[int, int, int]]) -> bytes:
     """An 8-bit palette PNG of ``indices`` with ``colors[i]`` for index ``i``."""
     from PIL import Image
 
     image = Image.fromarray(indices.astype(np.uint8), mode="P")
     image.putpalette([channel for color in colors for channel in color])
-    return _png(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def distinct_colors(colors: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -98,12 +95,10 @@ def _write_image(sample: StoredMask, folder: Path) -> None:
     suffix = ".jpg" if sample.image_format == "JPEG" and not turned else ".png"
     target = folder / f"{sample.id}{suffix}"
     if turned:  # the pixels as shown, which is what read_image gives and masks are made on
-        from PIL import Image
-
-        from napari_sclip.dataset.writer import storable_image
+        from napari_sclip.dataset.writer import _encode_png, storable_image
         from napari_sclip.io.images import read_image
 
-        atomic_write_bytes(target, _png(Image.fromarray(storable_image(read_image(sample.image_path)))))
+        atomic_write(target, partial(_encode_png, storable_image(read_image(sample.image_path))))
     else:
         atomic_copy(sample.image_path, target)
     for other in _IMAGE_SUFFIXES:

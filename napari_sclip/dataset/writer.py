@@ -42,6 +42,7 @@ import numpy as np
 
 from napari_sclip._files import (
     atomic_write_bytes,
+    describe_os_error,
     make_folders,
     remove_folders,
     temporary_path,
@@ -119,7 +120,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = read_json(path)
     except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from None
+        raise DatasetError(describe_os_error(exc, path)) from None
     image_id = path.name[: -len(".json")]
     image_prefix = f"images/{image_id}."
     source = meta.get("source") if isinstance(meta, dict) else None
