@@ -124,9 +124,9 @@ def out_of_memory(gpu_factory, classes: list[str]) -> dict:
     attempts = []
     original = segmenter_module.Segmenter._window_features
 
-    def recording(self, method, pixels, batch):
-        attempts.append(len(batch))
-        return original(self, method, pixels, batch)
+    def recording(self, method, crops):
+        attempts.append(len(crops))
+        return original(self, method, crops)
 
     segmenter_module.Segmenter._window_features = recording
     try:

@@ -314,11 +314,11 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_checkpoint, monkeypatch
     sizes = []
     original = Segmenter._window_features
 
-    def small_gpu(self, method, pixels, batch):
-        sizes.append(len(batch))
-        if len(batch) > 2:
+    def small_gpu(self, method, crops):
+        sizes.append(len(crops))
+        if len(crops) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, method, pixels, batch)
+        return original(self, method, crops)
 
     monkeypatch.setattr(Segmenter, "_window_features", small_gpu)
     segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", batch_size=8, feature_cache=False)

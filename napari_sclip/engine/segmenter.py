@@ -1,4 +1,4 @@
-"""The public engine API: :class:`Segmenter` and :class:`SegmentationResult`.
+"""The public engine API: :class:`Segmenter`, :class:`SegmentationResult` and :class:`PreparedImage`.
 
 Pipeline (the SCLIP authors' protocol, ``shared/paper/protocol-notes.md``, which the later
 methods share):
@@ -15,6 +15,11 @@ methods share):
    refinement: one tile at a time, refined with the resized image), and each band gets
    ``softmax(logit_scale * logits)`` over all names, the maximum over each class's names, the
    argmax and the probability threshold.
+
+Steps 1-2 are :meth:`Segmenter.prepare` (CPU only), step 3 :meth:`Segmenter.run_windows` (the
+device; its batches may hold the windows of several images) and step 4 :meth:`Segmenter.finish`,
+so that a batch labeller can run them in reader, device and writer threads;
+:meth:`Segmenter.segment` chains the same three for one image.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import hashlib
 import math
 import threading
 import warnings
-from collections.abc import Generator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +58,10 @@ DEFAULT_BATCH_SIZE = {"cuda": 32, "mps": 8, "cpu": 4}
 _BAND_ELEMENTS = 1 << 23
 #: Elements of PAMR's working set per tile (about 3 per name and 30 more per pixel; ~256 MB).
 _PAMR_ELEMENTS = 1 << 26
+#: Serialises the warning-filter change around torch.from_numpy of read-only arrays.
+_READ_ONLY_LOCK = threading.Lock()
+#: run_windows' marker for the end of its input.
+_END = object()
 
 
 @dataclass
@@ -79,6 +89,105 @@ class SegmentationResult:
     class_names: tuple[str, ...]
     probs: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedImage:
+    """An image ready for the model: everything :meth:`Segmenter.prepare` computes before the
+    ViT, as CPU tensors.  :meth:`Segmenter.run_windows` and :meth:`Segmenter.finish` take it on.
+
+    Attributes
+    ----------
+    method
+        The method, with its defaults already applied to the fields below.
+    pixels
+        ``(3, h, w)`` float32: the resized image, normalised, on the CPU (pinned when the model
+        is on CUDA).  PAMR reads it again in :meth:`Segmenter.finish`.
+    windows
+        The windows over ``pixels``, in the order they are run.
+    size
+        ``(H, W)`` of the input image: the shape of the result.
+    vocabulary, short_side, window, stride, logit_scale, prob_threshold, refinement, return_probs
+        The settings, as :meth:`Segmenter.segment` takes them (``refinement`` is ``None``
+        without PAMR).
+    cache_key
+        The feature cache's key, or ``None`` when the segmenter does not cache features.
+    digest
+        Hash of the resized 8-bit pixels (part of ``cache_key``).
+    tag
+        The caller's, passed through untouched.
+    features_reused
+        Set by :meth:`Segmenter.run_windows`: the windows' features came from the feature cache.
+    """
+
+    method: Method
+    pixels: torch.Tensor
+    windows: list[Window]
+    size: tuple[int, int]
+    vocabulary: Vocabulary
+    short_side: int
+    window: int
+    stride: int
+    logit_scale: float
+    prob_threshold: float
+    refinement: Refinement | None
+    return_probs: bool
+    cache_key: tuple | None
+    digest: str
+    tag: Any = None
+    features_reused: bool = False
+
+    @property
+    def resized_shape(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
+
+
+@dataclass
+class _Job:
+    """An image inside :meth:`Segmenter.run_windows`: its canvas and how far its windows got."""
+
+    prepared: PreparedImage
+    text: torch.Tensor  # (N, E) on the device
+    done: int = 0  # windows summed into the canvas
+    started: bool = False
+    finished: bool = False
+    pixels: torch.Tensor | None = None  # (3, h, w) on the device, while windows still need it
+    canvas: torch.Tensor | None = None  # (N, h, w) on the device
+    cached: torch.Tensor | None = None  # (windows, r, c, E) from the feature cache, on the CPU
+    kept: list[torch.Tensor] = field(default_factory=list)  # new features for the cache
+
+    @property
+    def kind(self) -> tuple[str, int, int]:
+        """What windows must share to be stacked into one batch: method and window size (every
+        window of an image has the same size)."""
+        y1, y2, x1, x2 = self.prepared.windows[0]
+        return self.prepared.method.name, y2 - y1, x2 - x1
+
+    def start(self, device: torch.device) -> None:
+        """Look the features up and make the canvas, just before the first window runs (an
+        image seen earlier in the stream may have filled the cache since it was pulled)."""
+        if self.started:
+            return
+        self.started = True
+        prepared = self.prepared
+        if prepared.cache_key is not None:
+            self.cached = FEATURE_CACHE.get(prepared.cache_key)
+        prepared.features_reused = self.cached is not None
+        if self.cached is None:
+            self.pixels = prepared.pixels.to(device, non_blocking=True)
+        height, width = prepared.resized_shape
+        self.canvas = torch.zeros(self.text.shape[0], height, width, device=device)
+
+    def complete(self) -> None:
+        """All windows are in: keep new features, divide by the window counts, drop the rest."""
+        prepared = self.prepared
+        if self.kept:
+            FEATURE_CACHE.put(prepared.cache_key, torch.cat(self.kept))
+        counts = window_counts(*prepared.resized_shape, prepared.windows)
+        self.canvas.div_(torch.from_numpy(counts).to(self.canvas.device))
+        self.pixels = self.cached = None
+        self.kept = []
+        self.finished = True
 
 
 def _label_dtype(num_classes: int) -> np.dtype:
@@ -140,8 +249,10 @@ class Segmenter:
         for one-pass batch work.
 
     The model is loaded on first use (or by :meth:`load`) and shared by all segmenters of the
-    process with the same model, weights and device.  A segmenter may be used from one thread at
-    a time; it may be created in one thread and used in another.
+    process with the same model, weights and device.  :meth:`segment` and :meth:`iter_segment`
+    may be used from one thread at a time; it may be created in one thread and used in another.
+    For pipelined batch work, :meth:`prepare` and :meth:`finish` may run in several threads at
+    once around one thread that runs :meth:`run_windows`.
     """
 
     def __init__(
@@ -202,6 +313,11 @@ class Segmenter:
         return drive(self._text.iter_features(names)).numpy()
 
     # -- segmentation -----------------------------------------------------------------------------
+    #
+    # Three stages, which segment() and iter_segment() chain for one image and a pipelined batch
+    # labeller runs in different threads for many: prepare() (CPU work: checks, resize,
+    # normalise, windows), run_windows() (the device: text embeddings and the ViT, windows of
+    # several images per batch) and finish() (resize back, PAMR, softmax, labels).
 
     def segment(
         self,
@@ -293,6 +409,59 @@ class Segmenter:
         generator workers run.  ``load_progress`` receives download and load progress, which
         cannot be interrupted.
         """
+        prepared = self.prepare(
+            image,
+            classes,
+            method=method,
+            short_side=short_side,
+            window=window,
+            stride=stride,
+            logit_scale=logit_scale,
+            prob_threshold=prob_threshold,
+            pamr=pamr,
+            contrast_limits=contrast_limits,
+            return_probs=return_probs,
+            load_progress=load_progress,
+        )
+        # Embedding the names here reports "text" progress; run_windows then finds them cached.
+        yield from self._text.iter_features(prepared.vocabulary.names)
+        canvas = None
+        stream = self._stream([prepared])
+        try:
+            for step in stream:
+                if isinstance(step, Progress):
+                    yield step
+                else:
+                    _, canvas = step
+        finally:
+            stream.close()
+        return (yield from self._iter_finish(prepared, canvas))
+
+    def prepare(
+        self,
+        image: np.ndarray,
+        classes: Vocabulary | Sequence[ClassSpec],
+        *,
+        method: str | None = None,
+        short_side: int | None = None,
+        window: int | None = None,
+        stride: int | None = None,
+        logit_scale: float | None = None,
+        prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        pamr: bool | None = None,
+        contrast_limits: Sequence[float] | None = None,
+        return_probs: bool = False,
+        tag: Any = None,
+        load_progress: ProgressCallback | None = None,
+    ) -> PreparedImage:
+        """The first stage of :meth:`segment`: check the arguments, make the image 8-bit RGB,
+        resize and normalise it on the CPU and place the windows.
+
+        Thread-safe: several threads may prepare images at once (the first call loads the model,
+        under the segmenter's lock).  The parameters are :meth:`segment`'s; ``tag`` is the
+        caller's, passed through untouched.  Errors in the image, vocabulary or parameters are
+        raised here, before any device work.
+        """
         chosen = get_method(method or self.method)
         short_side = chosen.short_side if short_side is None else short_side
         window = chosen.window if window is None else window
@@ -305,112 +474,211 @@ class Segmenter:
         _check_params(short_side, window, stride, logit_scale, prob_threshold, model.patch_size)
         _check_size(*rgb.shape[:2], model.patch_size)
 
-        text_features = yield from self._text.iter_features(vocabulary.names)  # (N, E)
-        pixels, digest = self._preprocess(rgb, short_side, model)  # (3, h, w) on the device
+        pixels, digest = self._preprocess(rgb, short_side, model)  # (3, h, w) on the CPU
+        if model.device.type == "cuda":
+            pixels = pixels.pin_memory()  # lets run_windows copy it without blocking
         windows = slide_windows(pixels.shape[1], pixels.shape[2], window, stride)
         key = None
         if self.feature_cache:
             key = (model.identity, str(model.device), chosen.name, short_side, window, stride, digest)
-        canvas, reused = yield from self._slide(
-            chosen, pixels, windows, text_features.to(model.device), key
-        )  # (N, h, w)
-        labels, confidence, probs = yield from self._postprocess(
-            canvas, rgb.shape[:2], vocabulary, logit_scale, prob_threshold, return_probs,
-            (pixels, refinement) if refinement else None,
+        return PreparedImage(
+            method=chosen,
+            pixels=pixels,
+            windows=windows,
+            size=(int(rgb.shape[0]), int(rgb.shape[1])),
+            vocabulary=vocabulary,
+            short_side=short_side,
+            window=window,
+            stride=stride,
+            logit_scale=logit_scale,
+            prob_threshold=prob_threshold,
+            refinement=refinement,
+            return_probs=return_probs,
+            cache_key=key,
+            digest=digest,
+            tag=tag,
         )
-        params = {
-            "method": chosen.name,
-            "model": model.name,
-            "pretrained": self.pretrained,
-            "quick_gelu": model.quick_gelu,
-            "device": str(model.device),
-            "precision": precision_of(model.device),
-            "short_side": short_side,
-            "window": window,
-            "stride": stride,
-            "logit_scale": float(logit_scale),
-            "prob_threshold": float(prob_threshold),
-            "pamr": refinement is not None,
-            **({"pamr_iterations": refinement.iterations, "pamr_dilations": list(refinement.dilations)}
-               if refinement else {}),
-            "resized_shape": tuple(pixels.shape[1:]),
-            "windows": len(windows),
-            "features_reused": reused,
-        }
-        return SegmentationResult(labels, confidence, vocabulary.display_names, probs, params)
+
+    def run_windows(
+        self, prepared: Iterable[PreparedImage], *, progress: ProgressCallback | None = None
+    ) -> Iterator[tuple[PreparedImage, torch.Tensor]]:
+        """The second stage: run the windows of many prepared images through the model.
+
+        Run it in one thread, the device's.  It pulls images from ``prepared`` lazily (it may be
+        a blocking iterator over a queue), only as many as the next batch needs: batches of
+        :attr:`batch_size` windows gather the windows of consecutive images (those with the
+        same method and window size).  For each image, once all its windows are done, it yields
+        ``(prepared, canvas)`` in input order: ``canvas`` is ``(N names, h, w)`` float32 on the
+        model's device, already divided by the window counts, for :meth:`finish`.  It also sets
+        ``prepared.features_reused``.
+
+        Text embeddings come from the text encoder's cache; the feature cache is used and filled
+        as by :meth:`segment`; out of memory, a batch is halved and retried.  ``progress`` is
+        called with ``Progress("windows", done, total)`` after each batch, ``total`` counting
+        the windows of the images pulled so far.
+        """
+        stream = self._stream(prepared)
+        try:
+            for step in stream:
+                if isinstance(step, Progress):
+                    if progress is not None:
+                        progress(step)
+                else:
+                    yield step
+        finally:
+            stream.close()
+
+    def finish(self, prepared: PreparedImage, canvas: torch.Tensor) -> SegmentationResult:
+        """The last stage: resize the canvas to the input size band by band (or tile by tile,
+        refined with PAMR), then the softmax, labels and threshold.
+
+        Thread-safe: writer threads may finish several images at once.
+        """
+        return drive(self._iter_finish(prepared, canvas))
 
     @torch.inference_mode()
     def _preprocess(self, rgb: np.ndarray, short_side: int, model: LoadedModel) -> tuple[torch.Tensor, str]:
-        """Resize (bilinear, rounded to 8 bits) and normalise; returns ``(3, h, w)`` float32 and a
-        hash of the resized 8-bit pixels (what the model sees)."""
+        """Resize (bilinear, rounded to 8 bits) and normalise; returns ``(3, h, w)`` float32 on
+        the CPU and a hash of the resized 8-bit pixels (what the model sees)."""
         height, width = rgb.shape[:2]
         size = resized_shape(height, width, short_side, min_side=model.patch_size)
-        with warnings.catch_warnings():
-            # A read-only array (e.g. from PIL) is fine: the resize only reads it.
-            warnings.simplefilter("ignore", UserWarning)
+        if rgb.flags.writeable:
             chw = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) view, no copy
+        else:
+            # A read-only array (e.g. from PIL) is fine: the resize only reads it.  The lock keeps
+            # concurrent prepare() calls from restoring each other's warning filters.
+            with _READ_ONLY_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                chw = torch.from_numpy(rgb).permute(2, 0, 1)
         resized = resize_bilinear(chw, size).add_(0.5).floor_().clamp_(0, 255)  # 8-bit values
         digest = hashlib.blake2b(resized.to(torch.uint8).numpy().tobytes(), digest_size=16)
         digest.update(str(tuple(resized.shape)).encode())
         mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
         std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-        return ((resized - mean) / std).to(model.device), digest.hexdigest()
+        return (resized - mean) / std, digest.hexdigest()
 
-    def _slide(
-        self,
-        method: Method,
-        pixels: torch.Tensor,
-        windows: list[Window],
-        text_features: torch.Tensor,
-        cache_key: tuple | None,
-    ) -> Generator[Progress, None, tuple[torch.Tensor, bool]]:
-        """Sum each window's upsampled patch logits into a canvas and divide by the window count.
-
-        Returns the canvas and whether the windows' features came from the feature cache; new
-        features are added to it when ``cache_key`` is given.
-        """
-        _, height, width = pixels.shape
-        canvas = torch.zeros(text_features.shape[0], height, width, device=pixels.device)
-        cached = FEATURE_CACHE.get(cache_key) if cache_key is not None else None
-        kept: list[torch.Tensor] = []
+    def _stream(
+        self, prepared: Iterable[PreparedImage]
+    ) -> Generator[Progress | tuple[PreparedImage, torch.Tensor], None, None]:
+        """:meth:`run_windows` as one generator of progress steps and finished canvases, so that
+        :meth:`iter_segment` can yield the steps and stop between batches."""
+        model = self.load()
+        source = iter(prepared)
+        jobs: deque[_Job] = deque()  # pulled and not yet yielded, in input order
+        texts: dict[tuple[str, ...], torch.Tensor] = {}  # (N, E) on the device, per vocabulary
         batch_size = self.batch_size
-        done = 0
-        yield Progress("windows", 0, len(windows))
-        while done < len(windows):
-            batch = windows[done : done + batch_size]
-            try:
-                if cached is not None:
-                    features = cached[done : done + len(batch)].to(pixels.device)
+        exhausted = False
+        done = total = 0
+        started = False
+        while True:
+            # Pull only what the next batch needs, so memory stays bounded whatever `source` holds.
+            while not exhausted and sum(len(j.prepared.windows) - j.done for j in jobs) < batch_size:
+                item = next(source, _END)
+                if item is _END:
+                    exhausted = True
                 else:
-                    features = self._window_features(method, pixels, batch)  # (B, r, c, E)
-                logits = _patch_logits(features, text_features)  # (B, N, r, c)
+                    jobs.append(_Job(item, self._vocabulary_features(item.vocabulary, texts, model.device)))
+                    total += len(item.windows)
+            if not started:
+                yield Progress("windows", 0, total)
+                started = True
+            if not jobs:
+                return
+            parts = self._next_batch(jobs, batch_size, model.device)
+            try:
+                logits, features = self._batch_logits(parts, model.device)
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
                 if not _out_of_memory(exc):
                     raise
-                if batch_size == 1:
+                size = sum(stop - start for _, start, stop in parts)
+                if size == 1:
                     raise ModelError(
-                        f"the {pixels.device.type.upper()} device ran out of memory even with one "
+                        f"the {model.device.type.upper()} device ran out of memory even with one "
                         "window at a time; use device='cpu' or a smaller short side"
                     ) from None
-                batch_size = max(1, batch_size // 2)
-                _release_cached_memory(pixels.device)
+                batch_size = max(1, size // 2)
+                _release_cached_memory(model.device)
                 continue
-            if cache_key is not None and cached is None:
-                kept.append(features.cpu())
-            self._accumulate(canvas, batch, logits)
-            done += len(batch)
-            yield Progress("windows", done, len(windows))
-        if kept:
-            FEATURE_CACHE.put(cache_key, torch.cat(kept))
-        counts = torch.from_numpy(window_counts(height, width, windows)).to(canvas.device)
-        return canvas.div_(counts), cached is not None
+            for (job, start, stop), job_logits, job_features in zip(parts, logits, features):
+                if job_features is not None and job.prepared.cache_key is not None:
+                    job.kept.append(job_features.cpu())
+                self._accumulate(job.canvas, job.prepared.windows[start:stop], job_logits)
+                job.done = stop
+                done += stop - start
+                if job.done == len(job.prepared.windows):
+                    job.complete()
+            yield Progress("windows", done, total)
+            while jobs and jobs[0].finished:
+                job = jobs.popleft()
+                yield job.prepared, job.canvas
+
+    def _vocabulary_features(
+        self, vocabulary: Vocabulary, known: dict[tuple[str, ...], torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """``(N, E)`` text embeddings of a vocabulary's names on ``device``, once per stream."""
+        names = vocabulary.names
+        if names not in known:
+            known[names] = drive(self._text.iter_features(names)).to(device)
+        return known[names]
+
+    @staticmethod
+    def _next_batch(jobs: deque[_Job], batch_size: int, device: torch.device) -> list[tuple[_Job, int, int]]:
+        """The next batch: ``(job, start, stop)`` spans of consecutive images' windows, at most
+        ``batch_size`` in all.
+
+        Windows are stacked into one tensor, so a batch holds one method and one window size; a
+        span of cached features is a batch of its own (it skips the ViT).
+        """
+        parts: list[tuple[_Job, int, int]] = []
+        room = batch_size
+        kind = None
+        for job in jobs:
+            left = len(job.prepared.windows) - job.done
+            if left == 0:
+                continue
+            if parts and job.kind != kind:
+                break
+            job.start(device)
+            if job.cached is not None and parts:
+                break
+            take = min(room, left)
+            parts.append((job, job.done, job.done + take))
+            room -= take
+            kind = job.kind
+            if room == 0 or job.cached is not None:
+                break
+        return parts
 
     @torch.inference_mode()
-    def _window_features(self, method: Method, pixels: torch.Tensor, batch: list[Window]) -> torch.Tensor:
-        """Patch features ``(B, rows, cols, E)`` of one batch of windows; no side effects, so a
-        batch that runs out of memory can be retried in halves."""
-        crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])  # (B, 3, wh, ww)
-        with autocast(pixels.device):
+    def _batch_logits(
+        self, parts: list[tuple[_Job, int, int]], device: torch.device
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Patch logits ``(B_i, N_i, r, c)`` of each span of a batch, and the span's new patch
+        features ``(B_i, r, c, E)`` (``None`` for cached ones).  No side effects, so a batch that
+        runs out of memory can be retried in halves."""
+        first, start, stop = parts[0]
+        if first.cached is not None:
+            features = first.cached[start:stop].to(device)
+            return [_patch_logits(features, first.text)], [None]
+        crops = torch.stack([
+            job.pixels[:, y1:y2, x1:x2]
+            for job, start, stop in parts
+            for y1, y2, x1, x2 in job.prepared.windows[start:stop]
+        ])  # (B, 3, wh, ww)
+        features = self._window_features(first.prepared.method, crops)  # (B, r, c, E)
+        logits, spans, offset = [], [], 0
+        for job, start, stop in parts:
+            # Each image's logits on its own: its vocabulary, and the same values in any batch.
+            span = features[offset : offset + stop - start]
+            logits.append(_patch_logits(span, job.text))
+            spans.append(span)
+            offset += stop - start
+        return logits, spans
+
+    @torch.inference_mode()
+    def _window_features(self, method: Method, crops: torch.Tensor) -> torch.Tensor:
+        """Patch features ``(B, rows, cols, E)`` of a batch of windows ``(B, 3, wh, ww)``."""
+        with autocast(crops.device):
             return method.features(self._model.clip.visual, crops)
 
     @staticmethod
@@ -421,6 +689,38 @@ class Segmenter:
             canvas[:, y1:y2, x1:x2] += F.interpolate(
                 window_logits[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
             )[0]
+
+    def _iter_finish(
+        self, prepared: PreparedImage, canvas: torch.Tensor
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """:meth:`finish` as a generator of "resize" progress."""
+        model = self.load()
+        refinement = prepared.refinement
+        refine = (prepared.pixels.to(canvas.device), refinement) if refinement else None
+        labels, confidence, probs = yield from self._postprocess(
+            canvas, prepared.size, prepared.vocabulary, prepared.logit_scale, prepared.prob_threshold,
+            prepared.return_probs, refine,
+        )
+        params = {
+            "method": prepared.method.name,
+            "model": model.name,
+            "pretrained": self.pretrained,
+            "quick_gelu": model.quick_gelu,
+            "device": str(model.device),
+            "precision": precision_of(model.device),
+            "short_side": prepared.short_side,
+            "window": prepared.window,
+            "stride": prepared.stride,
+            "logit_scale": float(prepared.logit_scale),
+            "prob_threshold": float(prepared.prob_threshold),
+            "pamr": refinement is not None,
+            **({"pamr_iterations": refinement.iterations, "pamr_dilations": list(refinement.dilations)}
+               if refinement else {}),
+            "resized_shape": prepared.resized_shape,
+            "windows": len(prepared.windows),
+            "features_reused": prepared.features_reused,
+        }
+        return SegmentationResult(labels, confidence, prepared.vocabulary.display_names, probs, params)
 
     def _postprocess(
         self,
