@@ -158,6 +158,17 @@ def test_sc_clip_windows_are_independent_in_a_batch(deep_visual):
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
 
 
+def test_sc_clip_gives_a_window_the_same_bits_alone_or_in_a_batch(deep_visual):
+    """196 patches: with one window, a mean over the whole similarity matrix at once is split
+    across threads; the row-means-first mean is not."""
+    torch.manual_seed(8)
+    windows = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        batched = scclip_patch_features(deep_visual, windows)
+        single = torch.cat([scclip_patch_features(deep_visual, windows[i : i + 1]) for i in range(3)])
+    assert torch.equal(batched, single)
+
+
 def test_sc_clip_on_windows_of_one_and_few_patches(deep_visual):
     with torch.no_grad():
         for size in (16, 32, 48):  # 1, 4 and 9 patches: fewer than 30 neighbours

@@ -93,7 +93,10 @@ def _cosine_similarity(patches: torch.Tensor) -> torch.Tensor:
 
 def _calibrated_attention(similarity: torch.Tensor):
     """``A v`` with ``A = ½ [softmax(Z) + softmax(k kᵀ s)]``; Z from the block-9 similarity."""
-    z = (similarity - similarity.mean(dim=(1, 2), keepdim=True)) * TEMPERATURE
+    # The mean of the row means: with one window, a mean over both axes at once would be one
+    # reduction that PyTorch splits across threads, and its last bit would depend on the batch.
+    mean = similarity.mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)  # (B, 1, 1)
+    z = (similarity - mean) * TEMPERATURE
     shared = torch.softmax(z.masked_fill(z < 0, float("-inf")), dim=-1)[:, None]  # (B, 1, P, P)
 
     def attend(q, k, v):
