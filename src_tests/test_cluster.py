@@ -217,7 +217,7 @@ def test_a_task_that_raises_propagates(module_client):
     assert isinstance(results.pop(3), ValueError) and results == {i: i for i in (0, 1, 2, 4, 5)}
 
 
-def test_a_killed_worker_is_replaced_and_its_items_done_once(tiny_dir, tiny_checkpoint):
+def test_a_killed_worker_is_replaced_and_its_items_done_once(tiny_dir, tiny_checkpoint, capfd):
     count = 24
     with open_client(workers=2) as client:
         install_segmenter(client, _segmenter_kwargs(tiny_checkpoint),
@@ -236,6 +236,11 @@ def test_a_killed_worker_is_replaced_and_its_items_done_once(tiny_dir, tiny_chec
         after = client.run(_worker_state)
         assert victim not in {state[0] for state in after.values()}
         assert all(state[1] != id(None) and state[2] == 1 for state in after.values())
+        # Neither the death, the restart nor a failing task is reported on stderr: the caller
+        # hears of failures through the results.
+        assert dict(map_bounded(client, _fail_on_three, [3], max_in_flight=1, key_prefix="quiet",
+                                return_exceptions=True)).keys() == {0}
+    assert capfd.readouterr().err == ""
 
 
 # -- opening clients ---------------------------------------------------------------------------------

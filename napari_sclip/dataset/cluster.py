@@ -262,7 +262,7 @@ class SegmenterPlugin(_base_plugin_class()):
         state.update(segmenter=None, error=None, load_seconds=None)
         return state
 
-    def _build(self, worker_name: Any) -> None:
+    def _build(self, worker_name: Any, directory: str) -> None:
         import time
 
         import open_clip
@@ -271,7 +271,7 @@ class SegmenterPlugin(_base_plugin_class()):
 
         start = time.perf_counter()
         if self.model_configs:
-            folder = Path(_worker_directory()) / "napari-sclip-model-configs"
+            folder = Path(directory) / "napari-sclip-model-configs"
             folder.mkdir(parents=True, exist_ok=True)
             for name, text in self.model_configs.items():
                 path = folder / f"{name}.json"
@@ -294,7 +294,7 @@ class SegmenterPlugin(_base_plugin_class()):
 
         # In a thread, so that the worker keeps answering the scheduler while the model loads.
         try:
-            await asyncio.to_thread(self._build, worker.name)
+            await asyncio.to_thread(self._build, worker.name, worker.local_directory)
         except Exception as exc:
             self.error = _one_line(exc)
             raise
@@ -305,17 +305,6 @@ class SegmenterPlugin(_base_plugin_class()):
 
             self.segmenter = None
             clear_model_cache()  # frees the model's (GPU) memory when the plugin is replaced
-
-
-def _worker_directory() -> str:
-    try:
-        from distributed import get_worker
-
-        return get_worker().local_directory
-    except (ImportError, ValueError):
-        import tempfile
-
-        return tempfile.gettempdir()
 
 
 def _cuda_device_count() -> int:
@@ -444,7 +433,7 @@ def _map_bounded(distributed, client, function, items, max_in_flight, key_prefix
             future, result = next(completed)
             index = pending.pop(future)
             status = future.status
-            del future  # the task's result is released as soon as the caller is done with it
+            del future  # released: the scheduler forgets the task, its worker drops the result
             submit_one()  # keep the cluster busy while the caller handles this result
             if status == "error":
                 _, exc, traceback = result
