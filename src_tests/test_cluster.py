@@ -73,10 +73,12 @@ def _segmenter_identity(item):
 
 
 def _worker_state(dask_worker):
+    import torch
+
     from napari_sclip.engine import model
 
     plugin = dask_worker.plugins[cluster.PLUGIN_NAME]
-    return os.getpid(), id(plugin.segmenter), len(model._CACHE), plugin.load_seconds
+    return os.getpid(), id(plugin.segmenter), len(model._CACHE), plugin.load_seconds, torch.get_num_threads()
 
 
 def _labels(image):
@@ -106,8 +108,9 @@ def _pid_after_nap(item):
 def test_each_worker_loads_the_model_once(client, tiny_dir, tiny_checkpoint):
     before = client.run(_worker_state)
     assert len(before) == 2
-    for pid, segmenter_id, cached_models, load_seconds in before.values():
+    for pid, segmenter_id, cached_models, load_seconds, threads in before.values():
         assert segmenter_id != id(None) and cached_models == 1 and load_seconds is not None
+        assert threads == 1  # what the nanny's OMP_NUM_THREADS=1 gives
 
     results = [result for _, result in
                map_bounded(client, _segmenter_identity, range(24), max_in_flight=4, key_prefix="ident")]
@@ -221,7 +224,7 @@ def test_a_killed_worker_is_replaced_and_its_items_done_once(tiny_dir, tiny_chec
     count = 24
     with open_client(workers=2) as client:
         install_segmenter(client, _segmenter_kwargs(tiny_checkpoint),
-                          model_configs=[tiny_dir / f"{TINY_MODEL}.json"])
+                          model_configs=[tiny_dir / f"{TINY_MODEL}.json"], torch_threads=2)
         pids = set(client.run(os.getpid).values())
         victim = min(pids)
         seen = Counter()
@@ -235,7 +238,7 @@ def test_a_killed_worker_is_replaced_and_its_items_done_once(tiny_dir, tiny_chec
         client.wait_for_workers(2, timeout=60)
         after = client.run(_worker_state)
         assert victim not in {state[0] for state in after.values()}
-        assert all(state[1] != id(None) and state[2] == 1 for state in after.values())
+        assert all(state[1] != id(None) and state[2] == 1 and state[4] == 2 for state in after.values())
         # Neither the death, the restart nor a failing task is reported on stderr: the caller
         # hears of failures through the results.
         assert dict(map_bounded(client, _fail_on_three, [3], max_in_flight=1, key_prefix="quiet",

@@ -228,7 +228,9 @@ class SegmenterPlugin(_base_plugin_class()):
     read).  ``model_configs`` are open_clip model-config JSON files for models open_clip does not
     know; their contents travel with the plugin and each worker registers them before building
     the segmenter.  ``devices`` spreads the workers over devices when the device is ``"auto"``
-    or not given (:func:`choose_device`).
+    or not given (:func:`choose_device`).  ``torch_threads`` sets the worker's number of torch
+    CPU threads: a Dask nanny starts each worker process with ``OMP_NUM_THREADS=1``, so without
+    it a worker runs the model on one CPU core (which is what a GPU worker needs).
 
     The model is loaded in ``setup``: when the plugin is installed on the running workers, and
     when a worker (a new one, or one restarted after a crash) joins the cluster, before it runs
@@ -244,12 +246,17 @@ class SegmenterPlugin(_base_plugin_class()):
         *,
         model_configs: Iterable[str | Path] | None = None,
         devices: Sequence[str] | None = None,
+        torch_threads: int | None = None,
     ):
+        if torch_threads is not None and (isinstance(torch_threads, bool) or not isinstance(torch_threads, int)
+                                          or torch_threads < 1):
+            raise ClusterError(f"torch_threads must be a positive integer, got {torch_threads!r}")
+        self.torch_threads = torch_threads
         self.segmenter_kwargs = dict(segmenter_kwargs or {})
         self.model_configs = _read_model_configs(model_configs)
         self.devices = [str(device) for device in devices] if devices else None
         self.fingerprint = hashlib.sha256(
-            json.dumps([self.segmenter_kwargs, self.model_configs, self.devices],
+            json.dumps([self.segmenter_kwargs, self.model_configs, self.devices, self.torch_threads],
                        sort_keys=True, default=str).encode()
         ).hexdigest()
         self.segmenter: Segmenter | None = None
@@ -270,6 +277,10 @@ class SegmenterPlugin(_base_plugin_class()):
         from napari_sclip.engine.segmenter import Segmenter
 
         start = time.perf_counter()
+        if self.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         if self.model_configs:
             folder = Path(directory) / "napari-sclip-model-configs"
             folder.mkdir(parents=True, exist_ok=True)
@@ -322,6 +333,7 @@ def install_segmenter(
     model_configs: Iterable[str | Path] | None = None,
     *,
     devices: Sequence[str] | None = None,
+    torch_threads: int | None = None,
 ) -> SegmenterPlugin:
     """Register a :class:`SegmenterPlugin` with ``client``'s cluster, which loads the model on every
     worker now (waiting for them) and on every worker that joins later.
@@ -330,7 +342,8 @@ def install_segmenter(
     the previous model).  A worker that cannot load the model raises its error here (a
     :class:`~napari_sclip.engine.errors.ModelError`, for instance).
     """
-    plugin = SegmenterPlugin(segmenter_kwargs, model_configs=model_configs, devices=devices)
+    plugin = SegmenterPlugin(segmenter_kwargs, model_configs=model_configs, devices=devices,
+                             torch_threads=torch_threads)
     current = client.run(_installed_fingerprint)
     if current and all(value == plugin.fingerprint for value in current.values()):
         return plugin
