@@ -24,6 +24,7 @@ from napari_sclip.dataset.cluster import (
     install_segmenter,
     map_bounded,
     open_client,
+    using_worker_segmenter,
     worker_segmenter,
 )
 from napari_sclip.engine.errors import SclipError
@@ -68,6 +69,8 @@ def client(module_client, tiny_dir, tiny_checkpoint):
 
 def _segmenter_identity(item):
     segmenter = worker_segmenter()
+    with using_worker_segmenter() as held:
+        assert held is segmenter
     time.sleep(0.02)
     return os.getpid(), id(segmenter), id(segmenter.load())
 
@@ -148,6 +151,9 @@ def test_failed_install_leaves_no_broken_plugin(client, tiny_dir, tmp_path):
 def test_worker_segmenter_outside_a_worker():
     with pytest.raises(ClusterError, match="only works inside a task"):
         worker_segmenter()
+    with pytest.raises(ClusterError, match="only works inside a task"):
+        with using_worker_segmenter():
+            pass
 
 
 def test_devices_are_shared_out_by_worker():
@@ -307,11 +313,9 @@ def test_shutdown_and_failed_connections_are_quiet(tiny_dir, tiny_checkpoint):
             assert client.submit(lambda: repr(worker_segmenter())).result().startswith("Segmenter(")
         print("done")
     """)
-    start = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-c", code, TINY_MODEL, str(tiny_checkpoint), str(tiny_dir / f"{TINY_MODEL}.json")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
-    assert done.stderr == ""
-    assert time.monotonic() - start < 60
+    assert done.stderr == ""  # a half-made client's __del__ would time out there, with a traceback

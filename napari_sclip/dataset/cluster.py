@@ -262,11 +262,12 @@ class SegmenterPlugin(_base_plugin_class()):
         self.segmenter: Segmenter | None = None
         self.error: str | None = None
         self.load_seconds: float | None = None
+        self.lock = None  # made on the worker: tasks in several threads take turns with the model
 
     def __getstate__(self):
         # What travels to the workers: the recipe, never a worker's loaded segmenter.
         state = dict(self.__dict__)
-        state.update(segmenter=None, error=None, load_seconds=None)
+        state.update(segmenter=None, error=None, load_seconds=None, lock=None)
         return state
 
     def _build(self, worker_name: Any, directory: str) -> None:
@@ -302,6 +303,9 @@ class SegmenterPlugin(_base_plugin_class()):
 
     async def setup(self, worker) -> None:
         import asyncio
+        import threading
+
+        self.lock = threading.Lock()
 
         # In a thread, so that the worker keeps answering the scheduler while the model loads.
         try:
@@ -371,7 +375,22 @@ def _installed_fingerprint(dask_worker) -> str | None:
 def worker_segmenter() -> Segmenter:
     """The loaded segmenter of the worker that runs the calling task (see
     :func:`install_segmenter`).  It is the same object for every task on that worker; with more
-    than one thread per worker, tasks must not use it at the same time."""
+    than one thread per worker, tasks must not use it at the same time: see
+    :func:`using_worker_segmenter`."""
+    return _worker_plugin().segmenter
+
+
+@contextmanager
+def using_worker_segmenter() -> Iterator[Segmenter]:
+    """:func:`worker_segmenter`, held for the ``with`` block: the tasks of a worker that runs
+    several at once (``threads_per_worker > 1``) take turns with the model, and can read and
+    write their files at the same time outside the block."""
+    plugin = _worker_plugin()
+    with plugin.lock:
+        yield plugin.segmenter
+
+
+def _worker_plugin() -> SegmenterPlugin:
     distributed = _import_distributed()
     try:
         worker = distributed.get_worker()
@@ -385,7 +404,7 @@ def worker_segmenter() -> Segmenter:
     if plugin.segmenter is None:
         reason = plugin.error or "it is not loaded"
         raise ClusterError(f"the segmenter of Dask worker {worker.name} could not be loaded: {reason}")
-    return plugin.segmenter
+    return plugin
 
 
 # -- bounded map -----------------------------------------------------------------------------------
@@ -473,5 +492,6 @@ __all__ = [
     "install_segmenter",
     "map_bounded",
     "open_client",
+    "using_worker_segmenter",
     "worker_segmenter",
 ]
