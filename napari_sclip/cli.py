@@ -111,6 +111,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
     seg.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help='several devices of this machine, one model each: "cuda:0,cuda:1", or "all" for every GPU',
+    )
+    seg.add_argument(
+        "--workers", type=_positive, default=None, metavar="N",
+        help="run on a Dask cluster of N worker processes on this machine (needs napari-sclip[cluster])",
+    )
+    seg.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS",
+        help="run on an existing Dask cluster, e.g. tcp://HOST:8786 (see docs/cluster.md)",
+    )
+    seg.add_argument(
         "--splits",
         type=_split_ratios,
         default=None,
@@ -174,6 +188,34 @@ def _split_ratios(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected name=ratio pairs such as train=0.8,val=0.2, got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _gpu_count() -> int:
+    from napari_sclip.engine._torch import torch
+
+    return torch.cuda.device_count()
+
+
+def _devices(text: str) -> list[str]:
+    """``"cuda:0,cuda:1"`` -> the devices; ``"all"`` -> every GPU torch sees (else the CPU)."""
+    if text.strip() == "all":
+        return [f"cuda:{k}" for k in range(_gpu_count())] or ["cpu"]
+    devices = [name.strip() for name in text.split(",") if name.strip()]
+    if not devices:
+        raise SclipError(f"--devices expects names such as cuda:0,cuda:1, got {text!r}")
+    if len(set(devices)) != len(devices):
+        raise SclipError(f"--devices names a device twice: {text!r}")
+    return devices
+
+
 @contextlib.contextmanager
 def _progress_bar(quiet: bool, **options) -> Iterator:
     """A tqdm bar on a terminal only (logs and pipes get none), erased when the command fails so
@@ -191,37 +233,23 @@ def _progress_bar(quiet: bool, **options) -> Iterator:
 
 
 class _SliceProgress:
-    """The ``segment`` progress bar: one step per 2D slice, the current slice's stage in its
-    postfix.  A file counts as one slice until it is read; a stack then grows the total."""
+    """The ``segment`` progress bar: one step per 2D slice, with images per second and the time
+    left (a file counts as one slice until it is read; a stack then grows the total), and the
+    model's download in its postfix."""
 
-    _STAGES = {"load": "loading model", "text": "encoding classes", "windows": "windows", "resize": "labelling"}
-
-    def __init__(self, bar, files: int):
+    def __init__(self, bar):
         self.bar = bar
-        self.finished = 0  # slices of the files already reported
-        self.pending = files  # files not reported yet, the current one included
-        self.current = 1  # slices of the current file, as far as known
 
     def __call__(self, step) -> None:
         if step.stage == "slices":
-            self.current = step.total
-            self._show(self.finished + step.done)
+            self.bar.total = step.total
+            self.bar.n = step.done
+            self.bar.refresh()
         elif step.stage == "download":
             size = f" {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB" if step.total else ""
             self.bar.set_postfix_str("downloading weights" + size)
-        else:
-            self.bar.set_postfix_str(f"{self._STAGES.get(step.stage, step.stage)} {step.done}/{step.total}")
-
-    def file_done(self) -> None:
-        self.finished += self.current
-        self.pending -= 1
-        self.current = 1
-        self._show(self.finished)
-
-    def _show(self, done: int) -> None:
-        self.bar.total = self.finished + (self.current + self.pending - 1 if self.pending else 0)
-        self.bar.n = done
-        self.bar.refresh()
+        elif step.stage == "load":
+            self.bar.set_postfix_str("loading model")
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -233,11 +261,20 @@ def _segment(args: argparse.Namespace) -> int:
     vocabulary = _load_vocabulary(args)
     images = find_images(args.images)
     ratios = check_ratios(args.splits) if args.splits else None
+    client_wanted = args.workers is not None or bool(args.scheduler)
+    if args.workers is not None and args.scheduler:
+        raise SclipError("choose --workers (a cluster on this machine) or --scheduler (an existing one), not both")
+    if args.devices and (args.workers is not None or args.scheduler):
+        raise SclipError("--devices is for one machine; on a cluster each worker uses its own device (--device)")
+    devices = _devices(args.devices) if args.devices else [args.device]
+    if not args.devices and client_wanted is False and (args.device or config.default_device()) in ("auto", "cuda"):
+        devices = _devices("all") if _gpu_count() > 1 else devices  # every GPU seen, one model each
     # Each image is seen once: caching its features would only hold memory.
-    segmenter = Segmenter(
-        args.model, args.pretrained, args.device, quick_gelu=args.quick_gelu, batch_size=args.batch_size,
-        feature_cache=False,
-    )
+    segmenters = [
+        Segmenter(args.model, args.pretrained, device, quick_gelu=args.quick_gelu, batch_size=args.batch_size,
+                  feature_cache=False)
+        for device in devices
+    ]
     options = {
         "method": args.method,
         "pamr": args.pamr,
@@ -250,17 +287,21 @@ def _segment(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures: list[str] = []
-    with _progress_bar(args.quiet, total=len(images), unit="slice") as bar:
-        progress = _SliceProgress(bar, len(images))
+    with contextlib.ExitStack() as stack:
+        client = None
+        if client_wanted:
+            from napari_sclip.dataset.cluster import open_client
+
+            client = stack.enter_context(open_client(args.workers, args.scheduler))
+        bar = stack.enter_context(_progress_bar(args.quiet, total=len(images), unit="slice"))
         run = label_images(
-            images, vocabulary, out, segmenter, options=options, overwrite=args.overwrite,
-            ratios=ratios, progress=progress,
+            images, vocabulary, out, segmenters, options=options, overwrite=args.overwrite,
+            ratios=ratios, progress=_SliceProgress(bar), client=client,
         )
         for item in run:
             counts[item.status] += 1
             if item.status == "failed":
                 failures.append(item.reason)
-            progress.file_done()
 
     # Some images done: the others were skipped.  None done: the input itself is unusable.
     usable = len(failures) < len(images)

@@ -119,9 +119,15 @@ def display():
 
 
 def same_files_apart_from_timestamps(first: Path, second: Path) -> None:
-    """Two dataset folders hold the same files; JSON files may differ in created/updated only."""
-    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    """Two dataset folders hold the same files; JSON files may differ in created/updated only, and
+    the owner's journal (a cache of the meta files' time stamps) is not compared."""
+    from napari_sclip.dataset.writer import JOURNAL
+
+    def files_of(folder: Path) -> list[Path]:
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != JOURNAL)
+
+    files = files_of(first)
+    assert files == files_of(second)
     for relative in files:
         a, b = (first / relative).read_bytes(), (second / relative).read_bytes()
         if relative.suffix == ".json":

@@ -113,17 +113,17 @@ def test_resume_after_a_kill_mid_write(images, model_args, tmp_path, monkeypatch
     assert main([*args, "--out", str(out)]) == 130
     monkeypatch.undo()
     read_manifest(out)  # still a dataset
-    assert list(_dataset_masks(out)) == ["a"] and not list(out.rglob("*.tmp"))
+    assert len(_dataset_masks(out)) == 1 and not list(out.rglob("*.tmp"))  # the image written first
     assert len(list(out.glob("*/meta/*.json"))) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "napari-sclip: interrupted; the dataset is valid: run the same command to go on"
     ]
 
     calls = []
-    original = Segmenter.segment
-    monkeypatch.setattr(Segmenter, "segment", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = Segmenter.prepare  # once per slice segmented
+    monkeypatch.setattr(Segmenter, "prepare", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     assert main([*args, "--out", str(out)]) == 0
-    assert len(calls) == 2  # b and c; a was kept
+    assert len(calls) == 2  # the two missing; the first was kept
     whole, resumed = _dataset_masks(tmp_path / "whole"), _dataset_masks(out)
     assert list(whole) == list(resumed) == ["a", "b", "c"]
     for key in whole:
@@ -268,8 +268,8 @@ def test_stacks_become_one_sample_per_slice_and_resume_per_slice(tmp_path, model
 
     next(out.glob("*/meta/stack-002.json")).unlink()  # as if killed before the last slice
     calls = []
-    original = Segmenter.segment
-    monkeypatch.setattr(Segmenter, "segment", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = Segmenter.prepare  # once per slice segmented
+    monkeypatch.setattr(Segmenter, "prepare", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     assert main(args) == 0
     assert len(calls) == 1 and sorted(_dataset_masks(out)) == ["stack-000", "stack-001", "stack-002"]
     assert main(args) == 0 and len(calls) == 1  # complete: nothing to do

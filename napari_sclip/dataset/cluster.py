@@ -196,9 +196,12 @@ def choose_device(device: str | None, devices: Sequence[str] | None, worker_name
     return device
 
 
-def _read_model_configs(paths: Iterable[str | Path] | None) -> dict[str, str]:
+def _read_model_configs(paths: Iterable[str | Path] | Mapping[str, Mapping] | None) -> dict[str, str]:
     """``{model name: config JSON text}`` of open_clip model-config files (the name is the file's
-    stem, as open_clip has it), read here so that workers need not see the files."""
+    stem, as open_clip has it), read here so that workers need not see the files; or of a mapping
+    ``{model name: config}`` (what ``open_clip.get_model_config`` gives)."""
+    if isinstance(paths, Mapping):
+        return {str(name): json.dumps(config) for name, config in paths.items()}
     configs = {}
     for path in paths or ():
         path = Path(path)

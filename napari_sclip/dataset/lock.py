@@ -134,7 +134,7 @@ class DatasetLock:
         """Raise :class:`DatasetError` unless this process still holds the dataset."""
         if self.holds():
             return
-        found = _read(self.path)
+        found = read_lock(self.path)
         if found is None:
             raise DatasetError(
                 f"{self.root} vanished (deleted, moved or unmounted?) or its lock file {LOCK_NAME} was removed "
@@ -189,7 +189,7 @@ class DatasetLock:
                 raise
             if fd is not None:
                 return fd
-            found = _read(self.path)
+            found = read_lock(self.path)
             if found is None:
                 continue  # released meanwhile
             holder, stat = found
@@ -248,7 +248,7 @@ class DatasetLock:
         except FileNotFoundError:
             return  # someone else removed it first
         try:
-            moved = _read(grave)
+            moved = read_lock(grave)
             if moved is None or moved[0] != holder or _file_id(moved[1]) != _file_id(judged):
                 # Another process took over first: this is its lock; put it back.
                 try:
@@ -263,7 +263,7 @@ def _file_id(stat: os.stat_result) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _read(path: Path) -> tuple[Owner | None, os.stat_result] | None:
+def read_lock(path: Path) -> tuple[Owner | None, os.stat_result] | None:
     """The record and status of the lock file at ``path``; ``None`` if there is none.  Anything
     but a plain file there (a folder, a FIFO that would block a plain ``open``) is refused."""
     try:

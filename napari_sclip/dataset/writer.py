@@ -11,8 +11,17 @@ processes never corrupt one.
   file does.  The first sample of a split is made in a hidden folder together with the split's
   ``metadata.jsonl``, and that folder is renamed into place, so every split folder has its index
   from the moment it exists (Hugging Face's imagefolder never reads masks as images).  Later
-  samples join the index every :data:`INDEX_EVERY_SAMPLES` samples or :data:`INDEX_EVERY_SECONDS`,
-  and on close; loaders ignore files that their split's index does not list yet.
+  samples join the indexes when the writer closes; loaders ignore files that their split's index
+  does not list yet.
+* **An index that costs O(1) per sample.**  The owner keeps a small :class:`Entry` per sample in
+  memory (resume checks and ids come from it) and appends each new sample's entry to a journal,
+  ``.napari-sclip-journal.jsonl``.  Consolidation (every split's ``metadata.jsonl``, the manifest,
+  the class files and a compacted journal) happens on open and on close, never every few samples.
+  On open, a journal entry stands for its meta file while the file's size and time stamp still
+  match; other meta files are read.
+* **Files from other processes.**  :func:`write_sample_files` writes one sample's files for an
+  owner that planned its id and split (:meth:`DatasetWriter.plan`), in another thread or on
+  another machine (a Dask worker); the owner then records it (:meth:`DatasetWriter.record`).
 * **A new dataset** gets its manifest before anything else; if the writer fails before its first
   sample (disk full, read-only, interrupted), it removes what it made: a failed run leaves no
   skeleton behind.
@@ -29,10 +38,9 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -51,7 +59,7 @@ from napari_sclip._files import (
 )
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset import format as fmt
-from napari_sclip.dataset.lock import LOCK_NAME, DatasetLock, is_gone
+from napari_sclip.dataset.lock import LOCK_NAME, DatasetLock, is_gone, read_lock
 from napari_sclip.dataset.paths import (
     DatasetError,
     is_int,
@@ -75,11 +83,10 @@ _MODEL_KEYS = (
 )
 #: Each split's index: the rows Hugging Face's imagefolder (and the loaders in docs/dataset.md) read.
 INDEX = "metadata.jsonl"
+#: The owner's journal of samples (a cache of their meta files; hidden from loaders).
+JOURNAL = ".napari-sclip-journal.jsonl"
 #: The files at the dataset's root, besides the lock.
-_ROOT_FILES = (fmt.MANIFEST, "classes.txt", "id2label.json", "labelmap.txt")
-#: The index is refreshed after this many new samples, or this many seconds, whichever is first.
-INDEX_EVERY_SAMPLES = 25
-INDEX_EVERY_SECONDS = 60.0
+_ROOT_FILES = (fmt.MANIFEST, "classes.txt", "id2label.json", "labelmap.txt", JOURNAL)
 
 
 def sha256_of(path: Path) -> str:
@@ -113,14 +120,19 @@ def storable_image(image: np.ndarray) -> np.ndarray:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """A sample's ``meta/<id>.json``, checked: its id is the file's name, its image and mask are
-    that id's files (``images/<id>.<ext>``, ``masks/<id>.png``: a hand-edited meta file never
-    makes a writer replace or delete another sample's files), and the fields a writer uses have
-    their types."""
+    """A sample's ``meta/<id>.json``, checked (:func:`check_meta`)."""
     try:
         meta = read_json(path)
     except OSError as exc:
         raise DatasetError(describe_os_error(exc, path)) from None
+    return check_meta(meta, path)
+
+
+def check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """``meta`` if it is a valid ``meta/<id>.json`` for the file ``path``: its id is the file's
+    name, its image and mask are that id's files (``images/<id>.<ext>``, ``masks/<id>.png``: a
+    hand-edited meta file never makes a writer replace or delete another sample's files), and the
+    fields a writer uses have their types."""
     image_id = path.name[: -len(".json")]
     image_prefix = f"images/{image_id}."
     source = meta.get("source") if isinstance(meta, dict) else None
@@ -140,6 +152,7 @@ def read_meta(path: Path) -> dict[str, Any]:
             isinstance(index, list) and all(is_int(i, 0, 2**31) for i in index)
         )
         else "its edits must be an object" if not isinstance(meta.get("edits", {}), (dict, type(None)))
+        else "its review_status must be text" if not isinstance(meta.get("review_status", ""), str)
         else None
     )
     if problem:
@@ -172,6 +185,71 @@ def identity_of(meta: dict[str, Any]) -> Identity:
     """What makes two samples the same image: the source's SHA-256 and the slice of it."""
     index = meta.get("slice")
     return (meta.get("source") or {}).get("sha256"), tuple(index) if index is not None else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the owner keeps of one stored sample: enough for resume checks, ids, the indexes and
+    the manifest, and small whatever its meta file holds (a million samples fit in memory).
+
+    Attributes
+    ----------
+    split, image
+        Where it is: ``<split>/<image>`` (``images/<id>.<ext>``); its mask is ``masks/<id>.png``.
+    review_status
+        ``unreviewed``, ``edited`` or ``reviewed``.
+    edited
+        A person touched it (:func:`is_edited`): never labelled again.
+    identity
+        The source's SHA-256 and slice (:func:`identity_of`).
+    from_file
+        It came from an image file, which keeps its id under any name.
+    model
+        How it was labelled (the meta's model keys, as sorted pairs), or ``()``.
+    """
+
+    split: str
+    image: str
+    review_status: str
+    edited: bool
+    identity: Identity
+    from_file: bool
+    model: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, split: str, meta: dict[str, Any]) -> Entry:
+        model = tuple((key, _frozen(meta[key])) for key in _MODEL_KEYS if key in meta)
+        return cls(split, meta["image"], meta.get("review_status", "unreviewed"), is_edited(meta),
+                   identity_of(meta), bool((meta.get("source") or {}).get("path")), model)
+
+    def to_json(self, image_id: str, meta_stat: tuple[int, int]) -> dict[str, Any]:
+        """A journal row: this entry and the size and time stamp of the meta file it stands for."""
+        return {"id": image_id, "split": self.split, "image": self.image, "review_status": self.review_status,
+                "edited": self.edited, "sha256": self.identity[0],
+                "slice": list(self.identity[1]) if self.identity[1] is not None else None,
+                "from_file": self.from_file, "model": [[key, value] for key, value in self.model],
+                "stat": list(meta_stat)}
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> Entry:
+        """The entry of a journal row (``ValueError``/``TypeError``/``KeyError`` if malformed)."""
+        index = row["slice"]
+        if not (isinstance(row["split"], str) and isinstance(row["image"], str) and isinstance(row["review_status"], str)
+                and isinstance(row["sha256"], (str, type(None))) and isinstance(row["edited"], bool)
+                and (index is None or all(is_int(i, 0, 2**31) for i in index))):
+            raise ValueError("malformed journal row")
+        model = tuple((str(key), _frozen(value)) for key, value in row["model"])
+        return cls(row["split"], row["image"], row["review_status"], row["edited"],
+                   (row["sha256"], tuple(index) if index is not None else None), bool(row["from_file"]), model)
+
+
+def _frozen(value: Any) -> Any:
+    """A JSON value as a hashable one (lists become tuples)."""
+    return tuple(_frozen(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+def _thawed(value: Any) -> Any:
+    return [_thawed(item) for item in value] if isinstance(value, tuple) else value
 
 
 def _encode_png(array: np.ndarray, handle: BinaryIO) -> None:
@@ -219,6 +297,149 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+
+@dataclass(frozen=True)
+class Target:
+    """Where a planned sample goes: what an owner tells whoever writes its files
+    (:func:`write_sample_files`), in this process or on another machine.
+
+    Attributes
+    ----------
+    image_id, split
+        The sample's id and split (the owner's :meth:`DatasetWriter.plan`).
+    train_ids
+        napari label value -> training id, for the mask.
+    vocabulary_version
+        Recorded with the sample.
+    owner_token
+        The owner's lock token: files are placed only while that owner holds the dataset.
+    """
+
+    image_id: str
+    split: str
+    train_ids: fmt.TrainIds
+    vocabulary_version: int
+    owner_token: str
+
+
+def write_sample_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
+    """Write one sample's files into the dataset at ``root`` (all of them, or none; its meta file
+    last) where its owner planned them, and return its meta as a reader sees it.
+
+    Safe to call from several threads and processes at once for different ids, and again for the
+    same id (a retried task): the files are renamed into place, each replacing the last.  Files
+    are placed only while the owner named by ``target.owner_token`` still holds the dataset.
+    """
+    root = Path(root)
+    with reporting_os_errors(root):
+        return _write_files(root, target, sample)
+
+
+def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
+    labels = np.asarray(sample.labels)
+    if labels.ndim != 2:
+        raise DatasetError(f"labels of {sample.stem!r} must be 2D, got shape {labels.shape}")
+    if sample.source is None and sample.image is None:
+        raise DatasetError(f"sample {sample.stem!r} needs its image as an array, or a PNG or JPEG file")
+    for name, plane in (("confidence", sample.confidence), ("edited", sample.edited)):
+        if plane is not None and np.shape(plane) != labels.shape:
+            raise DatasetError(f"{name} of {sample.stem!r} has shape {np.shape(plane)}, its labels {labels.shape}")
+    image_id, split = target.image_id, target.split
+    carried = dict(sample.meta)
+    source = carried.pop("source", None) or _source(sample, labels)
+    copied = (
+        sample.source is not None
+        and sample.source.suffix.lower() in COPIED_SUFFIXES
+        # A turned photo is stored as the pixels its labels were made on: loaders that apply
+        # EXIF (Hugging Face, MMSegmentation, Detectron2) and those that do not (torchvision,
+        # Datumaro) must all see the mask's frame.
+        and (sample.image is None or exif_orientation(sample.source) == 1)
+    )
+    image_name = f"images/{image_id}{sample.source.suffix.lower() if copied else '.png'}"
+
+    folder = resolve_inside(root, split)
+    staging = None if folder.is_dir() else temporary_path(folder)  # a split's first sample
+    staged: list[tuple[Path, str]] = []  # (temporary, path relative to the split)
+
+    def place(relative: str) -> Path:
+        return staging / relative if staging else resolve_inside(root, f"{split}/{relative}")
+
+    def stage(relative: str, write) -> None:
+        staged.append((write_temporary(place(relative), write), relative))
+
+    try:
+        if staging:
+            staging.mkdir()
+        for sub in _FOLDERS:
+            place(sub).mkdir(exist_ok=True)
+        # One full-size plane at a time: each is encoded as soon as it is made.
+        if copied:
+            stage(image_name, partial(_copy, sample.source))
+        else:
+            stage(image_name, partial(_encode_png, storable_image(sample.image)))
+        stage(f"masks/{image_id}.png", partial(_encode_png, fmt.labels_to_mask(labels, target.train_ids)))
+        if sample.confidence is not None:
+            stage(f"confidence/{image_id}.png", partial(_encode_png, _confidence_levels(sample.confidence)))
+        provenance, painted, ignored = _provenance(labels, sample.edited)
+        stage(f"provenance/{image_id}.png", partial(_encode_png, provenance))
+        del provenance
+
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta = {
+            "id": image_id,
+            "split": split,
+            "image": image_name,
+            "mask": f"masks/{image_id}.png",
+            "source": source,
+            "created": carried.pop("created", now),
+            "updated": now,
+            "edits": {"painted_pixels": painted, "ignored_pixels": ignored},
+            "review_status": _review_status(carried.get("review_status"), bool(painted or ignored)),
+            "vocabulary_version": carried.get("vocabulary_version", target.vocabulary_version),
+        }
+        meta.update((key, value) for key, value in carried.items() if key not in meta)
+        text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
+        meta = json.loads(text)  # as a reader will see it (tuples as lists, ...)
+        stage(f"meta/{image_id}.json", partial(_write_bytes, text.encode("utf-8")))
+        check_owner(root, target.owner_token)
+        if staging:
+            for temporary, relative in staged:
+                os.replace(temporary, staging / relative)
+            atomic_write_bytes(staging / INDEX, _index_rows([(image_id, Entry.of(split, meta))]).encode("utf-8"))
+            try:
+                os.rename(staging, folder)
+                staged.clear()
+            except OSError:
+                if not folder.is_dir():
+                    raise
+                # Another writer made the split first: join it, file by file (the index says
+                # nothing of this sample until the owner consolidates it).
+                staged = [(staging / relative, relative) for _, relative in staged]
+            else:
+                staging = None
+        for temporary, relative in staged:  # the meta file last
+            os.replace(temporary, resolve_inside(root, f"{split}/{relative}"))
+        staged.clear()
+    except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def check_owner(root: Path, token: str) -> None:
+    """Raise :class:`DatasetError` unless the owner whose lock token is ``token`` still holds the
+    dataset at ``root``."""
+    found = read_lock(root / LOCK_NAME)
+    holder = found[0] if found else None
+    if holder is None or holder.token != token:
+        who = holder.describe() if holder else "nobody"
+        raise DatasetError(f"{root} is no longer held by the run that planned this sample (now: {who}); run it again")
+
+
 class DatasetWriter:
     """Holds a dataset folder and writes samples into it; use it as a context manager (or call
     :meth:`close`), which brings the index up to date and gives the folder up.
@@ -242,6 +463,10 @@ class DatasetWriter:
     vocabulary version (recorded in the manifest and with every sample written) is 1 for a new
     dataset, and goes up by one when the current vocabulary differs from the dataset's.
 
+    Samples are written with :meth:`write`, or in three steps when others write their files:
+    :meth:`plan` (id and split), :func:`write_sample_files` (anywhere), :meth:`record`.  Planning
+    and recording are for one thread at a time.
+
     Raises :class:`DatasetError` (one line) when the folder is held by another process, is not a
     dataset, holds symbolic links, or cannot be written (read-only, full, vanished).
     """
@@ -259,9 +484,11 @@ class DatasetWriter:
         self._lock: DatasetLock | None = None
         self._created = False  # this writer made the dataset (and removes it if it fails empty)
         self._made: list[Path] = []
-        self._samples: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (split, meta)
-        self._ids: dict[Identity, str] = {}
-        self._unindexed, self._indexed_at = 0, time.monotonic()
+        self._samples: dict[str, Entry] = {}
+        self._ids: dict[Identity, str] = {}  # image files' ids, and planned ones
+        self._planned: dict[str, Identity] = {}  # ids planned and not recorded yet
+        self._journal: int | None = None  # descriptor, appending
+        self._unindexed = 0
         with reporting_os_errors(self.root):
             self._refuse_foreign_folder()
             self._made = make_folders(self.root)
@@ -296,16 +523,16 @@ class DatasetWriter:
         self.train_ids = fmt.extend_train_ids(train_ids, self.registry)
         self.ratios = check_ratios(ratios or DEFAULT_RATIOS)
         self._remove_stale_temporaries()
-        self._scan()
+        journal_current = self._scan()
         changed = (
             self._created
             or self.train_ids != train_ids
             or self.registry.to_json() != before[0]
             or self.vocabulary_version != self.previous.get("vocabulary_version", 1)
         )
-        # New classes reach the manifest before any mask uses them; an index that an interrupted
-        # run left behind catches up with its samples.
-        if changed or not all(self._index_is_current(split) for split in self._splits()):
+        # New classes reach the manifest before any mask uses them; indexes and a journal that an
+        # interrupted run left behind catch up with its samples.
+        if changed or not journal_current or not all(self._index_is_current(split) for split in self._splits()):
             self.rebuild_index()
 
     def _check_layout(self) -> None:
@@ -343,160 +570,180 @@ class DatasetWriter:
                 except FileNotFoundError:
                     pass
 
-    def _scan(self) -> None:
-        """Read every sample's meta file (the owner's view of the dataset from now on)."""
+    def _scan(self) -> bool:
+        """Know every sample (the owner's view of the dataset from now on): from the journal where
+        its row still matches the meta file's size and time stamp, else from the meta file.
+        Returns whether the journal was exactly the samples (else it is rewritten)."""
+        journal = self._read_journal()
+        exact = True
         for split in SPLIT_NAMES:
-            for image_id in meta_ids(self.root, split):
-                path = resolve_inside(self.root, f"{split}/meta/{image_id}.json")
-                meta = read_meta(path)
-                for relative in (meta["image"], meta["mask"]):
-                    if not resolve_inside(self.root, f"{split}/{relative}").is_file():
+            if not resolve_inside(self.root, split).is_dir():
+                continue
+            present = {sub: _plain_files(resolve_inside(self.root, f"{split}/{sub}")) for sub in ("images", "masks")}
+            meta_folder = resolve_inside(self.root, f"{split}/meta")
+            entries = sorted(os.scandir(meta_folder), key=lambda e: e.name) if meta_folder.is_dir() else []
+            for found in entries:
+                if not found.name.endswith(".json") or found.name.startswith("."):
+                    continue
+                image_id, path = found.name[: -len(".json")], Path(found.path)
+                if found.is_symlink() or not found.is_file(follow_symlinks=False):
+                    resolve_inside(self.root, f"{split}/meta/{found.name}")  # names the problem
+                    raise DatasetError(f"{path} is not a plain file; remove it")
+                status = found.stat(follow_symlinks=False)
+                row = journal.pop((split, image_id), None)
+                if row is not None and row[1] == (status.st_mtime_ns, status.st_size):
+                    entry = row[0]
+                else:
+                    exact = False
+                    entry = Entry.of(split, read_meta(path))
+                for relative in (entry.image, f"masks/{image_id}.png"):
+                    sub, name = relative.split("/", 1)
+                    plain = present[sub].get(name)
+                    if not plain:
+                        resolve_inside(self.root, f"{split}/{relative}")  # a link or a FIFO: says so
                         raise DatasetError(f"{path} names {relative}, which is missing")
-                self._remember(image_id, split, meta)
+                self._remember(image_id, entry)
+        return exact and not journal
 
-    def _remember(self, image_id: str, split: str, meta: dict[str, Any]) -> None:
-        self._samples[image_id] = (split, meta)
-        identity = identity_of(meta)
-        if identity[0] is not None and meta["source"].get("path"):  # a file keeps its id under any name
-            self._ids[identity] = image_id
+    def _read_journal(self) -> dict[tuple[str, str], tuple[Entry, tuple[int, int]]]:
+        """``(split, id) -> (entry, (meta file's mtime_ns, size))`` from the journal; the last row
+        of an id wins.  Damaged rows (a killed append, a hand edit) are ignored: the meta files
+        are the truth, the journal only saves reading them."""
+        rows: dict[tuple[str, str], tuple[Entry, tuple[int, int]]] = {}
+        path = resolve_inside(self.root, JOURNAL)
+        try:
+            with open(path, "rb") as handle:
+                for line in handle:
+                    try:
+                        row = json.loads(line)
+                        image_id, split = row["id"], row["split"]
+                        entry = Entry.from_json(row)
+                        mtime, size = row["stat"]
+                        if not (isinstance(image_id, str) and split in SPLIT_NAMES and is_int(mtime, 0, 2**63)
+                                and is_int(size, 0, 2**63)
+                                and entry.image.startswith(f"images/{image_id}.") and entry.split == split):
+                            continue
+                    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                        continue
+                    rows[split, image_id] = (entry, (mtime, size))
+        except FileNotFoundError:
+            pass
+        return rows
+
+    def _remember(self, image_id: str, entry: Entry) -> None:
+        self._samples[image_id] = entry
+        if entry.identity[0] is not None and entry.from_file:  # a file keeps its id under any name
+            self._ids[entry.identity] = image_id
 
     def _splits(self) -> list[str]:
-        return sorted({split for split, _ in self._samples.values()}, key=SPLIT_NAMES.index)
+        return sorted({entry.split for entry in self._samples.values()}, key=SPLIT_NAMES.index)
 
     # -- ids ---------------------------------------------------------------------------------------
 
-    def existing_meta(self, image_id: str) -> tuple[str, dict] | None:
-        """``(split, meta)`` of a sample already in the dataset, if any."""
+    def stored(self, image_id: str) -> Entry | None:
+        """The entry of a sample already in the dataset, if any."""
         return self._samples.get(image_id)
 
-    def samples_by_source(self) -> dict[str, dict[tuple[int, ...] | None, dict]]:
-        """``sha256 -> {slice index or None: meta}`` of every stored sample (a 2D image has one
-        entry, ``None``; a stack one per 2D slice)."""
-        found: dict[str, dict[tuple[int, ...] | None, dict]] = {}
-        for _, meta in self._samples.values():
-            sha, index = identity_of(meta)
-            if sha:
-                found.setdefault(sha, {})[index] = meta
-        return found
+    def stored_identity(self, identity: Identity) -> tuple[str, Entry] | None:
+        """``(id, entry)`` of the stored sample of an image file's slice (or 2D image), if any."""
+        image_id = self._ids.get(identity)
+        entry = self._samples.get(image_id) if image_id is not None else None
+        return (image_id, entry) if entry is not None else None
 
     def image_id(self, stem: str, identity: Identity) -> str:
-        """The id of the image ``identity``: the one an image file already has in the dataset,
-        else ``stem`` (made safe), unless another image has that; then the stem plus the start of
-        the image's SHA-256 (longer starts if needed).  Images from no file are known by name and
-        pixels: the same name with other pixels is another sample, never written over."""
+        """The id of the image ``identity``: the one an image file already has in the dataset (or
+        was planned in this run), else ``stem`` (made safe), unless another image has that; then
+        the stem plus the start of the image's SHA-256 (longer starts if needed).  Images from no
+        file are known by name and pixels: the same name with other pixels is another sample,
+        never written over."""
         if identity in self._ids:
             return self._ids[identity]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".") or "image"
         sha = identity[0]
         for candidate in (safe, *(f"{safe}-{sha[:n]}" for n in (8, 16, 64) if sha)):
             found = self._samples.get(candidate)
-            if found is None or identity_of(found[1]) == identity:
+            planned = self._planned.get(candidate)
+            if (found is None or found.identity == identity) and planned in (None, identity):
                 return candidate
         raise DatasetError(f"no free id for {stem!r} in {self.root}: rename the image")
 
     # -- writing -----------------------------------------------------------------------------------
 
+    @property
+    def owner_token(self) -> str:
+        return self._lock.owner.token
+
+    def plan(self, stem: str, identity: Identity, *, from_file: bool = True) -> Target:
+        """Choose the id and split of a sample about to be written, and keep the id for it until
+        :meth:`record` (two images of one stem planned at once get distinct ids)."""
+        image_id = self.image_id(stem, identity)
+        previous = self._samples.get(image_id)
+        split = previous.split if previous else assign_split(image_id, self.ratios)
+        self._planned[image_id] = identity
+        if identity[0] is not None and from_file:
+            self._ids[identity] = image_id
+        return Target(image_id, split, dict(self.train_ids), self.vocabulary_version, self.owner_token)
+
     def write(self, sample: Sample) -> str:
         """Write one sample (all its files, or none); returns its id."""
         with reporting_os_errors(self.root):
             self._lock.check()
-            return self._write(sample)
+            if not sample.meta.get("source"):  # the SHA-256 is needed for the id: read the file once
+                sample = replace(sample, meta={**sample.meta, "source": _source(sample, np.asarray(sample.labels))})
+            identity = identity_of({"source": sample.meta["source"], "slice": sample.meta.get("slice")})
+            target = self.plan(sample.stem, identity, from_file=sample.source is not None)
+            try:
+                meta = _write_files(self.root, target, sample)
+            except BaseException:
+                self.forget(target)
+                raise
+            self.record(target, meta)
+            return target.image_id
 
-    def _write(self, sample: Sample) -> str:
-        labels = np.asarray(sample.labels)
-        if labels.ndim != 2:
-            raise DatasetError(f"labels of {sample.stem!r} must be 2D, got shape {labels.shape}")
-        if sample.source is None and sample.image is None:
-            raise DatasetError(f"sample {sample.stem!r} needs its image as an array, or a PNG or JPEG file")
-        for name, plane in (("confidence", sample.confidence), ("edited", sample.edited)):
-            if plane is not None and np.shape(plane) != labels.shape:
-                raise DatasetError(f"{name} of {sample.stem!r} has shape {np.shape(plane)}, its labels {labels.shape}")
-        carried = dict(sample.meta)
-        source = carried.pop("source", None) or _source(sample, labels)
-        image_id = self.image_id(sample.stem, identity_of({"source": source, "slice": carried.get("slice")}))
-        previous = self._samples.get(image_id)
-        split = previous[0] if previous else assign_split(image_id, self.ratios)
-        copied = (
-            sample.source is not None
-            and sample.source.suffix.lower() in COPIED_SUFFIXES
-            # A turned photo is stored as the pixels its labels were made on: loaders that apply
-            # EXIF (Hugging Face, MMSegmentation, Detectron2) and those that do not (torchvision,
-            # Datumaro) must all see the mask's frame.
-            and (sample.image is None or exif_orientation(sample.source) == 1)
-        )
-        image_name = f"images/{image_id}{sample.source.suffix.lower() if copied else '.png'}"
+    def forget(self, target: Target) -> None:
+        """Give up a planned id whose sample was not written."""
+        identity = self._planned.pop(target.image_id, None)
+        if identity is not None and self._ids.get(identity) == target.image_id and target.image_id not in self._samples:
+            del self._ids[identity]
 
-        folder = resolve_inside(self.root, split)
-        staging = None if folder.is_dir() else temporary_path(folder)  # a split's first sample
-        staged: list[tuple[Path, Path]] = []  # (temporary, final)
+    def record(self, target: Target, meta: dict[str, Any]) -> None:
+        """Take a sample whose files :func:`write_sample_files` wrote into the dataset's knowledge:
+        its journal row now, the indexes when the writer closes."""
+        with reporting_os_errors(self.root):
+            self._lock.check()
+            image_id, split = target.image_id, target.split
+            check_meta(meta, Path(f"{image_id}.json"))
+            entry = Entry.of(split, meta)
+            self._planned.pop(image_id, None)
+            previous = self._samples.get(image_id)
+            self._remember(image_id, entry)
+            status = os.stat(resolve_inside(self.root, f"{split}/meta/{image_id}.json"))
+            self._append_journal(entry.to_json(image_id, (status.st_mtime_ns, status.st_size)))
+            if previous and previous.image != entry.image:  # e.g. .jpg before, .png now
+                self._write_index(split)  # the index names the new image before the old one goes
+                resolve_inside(self.root, f"{split}/{previous.image}").unlink(missing_ok=True)
+            self._unindexed += 1
 
-        def place(relative: str) -> Path:
-            return staging / relative if staging else resolve_inside(self.root, f"{split}/{relative}")
+    def _append_journal(self, row: dict[str, Any]) -> None:
+        """One line, one ``write`` on a descriptor opened for appending: O(1) whatever the size of
+        the dataset.  A kill mid-line leaves a damaged last row, which the next open ignores."""
+        if self._journal is None:
+            path = resolve_inside(self.root, JOURNAL)
+            self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        written = os.write(self._journal, line)
+        if written != len(line):  # a full disk mid-line: the row must not count
+            raise OSError(28, "No space left on device", str(self.root / JOURNAL))
 
-        def stage(relative: str, write) -> None:
-            staged.append((write_temporary(place(relative), write), place(relative)))
-
-        try:
-            if staging:
-                staging.mkdir()
-            for sub in _FOLDERS:
-                place(sub).mkdir(exist_ok=True)
-            # One full-size plane at a time: each is encoded as soon as it is made.
-            if copied:
-                stage(image_name, partial(_copy, sample.source))
-            else:
-                stage(image_name, partial(_encode_png, storable_image(sample.image)))
-            stage(f"masks/{image_id}.png", partial(_encode_png, fmt.labels_to_mask(labels, self.train_ids)))
-            if sample.confidence is not None:
-                stage(f"confidence/{image_id}.png", partial(_encode_png, _confidence_levels(sample.confidence)))
-            provenance, painted, ignored = _provenance(labels, sample.edited)
-            stage(f"provenance/{image_id}.png", partial(_encode_png, provenance))
-            del provenance
-
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            meta = {
-                "id": image_id,
-                "split": split,
-                "image": image_name,
-                "mask": f"masks/{image_id}.png",
-                "source": source,
-                "created": carried.pop("created", now),
-                "updated": now,
-                "edits": {"painted_pixels": painted, "ignored_pixels": ignored},
-                "review_status": _review_status(carried.get("review_status"), bool(painted or ignored)),
-                "vocabulary_version": carried.get("vocabulary_version", self.vocabulary_version),
-            }
-            meta.update((key, value) for key, value in carried.items() if key not in meta)
-            text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
-            meta = json.loads(text)  # as a reader will see it (tuples as lists, ...)
-            stage(f"meta/{image_id}.json", partial(_write_bytes, text.encode("utf-8")))
-            for temporary, final in staged:  # the meta file last
-                os.replace(temporary, final)
-            staged.clear()
-            if staging:
-                atomic_write_bytes(staging / INDEX, _index_rows([meta]).encode("utf-8"))
-                os.rename(staging, folder)
-                staging = None
-        except BaseException:
-            for temporary, _ in staged:
-                temporary.unlink(missing_ok=True)
-            if staging:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-        self._remember(image_id, split, meta)
-        if previous and previous[1]["image"] != image_name:  # e.g. .jpg before, .png now
-            self._write_index(split)  # the index names the new image before the old one goes
-            resolve_inside(self.root, f"{split}/{previous[1]['image']}").unlink(missing_ok=True)
-        self._unindexed += 1
-        if self._unindexed >= INDEX_EVERY_SAMPLES or time.monotonic() - self._indexed_at > INDEX_EVERY_SECONDS:
-            self.rebuild_index()
-        return image_id
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
 
     # -- the owner's files -------------------------------------------------------------------------
 
     def _index_text(self, split: str) -> str:
-        return _index_rows([meta for sample_split, meta in self._samples.values() if sample_split == split])
+        return _index_rows([(image_id, entry) for image_id, entry in self._samples.items() if entry.split == split])
 
     def _index_is_current(self, split: str) -> bool:
         try:
@@ -508,19 +755,19 @@ class DatasetWriter:
         atomic_write_bytes(resolve_inside(self.root, f"{split}/{INDEX}"), self._index_text(split).encode("utf-8"))
 
     def rebuild_index(self) -> dict[str, int]:
-        """Rewrite every split's ``metadata.jsonl``, ``dataset.json`` and the class files from the
-        samples; returns the number of samples per split."""
+        """Consolidate: rewrite every split's ``metadata.jsonl``, ``dataset.json``, the class files
+        and the journal from the samples; returns the number of samples per split."""
         with reporting_os_errors(self.root):
             self._lock.check()
             counts = {}
             for split in self._splits():
                 self._write_index(split)
-                counts[split] = sum(sample_split == split for sample_split, _ in self._samples.values())
+                counts[split] = sum(entry.split == split for entry in self._samples.values())
             models = []
-            for _, meta in sorted(self._samples.values(), key=lambda item: item[1]["id"]):
-                model = {key: meta[key] for key in _MODEL_KEYS if key in meta}
-                if model and model not in models:
-                    models.append(model)
+            for _, entry in sorted(self._samples.items()):
+                if entry.model and entry.model not in models:
+                    models.append(entry.model)
+            models = [{key: _thawed(value) for key, value in model} for model in models]
             # Another program may have taken the dataset over while this one was paused after the
             # check above: what is on disk now joins what this one writes, so no class is lost.
             self.train_ids = fmt.merge_stored_classes(self.root, self.registry, self.train_ids)
@@ -530,9 +777,23 @@ class DatasetWriter:
             manifest["splits"]["counts"] = counts
             fmt.write_manifest(self.root, manifest)  # the manifest first: a new dataset is one from now on
             fmt.write_class_files(self.root, self.registry, self.train_ids)
+            self._compact_journal()
             self.previous = manifest
-            self._unindexed, self._indexed_at = 0, time.monotonic()
+            self._unindexed = 0
         return counts
+
+    def _compact_journal(self) -> None:
+        """Rewrite the journal as one row per sample (what the next open reads instead of every
+        meta file)."""
+        self._close_journal()
+        rows = []
+        for image_id, entry in sorted(self._samples.items()):
+            try:
+                status = os.stat(self.root / entry.split / "meta" / f"{image_id}.json")
+            except FileNotFoundError:
+                continue
+            rows.append(json.dumps(entry.to_json(image_id, (status.st_mtime_ns, status.st_size)), ensure_ascii=False))
+        atomic_write_bytes(resolve_inside(self.root, JOURNAL), "".join(row + "\n" for row in rows).encode("utf-8"))
 
     # -- closing -----------------------------------------------------------------------------------
 
@@ -544,6 +805,7 @@ class DatasetWriter:
             if self._unindexed:
                 self.rebuild_index()
         finally:
+            self._close_journal()
             self._release()
 
     def __enter__(self) -> DatasetWriter:
@@ -564,6 +826,7 @@ class DatasetWriter:
 
     def _abandon(self) -> None:
         """Undo a dataset this writer created and wrote no sample into, and give it up."""
+        self._close_journal()
         try:
             if self._created and self._lock is not None and self._lock.holds():
                 for name in _ROOT_FILES:
@@ -574,6 +837,15 @@ class DatasetWriter:
             if self._lock is not None:
                 self._release()
             remove_folders(self._made)
+
+
+def _plain_files(folder: Path) -> dict[str, bool]:
+    """Each name in ``folder`` (none if it is missing): whether it is a plain file (no link), from
+    the folder's listing alone, without a ``stat`` per file where the file system says."""
+    if not folder.is_dir():
+        return {}
+    with os.scandir(folder) as entries:
+        return {entry.name: entry.is_file(follow_symlinks=False) for entry in entries}
 
 
 def _holds_only_leftovers(folder: Path) -> bool:
@@ -622,12 +894,12 @@ def _copy(source: Path, handle: BinaryIO) -> None:
         shutil.copyfileobj(original, handle)
 
 
-def _index_rows(metas: list[dict[str, Any]]) -> str:
+def _index_rows(entries: list[tuple[str, Entry]]) -> str:
     """``metadata.jsonl``: one row per sample, in id order."""
     rows = [
-        {"file_name": meta["image"], "label_file_name": meta["mask"], "id": meta["id"],
-         "review_status": meta.get("review_status", "unreviewed")}
-        for meta in sorted(metas, key=lambda meta: meta["id"])
+        {"file_name": entry.image, "label_file_name": f"masks/{image_id}.png", "id": image_id,
+         "review_status": entry.review_status}
+        for image_id, entry in sorted(entries, key=lambda item: item[0])
     ]
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 

@@ -279,6 +279,12 @@ class Segmenter:
         self._text: TextEncoder | None = None
         self._lock = threading.Lock()
 
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments that make an equal segmenter (in another process, say)."""
+        return {"model": self.model_name, "pretrained": self.pretrained, "device": self.device_name,
+                "quick_gelu": self.quick_gelu, "batch_size": self._batch_size, "method": self.method,
+                "feature_cache": self.feature_cache}
+
     def __repr__(self) -> str:
         return (f"Segmenter(model={self.model_name!r}, pretrained={self.pretrained!r}, "
                 f"device={self.device_name!r}, method={self.method!r})")

@@ -121,6 +121,40 @@ def read_with_layout(path: str | Path) -> tuple[np.ndarray, Layout]:
         raise ImageError(f"{path}: cannot read image: {reason}") from None
 
 
+def slice_indices(path: str | Path) -> list[tuple[int, ...] | None]:
+    """The index of every 2D slice of an image file (``[None]`` for a single 2D image), from its
+    header alone: a TIFF's first series (tifffile), one image for any other format (Pillow reads
+    one frame).  Damage is found when the file is read (:func:`read_with_layout`).
+
+    Raises
+    ------
+    ImageError
+        One line starting with the path, for a TIFF whose header cannot be read or that holds no
+        image or an unusable shape.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in _TIFF_SUFFIXES:
+        return [None]
+    import tifffile
+
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file")
+    try:
+        with _tifffile_errors() as errors, tifffile.TiffFile(path) as tif:
+            series = tif.series[0] if tif.series else None
+            layout = _layout(path, series.shape, series.axes) if series is not None and not errors else None
+    except ImageError:
+        raise
+    except Exception as exc:
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ImageError(f"{path}: cannot read image: {reason}") from None
+    if errors:
+        raise ImageError(f"{path}: damaged TIFF: {errors[0]}")
+    if layout is None:
+        raise ImageError(f"{path}: the TIFF holds no image")
+    return list(layout.indices())
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, Layout]:
     import tifffile
 
