@@ -11,7 +11,7 @@ from PIL import Image
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset.export import export_images
 from napari_sclip.dataset.paths import DatasetError
-from napari_sclip.dataset.writer import DatasetWriter, Sample
+from napari_sclip.dataset.writer import JOURNAL, DatasetWriter, Sample
 from napari_sclip.plugin.io import get_reader, labelled_images
 from napari_sclip.plugin.state import LabelsState
 
@@ -96,7 +96,7 @@ def test_export_import_export_gives_identical_files(dataset, tmp_path):
     _export_layers(root, get_reader(str(root))(str(root)))  # in place
     same_files_apart_from_timestamps(root, tmp_path / "again")
     for path, data in before.items():
-        if path.suffix != ".json":
+        if path.suffix != ".json" and path.name != JOURNAL:  # the journal holds the meta files' times
             assert path.read_bytes() == data, path
     meta = json.loads(next(root.glob("*/meta/astronaut.json")).read_text())
     assert meta["review_status"] == "edited" and meta["source"]["path"].endswith("astronaut.png")

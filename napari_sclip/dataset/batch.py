@@ -177,7 +177,8 @@ def label_images(
     with DatasetWriter(root, ratios=dict(ratios) if ratios else None, vocabulary=vocabulary.classes) as writer:
         # Segmenter label value -> uid, in the smallest dtype (the labels of huge images are big).
         active = [0, *writer.registry.active]
-        run = RunOptions(dict(options or {}), np.array(active, dtype=np.min_scalar_type(max(active))), readers, writers)
+        uids = np.array(active, dtype=np.min_scalar_type(max(active)))
+        run = RunOptions(dict(options or {}), uids, readers, writers, IMAGE_BUDGET_BYTES)
         ledger = _Ledger(writer, overwrite, len(paths), report)
         report(Progress("slices", 0, len(paths)))
         if client is None:
@@ -189,9 +190,7 @@ def label_images(
                                        chunk_size)
         try:
             for outcome in outcomes:
-                item = ledger.settle(outcome)
-                if item is not None:
-                    yield item
+                yield from ledger.settle(outcome)
         finally:
             outcomes.close()
             ledger.abandon()
@@ -199,18 +198,24 @@ def label_images(
 
 class _Ledger:
     """The owner's side of a run: plans files (from any thread), records written slices (from the
-    caller's), and tells when a file is done."""
+    caller's), and tells when a file is done.
+
+    A file with the same bytes as one still being labelled waits for it: it is skipped once that
+    one is written, and fails with the same reason if that one fails (as it would, read again).
+    """
 
     def __init__(self, writer: DatasetWriter, overwrite: bool, files: int, report: ProgressCallback):
         self.writer, self.overwrite, self.report = writer, overwrite, report
         self._lock = threading.RLock()  # settling a file happens inside planning
-        self._in_run: dict[tuple, str] = {}  # identities planned in this run -> id
         self._open: dict[Path, _FileState] = {}
+        self._running: dict[str, Path] = {}  # SHA-256 of a file being labelled -> its path
+        self._waiting: dict[str, list[Path]] = {}  # SHA-256 -> files with the same bytes
         self._done = 0  # slices done
         self._unread = files  # files not planned yet
 
-    def plan(self, path: Path) -> FileJob | BatchItem:
-        """Hash ``path`` and plan its slices; a file with nothing to do is settled at once."""
+    def plan(self, path: Path) -> FileJob | BatchItem | None:
+        """Hash ``path`` and plan its slices; a file with nothing to do is settled at once, and one
+        whose bytes are being labelled already waits for that file (``None``)."""
         from napari_sclip.engine.errors import ImageError
         from napari_sclip.io.images import slice_indices
 
@@ -221,7 +226,10 @@ class _Ledger:
         except OSError as exc:
             return self._settled(BatchItem(path, "failed", reason=describe_os_error(exc, path)), 1)
         with self._lock:
-            whole = self._known((sha, None))
+            if sha in self._running:
+                self._waiting.setdefault(sha, []).append(path)
+                return None
+            whole = self._kept((sha, None))
             if whole is not None:  # a 2D image already there: no need to read it
                 return self._settled(BatchItem(path, "kept" if self.overwrite else "skipped", (whole,)), 1)
         try:
@@ -230,30 +238,29 @@ class _Ledger:
             return self._settled(BatchItem(path, "failed", reason=str(exc)), 1)
         slices, kept = [], []
         with self._lock:
+            if sha in self._running:  # planned meanwhile by another reader
+                self._waiting.setdefault(sha, []).append(path)
+                return None
             for index in indices:
-                known = self._known((sha, index))
+                known = self._kept((sha, index))
                 if known is not None:
                     kept.append(known)
                     continue
                 stem = path.stem if index is None else plane_stem(path.stem, index)
-                target = self.writer.plan(stem, (sha, index))
-                self._in_run[sha, index] = target.image_id
-                slices.append(SliceJob(index, target))
+                slices.append(SliceJob(index, self.writer.plan(stem, (sha, index))))
             job = FileJob(path, sha, (status.st_size, status.st_mtime_ns), tuple(slices), len(indices),
                           tuple(kept), self.overwrite)
             if not slices:
                 return self._settled(BatchItem(path, "kept" if self.overwrite else "skipped", tuple(kept)), len(indices))
             self._open[path] = _FileState(job, done=len(kept))
+            self._running[sha] = path
             self._unread -= 1
             self._done += len(kept)
             self._show()
         return job
 
-    def _known(self, identity) -> str | None:
-        """The id of a slice that stays as it is: in the dataset (and not to be labelled again),
-        or planned earlier in this run (the same image given twice)."""
-        if identity in self._in_run:
-            return self._in_run[identity]
+    def _kept(self, identity) -> str | None:
+        """The id of a stored slice that stays as it is (always without ``overwrite``)."""
         found = self.writer.stored_identity(identity)
         if found is not None and (not self.overwrite or found[1].edited):
             return found[0]
@@ -272,10 +279,11 @@ class _Ledger:
         pending = sum(state.job.count - state.done for state in self._open.values())
         self.report(Progress("slices", self._done, self._done + pending + self._unread))
 
-    def settle(self, outcome: SliceOutcome | BatchItem) -> BatchItem | None:
-        """Record a slice's outcome; the file's :class:`BatchItem` once its last slice is done."""
+    def settle(self, outcome: SliceOutcome | BatchItem) -> list[BatchItem]:
+        """Record a slice's outcome; the items of the files it completes (the file's own, and
+        those of files with the same bytes that waited for it)."""
         if isinstance(outcome, BatchItem):
-            return outcome
+            return [outcome]
         with self._lock:
             state = self._open[outcome.path]
             if outcome.meta is not None:
@@ -286,15 +294,24 @@ class _Ledger:
                 state.reason = state.reason or outcome.reason
             state.done += 1
             self._done += 1
-            self._show()
             if state.done < state.job.count:
-                return None
+                self._show()
+                return []
             del self._open[outcome.path]
-        job = state.job
-        ids = tuple(state.written) + job.kept
-        if state.reason:
-            return BatchItem(job.path, "failed", ids, reason=state.reason)
-        return BatchItem(job.path, "written" if state.written else "kept" if job.overwrite else "skipped", ids)
+            job = state.job
+            del self._running[job.sha256]
+            ids = tuple(state.written) + job.kept
+            if state.reason:
+                items = [BatchItem(job.path, "failed", ids, reason=state.reason)]
+            else:
+                items = [BatchItem(job.path, "written" if state.written else "kept" if job.overwrite else "skipped", ids)]
+            for twin in self._waiting.pop(job.sha256, []):
+                self._unread -= 1
+                self._done += job.count
+                reason = state.reason.replace(str(job.path), str(twin), 1)
+                items.append(BatchItem(twin, "failed", reason=reason) if reason else BatchItem(twin, "skipped", ids))
+            self._show()
+        return items
 
     def abandon(self) -> None:
         """Give up the ids of slices that were planned and never written (an interrupted run)."""
@@ -348,6 +365,7 @@ def _run_on_cluster(
     elsewhere by the scheduler (its samples' files are simply written again)."""
     from napari_sclip.dataset.cluster import ClusterError, install_segmenter, map_bounded
     from napari_sclip.engine._torch import open_clip
+    from napari_sclip.engine.errors import SclipError
 
     config = open_clip.get_model_config(segmenter.model_name)
     # Workers see each image once: no feature cache.  The model's config travels with the plugin,
@@ -355,6 +373,7 @@ def _run_on_cluster(
     install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
                       model_configs={segmenter.model_name: config} if config else None)
     settled: list[BatchItem] = []
+    in_flight: dict[int, _Chunk] = {}  # by position, until its task is done
 
     def chunks() -> Iterator[_Chunk]:
         batch: list[FileJob] = []
@@ -363,27 +382,43 @@ def _run_on_cluster(
                 if isinstance(planned, BatchItem):
                     settled.append(planned)
                     continue
+                if planned is None:  # waits for a file with the same bytes
+                    continue
                 batch.append(planned)
                 if len(batch) == chunk_size:
-                    yield _Chunk(tuple(batch), vocabulary, Path(root), run)
+                    yield _keep(_Chunk(tuple(batch), vocabulary, Path(root), run))
                     batch = []
         if batch:
-            yield _Chunk(tuple(batch), vocabulary, Path(root), run)
+            yield _keep(_Chunk(tuple(batch), vocabulary, Path(root), run))
 
+    def _keep(chunk: _Chunk) -> _Chunk:
+        in_flight[len(in_flight) + len(done)] = chunk
+        return chunk
+
+    done: set[int] = set()
     threads = sum(client.nthreads().values()) or 1
-    results = map_bounded(client, _label_chunk, chunks(), max_in_flight=2 * threads, key_prefix="napari-sclip-label")
+    results = map_bounded(client, _label_chunk, chunks(), max_in_flight=2 * threads,
+                          key_prefix="napari-sclip-label", return_exceptions=True)
     try:
         while True:
             yield from settled
             settled.clear()
             try:
-                _, outcomes = next(results)
+                index, outcomes = next(results)
             except StopIteration:
                 break
-            except Exception as exc:
-                if type(exc).__name__ == "KilledWorker":
-                    raise ClusterError(f"Dask workers kept dying while labelling ({exc}); see their logs") from None
-                raise
+            done.add(index)
+            chunk = in_flight.pop(index)
+            if type(outcomes).__name__ == "KilledWorker":
+                # Its files took down every worker that tried them: they fail, the run goes on,
+                # and the next run tries them again.
+                reason = "a Dask worker died each time it labelled this file or another of its task; run again"
+                outcomes = [SliceOutcome(job.path, sliced, reason=f"{job.path}: {reason}")
+                            for job in chunk.jobs for sliced in job.slices]
+            elif isinstance(outcomes, BaseException):
+                if isinstance(outcomes, SclipError):
+                    raise outcomes
+                raise ClusterError(f"a Dask task failed: {type(outcomes).__name__}: {outcomes}") from outcomes
             yield from outcomes
         yield from settled
     finally:
@@ -415,7 +450,7 @@ _END = object()
 
 def run_jobs(
     items: Iterable[Any],
-    plan: Callable[[Any], FileJob | BatchItem],
+    plan: Callable[[Any], FileJob | BatchItem | None],
     segmenters: Sequence[Segmenter],
     vocabulary: Vocabulary,
     root: Path,
@@ -523,7 +558,8 @@ class _Pipeline:
             if isinstance(planned, BatchItem):
                 self._results.put(planned)
                 continue
-            return planned
+            if planned is not None:  # None: it waits for a file with the same bytes
+                return planned
         return None
 
     def _read(self) -> None:
@@ -560,7 +596,7 @@ class _Pipeline:
                     )
                 except ImageError as exc:  # too small for the model
                     self._budget.give(plane.nbytes)
-                    self._fail(job, [sliced], f"{job.path}{where}: {exc}" if where else str(exc))
+                    self._fail(job, [sliced], f"{job.path}{where}: {exc}")
                     continue
                 while not self._stopped.is_set():
                     try:

@@ -29,6 +29,7 @@ from napari_sclip.engine.image import Layout, image_layout
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _EXIF_ORIENTATION = 0x0112
+_PILLOW_WARNINGS = threading.Lock()
 
 
 def find_images(paths: list[str | Path]) -> list[Path]:
@@ -252,8 +253,9 @@ def _read_with_pillow(path: Path) -> tuple[np.ndarray, Layout]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            # Our own bound replaces Pillow's warning; its error stays, and is reported below.
+        # Our own bound replaces Pillow's warning; its error stays, and is reported below.  The
+        # lock: warning filters are the process's, and batch readers open images in threads.
+        with _PILLOW_WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError:
