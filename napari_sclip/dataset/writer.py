@@ -804,6 +804,9 @@ class DatasetWriter:
         try:
             if self._unindexed:
                 self.rebuild_index()
+                # Workers elsewhere (a Dask worker killed mid-sample) may have left temporaries.
+                with reporting_os_errors(self.root):
+                    self._remove_stale_temporaries()
         finally:
             self._close_journal()
             self._release()
