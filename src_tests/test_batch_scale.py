@@ -376,3 +376,45 @@ def test_the_cli_runs_as_a_module_in_a_fresh_interpreter_with_workers(tmp_path):
     assert done.returncode == 0
     for flag in ("--workers", "--scheduler", "--devices"):
         assert flag in done.stdout
+
+
+@pytest.mark.cluster
+def test_a_killed_client_leaves_a_dataset_the_next_run_completes(tmp_path, tiny_dir, tiny_checkpoint):
+    """SIGKILL of `segment --workers 2` mid-run: its workers go with it (nothing is written after),
+    the folder is a dataset, and the same command completes it with every image once."""
+    pytest.importorskip("distributed")
+    images = save_images(tmp_path / "in", 16, 64, 80)
+    out = tmp_path / "ds"
+    command = _dask_command(tiny_dir, tiny_checkpoint, tmp_path / "in", out, "--workers", "2")
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*/meta/*.json"))) < 3:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(3)
+    written = sorted(out.glob("*/meta/*.json"))
+    time.sleep(3)
+    assert sorted(out.glob("*/meta/*.json")) == written  # no orphaned worker goes on writing
+    assert_consistent_apart_from_leftovers(out)
+    done = run(command)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert_consistent(out)
+    assert sorted(dataset_masks(out)) == sorted(path.stem for path in images)
+
+
+@pytest.mark.cluster
+def test_segment_on_an_existing_cluster_by_its_scheduler_address(tmp_path, tiny_dir, tiny_checkpoint):
+    """`--scheduler ADDRESS`: a cluster started elsewhere (here: by the test) labels the folder,
+    its workers load the model the command names, and it keeps running afterwards."""
+    pytest.importorskip("distributed")
+    from napari_sclip.dataset.cluster import open_client
+
+    images = save_images(tmp_path / "in", 6, 64, 80)
+    with open_client(workers=1) as client:
+        address = client.scheduler.address
+        done = run(_dask_command(tiny_dir, tiny_checkpoint, tmp_path / "in", tmp_path / "ds", "--scheduler", address))
+        assert done.returncode == 0 and not done.stderr, done.stderr
+        assert client.run(lambda: 1)  # still up
+    assert_consistent(tmp_path / "ds")
+    assert sorted(dataset_masks(tmp_path / "ds")) == sorted(path.stem for path in images)
