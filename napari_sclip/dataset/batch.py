@@ -584,6 +584,8 @@ class _Pipeline:
                 where = f" (slice {', '.join(map(str, sliced.index))})" if sliced.index is not None else ""
                 try:
                     plane = layout.plane(image, sliced.index or ())
+                    if sliced.index is not None:  # a view would keep the whole stack in memory
+                        plane = plane.copy()
                 except ImageError as exc:  # a damaged page: this slice and the rest of the file
                     self._fail(job, job.slices[k:], f"{job.path}{where}: {exc}")
                     break
