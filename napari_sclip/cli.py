@@ -249,7 +249,7 @@ class _SliceProgress:
             size = f" {step.done / 2**20:.0f}/{step.total / 2**20:.0f} MB" if step.total else ""
             self.bar.set_postfix_str("downloading weights" + size)
         elif step.stage == "load":
-            self.bar.set_postfix_str("loading model")
+            self.bar.set_postfix_str("loading model" if step.done < step.total else "")
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -406,6 +406,8 @@ def _info(_: argparse.Namespace) -> int:
         ("text embeddings", str(config.text_cache_dir())),
         ("feature cache", f"{config.feature_cache_mb():g} MB in memory (NAPARI_SCLIP_FEATURE_CACHE_MB)"),
         ("methods", ", ".join(METHODS) + f" (default {DEFAULT_METHOD})"),
+        ("dask distributed", _version_of("distributed") or "not installed (--workers and --scheduler need "
+                                                              "napari-sclip[cluster])"),
     ]
     if torch.cuda.is_available():
         rows += [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
@@ -413,6 +415,15 @@ def _info(_: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
