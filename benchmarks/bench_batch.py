@@ -473,8 +473,6 @@ def fp16_agreement(segmenter, tmp: Path, count: int) -> dict:
 def bench_dask(args, tmp: Path) -> dict:
     import torch
 
-    from napari_sclip.dataset.cluster import install_segmenter, open_client
-    from napari_sclip.engine._torch import open_clip
     from napari_sclip.engine.segmenter import Segmenter
 
     model, checkpoint = tiny_checkpoint(tmp)
@@ -488,25 +486,11 @@ def bench_dask(args, tmp: Path) -> dict:
     rows.append({"setting": "single process", "workers": 0, "start_s": 0.0, "install_s": 0.0,
                  "torch_threads": torch.get_num_threads(), "seconds": single["seconds"], "load": single["load"]})
     print(f"  single process: {single['seconds']:.1f} s", flush=True)
-    for k in args.workers:
-        with Timer() as started:
-            client_context = open_client(workers=k)
-            client = client_context.__enter__()
-        try:
-            # What label_images installs (so that its own install is a no-op and the timing is labelling).
-            config = open_clip.get_model_config(segmenter.model_name)
-            with Timer() as installed:
-                install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
-                                  model_configs={segmenter.model_name: config})
-            threads = sorted(set(client.run(lambda: __import__("torch").get_num_threads()).values()))
-            run_pipeline(paths[:4], tmp / f"warm-up-{k}", segmenter, options, client=client)
-            result = run_pipeline(paths, tmp / f"dask-{k}", segmenter, options, client=client)
-        finally:
-            client_context.__exit__(None, None, None)
-        rows.append({"setting": f"Dask, {k} worker{'s' if k > 1 else ''}", "workers": k,
-                     "start_s": started.seconds, "install_s": installed.seconds,
-                     "torch_threads": threads, "seconds": result["seconds"], "load": result["load"]})
-        print(f"  Dask, {k} worker(s): {result['seconds']:.1f} s", flush=True)
+    variants = ["dask", "unset"] if args.malloc_trim == "both" else [args.malloc_trim]
+    for variant in variants:
+        for k in args.workers:
+            rows.append(dask_row(segmenter, paths, options, tmp, k, variant))
+            print(f"  {rows[-1]['setting']}: {rows[-1]['seconds']:.1f} s", flush=True)
     for row in rows:
         row["images_per_s"] = args.images / row["seconds"]
     devices = machine()["devices"]
@@ -519,6 +503,44 @@ def bench_dask(args, tmp: Path) -> dict:
            for r in rows])
     return {"images": args.images, "size": [96, 128], "device": args.device, "cpu_count": os.cpu_count(),
             "devices": devices, "rows": rows}
+
+
+def dask_row(segmenter, paths, options: dict, tmp: Path, workers: int, malloc_trim: str) -> dict:
+    """One local cluster of ``workers`` processes: start it, install the model, label ``paths``.
+
+    ``malloc_trim="dask"`` leaves Dask's nanny environment as it is: it starts workers with
+    ``MALLOC_TRIM_THRESHOLD_=65536`` (and ``OMP_NUM_THREADS=1``); ``"unset"`` drops that one
+    variable (``distributed.nanny.pre-spawn-environ``), so glibc's malloc keeps its defaults."""
+    import dask
+
+    from napari_sclip.dataset.cluster import PLUGIN_NAME, install_segmenter, open_client
+    from napari_sclip.engine._torch import open_clip
+
+    overrides = {} if malloc_trim == "dask" else {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    # A nanny writes its pre-spawn variables into this process's os.environ and leaves them there
+    # (distributed/nanny.py), where the next cluster's nannies would take them: restored below.
+    environ = dict(os.environ)
+    with dask.config.set(overrides), Timer() as started:
+        client_context = open_client(workers=workers)
+        client = client_context.__enter__()
+    try:
+        # What label_images installs (so that its own install is a no-op and the timing is labelling).
+        config = open_clip.get_model_config(segmenter.model_name)
+        with Timer() as installed:
+            install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
+                              model_configs={segmenter.model_name: config})
+        threads = sorted(set(client.run(lambda: __import__("torch").get_num_threads()).values()))
+        trim = sorted(set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset")).values()))
+        # Every worker's text embeddings out of the timing (each worker encodes them once).
+        client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].segmenter.text_features(CLASSES).shape)
+        result = run_pipeline(paths, tmp / f"dask-{malloc_trim}-{workers}", segmenter, options, client=client)
+    finally:
+        client_context.__exit__(None, None, None)
+        os.environ.clear()
+        os.environ.update(environ)
+    return {"setting": f"Dask, {workers} worker{'s' if workers > 1 else ''}, MALLOC_TRIM_THRESHOLD_ {trim[0]}",
+            "workers": workers, "malloc_trim": trim, "start_s": started.seconds, "install_s": installed.seconds,
+            "torch_threads": threads, "seconds": result["seconds"], "load": result["load"]}
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -547,6 +569,8 @@ def main() -> None:
     dask = commands.add_parser("dask", help="a local Dask cluster against the single-process pipeline")
     dask.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     dask.add_argument("--images", type=int, default=200)
+    dask.add_argument("--malloc-trim", choices=["dask", "unset", "both"], default="both",
+                      help="workers with Dask's MALLOC_TRIM_THRESHOLD_=65536, without it, or both")
 
     for sub in (overhead, end_to_end, windows, dask):
         sub.add_argument("--json", type=Path, help="also write the figures to this file")
