@@ -471,7 +471,11 @@ def fp16_agreement(segmenter, tmp: Path, count: int) -> dict:
 
 
 def bench_dask(args, tmp: Path) -> dict:
+    import logging
+
     import torch
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # the clusters' start and stop messages
 
     from napari_sclip.engine.segmenter import Segmenter
 
