@@ -11,8 +11,12 @@ the figures (with the machine and the load averages) to a file:
     # 3. windows/s of the vision tower (SCLIP) by batch size; on CUDA also fp16 vs fp32 labels
     python benchmarks/bench_batch.py windows --device cpu --batch-sizes 4 8
     python benchmarks/bench_batch.py windows --device cuda --batch-sizes 32 128 256
-    # 4. a local Dask cluster of 1, 2 and 4 workers against the single-process pipeline
+    # 4. a local Dask cluster of 1, 2 and 4 workers against the single-process pipeline, with
+    #    Dask's MALLOC_TRIM_THRESHOLD_=65536 for its workers and without it (--malloc-trim)
     python benchmarks/bench_batch.py dask --workers 1 2 4 --images 200
+    python benchmarks/bench_batch.py dask --device cuda --workers 1 2 4 --images 2000
+
+Figures, machines and notes: docs/benchmarks.md, "Batch labelling at scale (issue 11)".
 
 No weights are downloaded.  ``overhead`` and ``dask`` use the tests' tiny model (``sclip-test-tiny``,
 ``src_tests/conftest.py``); ``end-to-end`` and ``windows`` a randomly initialised ViT-B-16
