@@ -108,17 +108,22 @@ def open_client(
             client.close()
         return
 
+    import dask
+
     try:
-        cluster = distributed.LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            dashboard_address=None,
-            # The scheduler serves a few HTTP routes even without a dashboard, on port 8787 unless
-            # told otherwise (with a warning when that port is taken): any free local port.
-            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-            silence_logs=log_level,
-        )
+        # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand memory back
+        # after every image and doubled the time per image here (page faults; docs/benchmarks.md).
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                dashboard_address=None,
+                # The scheduler serves a few HTTP routes even without a dashboard, on port 8787 unless
+                # told otherwise (with a warning when that port is taken): any free local port.
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                silence_logs=log_level,
+            )
     except Exception as exc:  # ports, resources, a worker that cannot start
         raise ClusterError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(exc)}") from None
     try:
