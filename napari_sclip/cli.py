@@ -211,7 +211,8 @@ def _devices(text: str) -> list[str]:
     devices = [name.strip() for name in text.split(",") if name.strip()]
     if not devices:
         raise SclipError(f"--devices expects names such as cuda:0,cuda:1, got {text!r}")
-    if len(set(devices)) != len(devices):
+    kinds = [name.split(":")[0] for name in devices]
+    if len(set(devices)) != len(devices) or kinds.count("cpu") > 1:
         raise SclipError(f"--devices names a device twice: {text!r}")
     return devices
 

@@ -359,6 +359,7 @@ def test_a_dask_run_and_a_local_run_at_once_never_lose_a_class(tmp_path, tiny_di
         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not both"),
         (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler at tcp://127.0.0.1:1"),
         (["--devices", "cpu,cpu"], "names a device twice"),
+        (["--devices", "cpu,cpu:0"], "names a device twice"),
     ],
 )
 def test_cluster_and_device_errors_are_one_line(tmp_path, tiny_dir, tiny_checkpoint, extra, message):
@@ -418,3 +419,182 @@ def test_segment_on_an_existing_cluster_by_its_scheduler_address(tmp_path, tiny_
         assert client.run(lambda: 1)  # still up
     assert_consistent(tmp_path / "ds")
     assert sorted(dataset_masks(tmp_path / "ds")) == sorted(path.stem for path in images)
+
+
+# -- found by the attacker's pass ----------------------------------------------------------------
+
+
+def _registry_ab():
+    from napari_sclip.classes import ClassRegistry
+
+    registry = ClassRegistry()
+    registry.update((("a",), ("b",)))
+    return registry
+
+
+def test_a_new_dataset_that_others_wrote_samples_into_keeps_its_manifest_on_failure(tmp_path):
+    """Workers placed a sample the owner never recorded (Ctrl+C, a full disk): the manifest stays,
+    and the next open finds the sample (the folder was refused as 'not a dataset' before)."""
+    from napari_sclip.dataset.writer import write_sample_files
+
+    root = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        with DatasetWriter(root, _registry_ab()) as writer:
+            sample = Sample("x", np.ones((8, 8), np.uint8), image=natural_image(8, 8))
+            target = writer.plan("x", ("0" * 64, None))
+            write_sample_files(root, target, sample)
+            raise KeyboardInterrupt
+    assert (root / "dataset.json").is_file()
+    with DatasetWriter(root, _registry_ab()) as writer:
+        assert writer.stored("x") is not None
+    assert_consistent(root)
+
+
+def test_a_dataset_that_got_no_sample_is_not_left_behind(tmp_path, tiny_dir, tiny_checkpoint):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"")
+    (tmp_path / "in" / "b.png").write_bytes(b"not a png")
+    done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a; b",
+                           "--out", str(tmp_path / "ds")))
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 2, done.stderr
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_journal_row_cannot_name_another_samples_files(tmp_path):
+    """A row for 'a' naming images/a.b.png (sample 'a.b''s) is ignored: the meta file decides,
+    and an overwrite of 'a' never deletes 'a.b''s image."""
+    root = tmp_path / "ds"
+    with DatasetWriter(root, _registry_ab()) as writer:
+        for stem, seed in (("a", 0), ("a.b", 1)):
+            writer.write(Sample(stem, np.ones((8, 8), np.uint8), image=np.roll(natural_image(8, 8), seed, axis=1)))
+        split = writer.stored("a").split
+    journal = root / JOURNAL
+    journal.write_text(journal.read_text().replace('"image": "images/a.png"', '"image": "images/a.b.png"'))
+    with DatasetWriter(root, _registry_ab()) as writer:
+        assert writer.stored("a").image == "images/a.png"
+        writer.write(Sample("a", np.zeros((8, 8), np.uint8), image=natural_image(8, 8)))
+    assert (root / writer.stored("a.b").split / "images" / "a.b.png").is_file()
+    assert json.loads((root / split / "meta" / "a.json").read_text())["image"] == "images/a.png"
+    assert_consistent(root)
+
+
+def test_an_edit_that_keeps_size_and_modification_time_is_still_seen(tmp_path):
+    """'unreviewed' -> 'reviewed  ' (same length) with the old modification time put back: the
+    status-change time gives it away, so the sample stays a person's."""
+    root = tmp_path / "ds"
+    with DatasetWriter(root, _registry_ab()) as writer:
+        writer.write(Sample("a", np.ones((8, 8), np.uint8), image=natural_image(8, 8)))
+        split = writer.stored("a").split
+    path = root / split / "meta" / "a.json"
+    before = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace('"review_status": "unreviewed"', '"review_status": "reviewed"  '))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    with DatasetWriter(root, _registry_ab()) as writer:
+        assert writer.stored("a").edited
+
+
+def test_a_file_name_that_is_not_utf8_is_labelled(tmp_path, tiny_dir, tiny_checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(natural_image(48, 64)[::-1]).save(os.fsdecode(bytes(folder) + b"/bad\xff\xfename.png"))
+    save_images(folder, 2, 48, 64)
+    done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(folder), "--classes", "a; b",
+                           "--out", str(tmp_path / "ds")))
+    assert done.returncode == 0, done.stderr
+    assert len(dataset_masks(tmp_path / "ds")) == 3
+    assert_consistent(tmp_path / "ds")
+
+
+def test_a_source_that_changes_before_it_is_copied_fails_its_item(tmp_path, tiny_checkpoint, monkeypatch):
+    """The stored copy must be the bytes the labels were made from: a file rewritten between its
+    reading and its copy fails in one line, and no sample is left for it."""
+    from napari_sclip import Segmenter
+    from napari_sclip.dataset import batch
+
+    paths = save_images(tmp_path / "in", 3, 48, 64)
+    original = batch._Pipeline._write
+
+    def rewrite_first(self, model, prepared, canvas):
+        if prepared.tag.job.path == paths[0]:
+            Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(paths[0])
+        return original(self, model, prepared, canvas)
+
+    monkeypatch.setattr(batch._Pipeline, "_write", rewrite_first)
+    items = {item.path: item for item in label_images(paths, parse_vocabulary(["a", "b"]), tmp_path / "ds",
+                                                      Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu"))}
+    assert items[paths[0]].status == "failed"
+    assert items[paths[0]].reason == f"{paths[0]}: the file changed while it was being labelled; run again"
+    assert sorted(dataset_masks(tmp_path / "ds")) == ["im1", "im2"]
+    assert_consistent(tmp_path / "ds")
+
+
+def test_a_server_that_is_not_a_dask_scheduler_is_one_line(tmp_path, tiny_dir, tiny_checkpoint):
+    """A port that accepts and never answers, and one that answers with something else: one line
+    each, within the connection timeout (neither hangs nor crashes)."""
+    import socket
+
+    from napari_sclip.dataset.cluster import ClusterError, open_client
+
+    pytest.importorskip("distributed")
+    silent, talker = socket.socket(), socket.socket()
+    for server in (silent, talker):
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+    stop = threading.Event()
+
+    def answer_garbage():
+        talker.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = talker.accept()
+            except OSError:
+                continue
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+            connection.close()
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:"):
+            with open_client(scheduler=f"tcp://127.0.0.1:{silent.getsockname()[1]}", connect_timeout=2):
+                pass
+        assert time.monotonic() - start < 15
+        address = f"tcp://127.0.0.1:{talker.getsockname()[1]}"
+        save_images(tmp_path / "in", 1)
+        done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a",
+                               "--out", str(tmp_path / "ds"), "--scheduler", address))
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert f"cannot reach the Dask scheduler at {address}" in done.stderr
+    finally:
+        stop.set()
+        thread.join()
+        silent.close()
+        talker.close()
+
+
+@pytest.mark.cluster
+def test_ctrl_c_with_workers_is_one_line_and_the_rerun_completes(tmp_path, tiny_dir, tiny_checkpoint):
+    """SIGINT to the terminal's process group (what Ctrl+C sends): exit 130 and one line; the
+    worker processes print nothing; the same command completes the dataset."""
+    pytest.importorskip("distributed")
+    images = save_images(tmp_path / "in", 16, 64, 80)
+    out = tmp_path / "ds"
+    command = _dask_command(tiny_dir, tiny_checkpoint, tmp_path / "in", out, "--workers", "2")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*/meta/*.json"))) < 2:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    if process.returncode != 0:  # it may have finished first
+        assert process.returncode == 130, err
+        assert err.strip().splitlines() == [
+            "napari-sclip: interrupted; the dataset is valid: run the same command to go on"
+        ], err
+    done = run(command)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert_consistent(out)
+    assert sorted(dataset_masks(out)) == sorted(path.stem for path in images)

@@ -40,7 +40,14 @@ import numpy as np
 
 from napari_sclip._files import describe_os_error
 from napari_sclip.dataset.export import plane_stem
-from napari_sclip.dataset.writer import DatasetWriter, Sample, Target, sha256_of, write_sample_files
+from napari_sclip.dataset.writer import (
+    DatasetWriter,
+    Sample,
+    SourceChanged,
+    Target,
+    sha256_of,
+    write_sample_files,
+)
 
 if TYPE_CHECKING:
     from napari_sclip.engine.progress import ProgressCallback
@@ -636,6 +643,9 @@ class _Pipeline:
             del canvas
             sample = piece.sample(self.run.uids[result.labels], result)
             meta = write_sample_files(self.root, piece.sliced.target, sample)
+        except SourceChanged as exc:
+            self._results.put(SliceOutcome(piece.job.path, piece.sliced, reason=str(exc)))
+            return
         finally:
             self._budget.give(piece.plane.nbytes)
         self._results.put(SliceOutcome(piece.job.path, piece.sliced, meta))

@@ -110,9 +110,12 @@ def open_client(
 
     import dask
 
+    # Ctrl+C reaches every process of the terminal's group: worker processes that inherit an
+    # ignored SIGINT leave it to this one, which stops them (else each prints a traceback).
+    # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand memory back
+    # after every image and doubled the time per image here (page faults; docs/benchmarks.md).
+    ignoring = _IgnoringSigint()
     try:
-        # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand memory back
-        # after every image and doubled the time per image here (page faults; docs/benchmarks.md).
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             cluster = distributed.LocalCluster(
                 n_workers=workers,
@@ -126,6 +129,8 @@ def open_client(
             )
     except Exception as exc:  # ports, resources, a worker that cannot start
         raise ClusterError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(exc)}") from None
+    finally:
+        ignoring.close()
     try:
         client = distributed.Client(cluster, set_as_default=False)
     except BaseException:
@@ -138,6 +143,25 @@ def open_client(
             client.close()
         finally:
             cluster.close()
+
+
+class _IgnoringSigint:
+    """SIGINT ignored from now until :meth:`close` (only in the main thread; elsewhere a no-op)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def close(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _probe(address: str, timeout: float) -> None:
@@ -155,15 +179,24 @@ def _probe(address: str, timeout: float) -> None:
 
     def run():  # in a thread of its own, so that a caller running an event loop can call it too
         try:
-            asyncio.run(probe())
+            # The whole handshake has a deadline: a server that accepts and never answers (a
+            # dashboard's port, any other service) would otherwise hold the run forever.
+            asyncio.run(asyncio.wait_for(probe(), timeout))
         except BaseException as exc:
             failure.append(exc)
 
     thread = threading.Thread(target=run, name="napari-sclip-probe", daemon=True)
     thread.start()
-    thread.join()
+    thread.join(timeout + 5)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
     if failure:
-        raise failure[0]
+        exc = failure[0]
+        if isinstance(exc, (OSError, TimeoutError, ValueError, TypeError)):
+            raise exc
+        # Garbage where a scheduler's handshake should be (a web server, say) fails anywhere in
+        # the parser: a MemoryError for an absurd length, a decoding error, ...
+        raise ValueError(f"it answered, but not as a Dask scheduler ({type(exc).__name__})") from None
 
 
 # -- the segmenter on each worker --------------------------------------------------------------------

@@ -134,16 +134,13 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
     hand-edited meta file never makes a writer replace or delete another sample's files), and the
     fields a writer uses have their types."""
     image_id = path.name[: -len(".json")]
-    image_prefix = f"images/{image_id}."
     source = meta.get("source") if isinstance(meta, dict) else None
     index = meta.get("slice") if isinstance(meta, dict) else None
     image = meta.get("image") if isinstance(meta, dict) else None
     problem = (
         "it is not a JSON object" if not isinstance(meta, dict)
         else f"its id must be {image_id!r}, the file's name" if meta.get("id") != image_id
-        else f"its image must be images/{image_id}.<ext>" if not (
-            isinstance(image, str) and image.startswith(image_prefix) and image[len(image_prefix) :].isalnum()
-        )
+        else f"its image must be images/{image_id}.<ext>" if not (isinstance(image, str) and _names_own_image(image, image_id))
         else f"its mask must be masks/{image_id}.png" if meta.get("mask") != f"masks/{image_id}.png"
         else "its source must be an object with text sha256 and path" if source is not None and not (
             isinstance(source, dict) and all(isinstance(source.get(key), (str, type(None))) for key in ("sha256", "path"))
@@ -222,8 +219,9 @@ class Entry:
         return cls(split, meta["image"], meta.get("review_status", "unreviewed"), is_edited(meta),
                    identity_of(meta), bool((meta.get("source") or {}).get("path")), model)
 
-    def to_json(self, image_id: str, meta_stat: tuple[int, int]) -> dict[str, Any]:
-        """A journal row: this entry and the size and time stamp of the meta file it stands for."""
+    def to_json(self, image_id: str, meta_stat: tuple[int, ...]) -> dict[str, Any]:
+        """A journal row: this entry and the stat key of the meta file it stands for
+        (:func:`_stat_key`)."""
         return {"id": image_id, "split": self.split, "image": self.image, "review_status": self.review_status,
                 "edited": self.edited, "sha256": self.identity[0],
                 "slice": list(self.identity[1]) if self.identity[1] is not None else None,
@@ -241,6 +239,25 @@ class Entry:
         model = tuple((str(key), _frozen(value)) for key, value in row["model"])
         return cls(row["split"], row["image"], row["review_status"], row["edited"],
                    (row["sha256"], tuple(index) if index is not None else None), bool(row["from_file"]), model)
+
+
+def _stat_key(status: os.stat_result) -> tuple[int, int, int, int]:
+    """What says a meta file is the one a journal row was written for: its modification time,
+    size, status-change time and inode.  The status-change time cannot be set back (``touch``
+    and ``utime`` set it to now), so an edit that keeps the size and restores the modification
+    time is still seen; a copied dataset is read afresh once."""
+    return status.st_mtime_ns, status.st_size, status.st_ctime_ns, status.st_ino
+
+
+def _names_own_image(image: str, image_id: str) -> bool:
+    """Whether ``image`` is ``images/<image_id>.<ext>`` (letters and digits), as meta files must say."""
+    prefix = f"images/{image_id}."
+    return image.startswith(prefix) and image[len(prefix):].isalnum()
+
+
+def _files_of(entry: Entry, image_id: str) -> list[tuple[str, str]]:
+    """``(folder, name)`` of a sample's image and mask."""
+    return [tuple(entry.image.split("/", 1)), ("masks", f"{image_id}.png")]
 
 
 def _frozen(value: Any) -> Any:
@@ -374,7 +391,7 @@ def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
             place(sub).mkdir(exist_ok=True)
         # One full-size plane at a time: each is encoded as soon as it is made.
         if copied:
-            stage(image_name, partial(_copy, sample.source))
+            stage(image_name, partial(_copy, sample.source, source.get("sha256")))
         else:
             stage(image_name, partial(_encode_png, storable_image(sample.image)))
         stage(f"masks/{image_id}.png", partial(_encode_png, fmt.labels_to_mask(labels, target.train_ids)))
@@ -398,7 +415,7 @@ def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
             "vocabulary_version": carried.get("vocabulary_version", target.vocabulary_version),
         }
         meta.update((key, value) for key, value in carried.items() if key not in meta)
-        text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
+        text = _meta_text(meta)
         meta = json.loads(text)  # as a reader will see it (tuples as lists, ...)
         stage(f"meta/{image_id}.json", partial(_write_bytes, text.encode("utf-8")))
         check_owner(root, target.owner_token)
@@ -428,6 +445,10 @@ def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+class SourceChanged(DatasetError):
+    """A source file's bytes are no longer those its labels were made from."""
 
 
 def check_owner(root: Path, token: str) -> None:
@@ -589,27 +610,23 @@ class DatasetWriter:
                 if found.is_symlink() or not found.is_file(follow_symlinks=False):
                     resolve_inside(self.root, f"{split}/meta/{found.name}")  # names the problem
                     raise DatasetError(f"{path} is not a plain file; remove it")
-                status = found.stat(follow_symlinks=False)
                 row = journal.pop((split, image_id), None)
-                if row is not None and row[1] == (status.st_mtime_ns, status.st_size):
-                    entry = row[0]
-                else:
-                    exact = False
+                entry = row[0] if row is not None and row[1] == _stat_key(found.stat(follow_symlinks=False)) else None
+                if entry is None or not all(present[sub].get(name) for sub, name in _files_of(entry, image_id)):
+                    exact = False  # the meta file decides, and says what is wrong
                     entry = Entry.of(split, read_meta(path))
-                for relative in (entry.image, f"masks/{image_id}.png"):
-                    sub, name = relative.split("/", 1)
-                    plain = present[sub].get(name)
-                    if not plain:
-                        resolve_inside(self.root, f"{split}/{relative}")  # a link or a FIFO: says so
-                        raise DatasetError(f"{path} names {relative}, which is missing")
+                for sub, name in _files_of(entry, image_id):
+                    if not present[sub].get(name):
+                        resolve_inside(self.root, f"{split}/{sub}/{name}")  # a link or a FIFO: says so
+                        raise DatasetError(f"{path} names {sub}/{name}, which is missing")
                 self._remember(image_id, entry)
         return exact and not journal
 
-    def _read_journal(self) -> dict[tuple[str, str], tuple[Entry, tuple[int, int]]]:
-        """``(split, id) -> (entry, (meta file's mtime_ns, size))`` from the journal; the last row
-        of an id wins.  Damaged rows (a killed append, a hand edit) are ignored: the meta files
-        are the truth, the journal only saves reading them."""
-        rows: dict[tuple[str, str], tuple[Entry, tuple[int, int]]] = {}
+    def _read_journal(self) -> dict[tuple[str, str], tuple[Entry, tuple[int, ...]]]:
+        """``(split, id) -> (entry, its meta file's stat key)`` from the journal; the last row of an
+        id wins.  Damaged rows (a killed append, a hand edit) are ignored: the meta files are the
+        truth, the journal only saves reading them."""
+        rows: dict[tuple[str, str], tuple[Entry, tuple[int, ...]]] = {}
         path = resolve_inside(self.root, JOURNAL)
         try:
             with open(path, "rb") as handle:
@@ -618,14 +635,14 @@ class DatasetWriter:
                         row = json.loads(line)
                         image_id, split = row["id"], row["split"]
                         entry = Entry.from_json(row)
-                        mtime, size = row["stat"]
-                        if not (isinstance(image_id, str) and split in SPLIT_NAMES and is_int(mtime, 0, 2**63)
-                                and is_int(size, 0, 2**63)
-                                and entry.image.startswith(f"images/{image_id}.") and entry.split == split):
+                        key = tuple(row["stat"])
+                        if not (isinstance(image_id, str) and split in SPLIT_NAMES and entry.split == split
+                                and len(key) == 4 and all(is_int(value, 0, 2**64) for value in key)
+                                and _names_own_image(entry.image, image_id)):
                             continue
                     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                         continue
-                    rows[split, image_id] = (entry, (mtime, size))
+                    rows[split, image_id] = (entry, key)
         except FileNotFoundError:
             pass
         return rows
@@ -634,6 +651,10 @@ class DatasetWriter:
         self._samples[image_id] = entry
         if entry.identity[0] is not None and entry.from_file:  # a file keeps its id under any name
             self._ids[entry.identity] = image_id
+
+    def _splits_on_disk(self) -> bool:
+        """Whether any split folder exists (samples that others wrote, not recorded here)."""
+        return any(os.path.lexists(self.root / split) for split in SPLIT_NAMES)
 
     def _splits(self) -> list[str]:
         return sorted({entry.split for entry in self._samples.values()}, key=SPLIT_NAMES.index)
@@ -718,7 +739,7 @@ class DatasetWriter:
             previous = self._samples.get(image_id)
             self._remember(image_id, entry)
             status = os.stat(resolve_inside(self.root, f"{split}/meta/{image_id}.json"))
-            self._append_journal(entry.to_json(image_id, (status.st_mtime_ns, status.st_size)))
+            self._append_journal(entry.to_json(image_id, _stat_key(status)))
             if previous and previous.image != entry.image:  # e.g. .jpg before, .png now
                 self._write_index(split)  # the index names the new image before the old one goes
                 resolve_inside(self.root, f"{split}/{previous.image}").unlink(missing_ok=True)
@@ -792,7 +813,7 @@ class DatasetWriter:
                 status = os.stat(self.root / entry.split / "meta" / f"{image_id}.json")
             except FileNotFoundError:
                 continue
-            rows.append(json.dumps(entry.to_json(image_id, (status.st_mtime_ns, status.st_size)), ensure_ascii=False))
+            rows.append(json.dumps(entry.to_json(image_id, _stat_key(status)), ensure_ascii=False))
         atomic_write_bytes(resolve_inside(self.root, JOURNAL), "".join(row + "\n" for row in rows).encode("utf-8"))
 
     # -- closing -----------------------------------------------------------------------------------
@@ -815,10 +836,10 @@ class DatasetWriter:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is None:
+        if self._created and not self._samples and not self._splits_on_disk():
+            self._abandon()  # nothing was written into the dataset it made: leave no skeleton
+        elif kind is None:
             self.close()
-        elif self._created and not self._samples:
-            self._abandon()
         else:
             # Keep what was written, index it if the disk still allows, and let the original
             # error be the one reported.
@@ -888,13 +909,31 @@ def _source(sample: Sample, labels: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _meta_text(meta: dict[str, Any]) -> str:
+    """A meta file's JSON: readable UTF-8, or escaped ASCII where a source's name is not valid
+    UTF-8 (a file name in another encoding reaches Python as lone surrogates)."""
+    try:
+        text = json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(meta, indent=2, ensure_ascii=True, default=str) + "\n"
+    return text
+
+
 def _write_bytes(data: bytes, handle: BinaryIO) -> None:
     handle.write(data)
 
 
-def _copy(source: Path, handle: BinaryIO) -> None:
+def _copy(source: Path, sha256: str | None, handle: BinaryIO) -> None:
+    """Copy ``source``; with ``sha256``, check that these are the bytes its labels were made
+    from (the file may have changed since it was read)."""
+    digest = hashlib.sha256()
     with open(source, "rb") as original:
-        shutil.copyfileobj(original, handle)
+        for block in iter(lambda: original.read(1 << 20), b""):
+            digest.update(block)
+            handle.write(block)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise SourceChanged(f"{source}: the file changed while it was being labelled; run again")
 
 
 def _index_rows(entries: list[tuple[str, Entry]]) -> str:
