@@ -118,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument(
         "--workers", type=_positive, default=None, metavar="N",
-        help="run on a Dask cluster of N worker processes on this machine (needs napari-sclip[cluster])",
+        help="run on a Dask cluster of N worker processes on this machine, one model and one torch thread "
+        "each (needs the 'distributed' package: pip install -e '.[cluster]')",
     )
     seg.add_argument(
         "--scheduler", default=None, metavar="ADDRESS",
@@ -243,6 +244,8 @@ class _SliceProgress:
 
     def __call__(self, step) -> None:
         if step.stage == "slices":
+            if step.done and getattr(self.bar, "postfix", None):
+                self.bar.set_postfix_str("", refresh=False)
             self.bar.total = step.total
             self.bar.n = step.done
             self.bar.refresh()
@@ -289,12 +292,14 @@ def _segment(args: argparse.Namespace) -> int:
     counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures: list[str] = []
     with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_progress_bar(args.quiet, total=len(images), unit="slice"))
         client = None
         if client_wanted:
             from napari_sclip.dataset.cluster import open_client
 
+            bar.set_postfix_str("starting Dask workers" if args.workers else "connecting to the Dask scheduler")
             client = stack.enter_context(open_client(args.workers, args.scheduler))
-        bar = stack.enter_context(_progress_bar(args.quiet, total=len(images), unit="slice"))
+            bar.set_postfix_str("loading the model on the workers")
         run = label_images(
             images, vocabulary, out, segmenters, options=options, overwrite=args.overwrite,
             ratios=ratios, progress=_SliceProgress(bar), client=client,
@@ -408,7 +413,8 @@ def _info(_: argparse.Namespace) -> int:
         ("feature cache", f"{config.feature_cache_mb():g} MB in memory (NAPARI_SCLIP_FEATURE_CACHE_MB)"),
         ("methods", ", ".join(METHODS) + f" (default {DEFAULT_METHOD})"),
         ("dask distributed", _version_of("distributed") or "not installed (--workers and --scheduler need "
-                                                              "napari-sclip[cluster])"),
+                                                              "it: pip install distributed)"),
+        ("dask-jobqueue", _version_of("dask-jobqueue") or "not installed (for SLURM and other batch systems)"),
     ]
     if torch.cuda.is_available():
         rows += [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]

@@ -281,7 +281,7 @@ def test_open_client_connects_to_a_running_scheduler(module_client):
 
 def test_without_distributed_the_options_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(ClusterError, match=r"pip install 'napari-sclip\[cluster\]'"):
+    with pytest.raises(ClusterError, match=r"the cluster options need the 'distributed' package: pip install distributed"):
         with open_client(workers=1):
             pass
     code = textwrap.dedent("""

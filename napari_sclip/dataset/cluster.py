@@ -9,7 +9,7 @@ and ``--scheduler ADDRESS`` build on (no napari, no dataset logic).
 * :func:`map_bounded` runs a function on a stream of items with a bounded number of tasks in
   flight, yielding results as they complete.
 
-``distributed`` is an optional dependency (``pip install 'napari-sclip[cluster]'``): it is only
+``distributed`` is an optional dependency (the ``cluster`` extra, or ``pip install distributed``): it is only
 imported inside the functions, so importing this module never needs it.
 
 Failures.  A worker process that dies (killed, out of memory, its node lost) takes the tasks it
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 PLUGIN_NAME = "napari-sclip-segmenter"
 #: Seconds that :func:`open_client` waits for an existing scheduler by default.
 DEFAULT_CONNECT_TIMEOUT = 10.0
-_INSTALL_HINT = "the cluster options need the 'distributed' package: pip install 'napari-sclip[cluster]'"
+_INSTALL_HINT = ("the cluster options need the 'distributed' package: pip install distributed "
+                 "(or, in a clone of napari-sclip, pip install -e '.[cluster]')")
 
 
 class ClusterError(SclipError):
@@ -128,7 +129,10 @@ def open_client(
                 silence_logs=log_level,
             )
     except Exception as exc:  # ports, resources, a worker that cannot start
-        raise ClusterError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(exc)}") from None
+        hint = ""
+        if "Nanny failed to start" in str(exc):
+            hint = ' (in a script, start it under if __name__ == "__main__":, which worker processes skip)'
+        raise ClusterError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(exc)}{hint}") from None
     finally:
         ignoring.close()
     try:
