@@ -391,7 +391,10 @@ def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
             place(sub).mkdir(exist_ok=True)
         # One full-size plane at a time: each is encoded as soon as it is made.
         if copied:
-            stage(image_name, partial(_copy, sample.source, source.get("sha256")))
+            # The bytes the labels were made from, when the source record is this very file's
+            # (a sample read back from a dataset is copied from the dataset's own image).
+            made_from = source.get("sha256") if source.get("path") == str(sample.source) else None
+            stage(image_name, partial(_copy, sample.source, made_from))
         else:
             stage(image_name, partial(_encode_png, storable_image(sample.image)))
         stage(f"masks/{image_id}.png", partial(_encode_png, fmt.labels_to_mask(labels, target.train_ids)))
