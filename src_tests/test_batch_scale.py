@@ -598,3 +598,21 @@ def test_ctrl_c_with_workers_is_one_line_and_the_rerun_completes(tmp_path, tiny_
     assert done.returncode == 0 and not done.stderr, done.stderr
     assert_consistent(out)
     assert sorted(dataset_masks(out)) == sorted(path.stem for path in images)
+
+
+@pytest.mark.cluster
+def test_a_run_with_nothing_left_to_label_loads_no_model_on_the_cluster(tmp_path, tiny_checkpoint):
+    pytest.importorskip("distributed")
+    from napari_sclip import Segmenter
+    from napari_sclip.dataset.cluster import PLUGIN_NAME, open_client
+
+    paths = save_images(tmp_path / "in", 3, 48, 64)
+    vocabulary = parse_vocabulary(["a", "b"])
+    segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu")
+    with open_client(workers=1) as client:
+        assert [item.status for item in label_images(paths, vocabulary, tmp_path / "ds", segmenter, client=client)] \
+            == ["written"] * 3
+        client.unregister_worker_plugin(PLUGIN_NAME)
+        again = list(label_images(paths, vocabulary, tmp_path / "ds", segmenter, client=client))
+        assert [item.status for item in again] == ["skipped"] * 3
+        assert not any(client.run(lambda dask_worker: PLUGIN_NAME in dask_worker.plugins).values())

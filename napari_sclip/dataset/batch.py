@@ -375,10 +375,6 @@ def _run_on_cluster(
     from napari_sclip.engine.errors import SclipError
 
     config = open_clip.get_model_config(segmenter.model_name)
-    # Workers see each image once: no feature cache.  The model's config travels with the plugin,
-    # so that a model registered only here (a custom config) builds there too.
-    install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
-                      model_configs={segmenter.model_name: config} if config else None)
     settled: list[BatchItem] = []
     in_flight: dict[int, _Chunk] = {}  # by position, until its task is done
 
@@ -399,6 +395,12 @@ def _run_on_cluster(
             yield _keep(_Chunk(tuple(batch), vocabulary, Path(root), run))
 
     def _keep(chunk: _Chunk) -> _Chunk:
+        if not in_flight and not done:
+            # With the first chunk only: a run with nothing left to label loads no model.  Workers
+            # see each image once: no feature cache.  The model's config travels with the plugin,
+            # so that a model registered only here (a custom config) builds there too.
+            install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
+                              model_configs={segmenter.model_name: config} if config else None)
         in_flight[len(in_flight) + len(done)] = chunk
         return chunk
 
