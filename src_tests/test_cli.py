@@ -356,3 +356,25 @@ def test_a_refusal_is_one_line_also_with_the_progress_bar_on(tmp_path):
     )
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1 and "not empty and not a napari-sclip dataset" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, gpus, expected",
+    [
+        ([], 2, ["cuda:0", "cuda:1"]),  # auto on a machine with two GPUs: every GPU seen
+        ([], 1, ["auto"]),
+        (["--device", "cuda:1"], 2, ["cuda:1"]),  # a chosen device is kept
+        (["--devices", "cuda:1,cuda:0"], 2, ["cuda:1", "cuda:0"]),
+        (["--devices", "all"], 0, ["cpu"]),
+    ],
+)
+def test_segment_runs_one_model_per_device(images, tmp_path, monkeypatch, extra, gpus, expected):
+    from napari_sclip import cli
+    from napari_sclip.dataset import batch
+
+    seen = []
+    monkeypatch.setattr(cli, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(batch, "label_images", lambda paths, vocabulary, root, segmenters, **kw: seen.append(
+        [model.device_name for model in segmenters]) or iter(()))
+    assert main(["segment", str(images), "--classes", "a; b", "--out", str(tmp_path / "out"), "--quiet", *extra]) == 0
+    assert seen == [expected]
