@@ -43,6 +43,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src_tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_engine import _cpu_name  # noqa: E402
 
 CLASSES = ["person", "sky", "tree", "road", "car", "building", "grass", "dog"]
 VIT_B16 = "ViT-B-16-quickgelu"
@@ -56,16 +59,6 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rss_mb() -> float:

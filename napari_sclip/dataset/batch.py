@@ -544,12 +544,7 @@ class _Pipeline:
         for thread in self._readers:
             thread.join()
         for _ in self._devices:
-            while not self._stopped.is_set():
-                try:
-                    self._prepared.put(_END, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            self._hand_on(_END)
         for thread in self._devices:
             thread.join()
         self._writing.shutdown(wait=True)
@@ -609,13 +604,17 @@ class _Pipeline:
                     self._budget.give(plane.nbytes)
                     self._fail(job, [sliced], f"{job.path}{where}: {exc}")
                     continue
-                while not self._stopped.is_set():
-                    try:
-                        self._prepared.put(prepared, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self._hand_on(prepared)
             del image
+
+    def _hand_on(self, item) -> None:
+        """Put ``item`` in the devices' queue, waiting while it is full, unless the run stops."""
+        while not self._stopped.is_set():
+            try:
+                self._prepared.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def _fail(self, job: FileJob, slices: Sequence[SliceJob], reason: str) -> None:
         for sliced in slices:
