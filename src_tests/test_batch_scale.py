@@ -98,6 +98,39 @@ def test_the_pipeline_writes_what_one_image_at_a_time_writes(tmp_path, tiny_chec
     assert len(items) == len(paths)
 
 
+def test_files_are_planned_in_the_given_order_whichever_hash_finishes_first(tmp_path, tiny_checkpoint,
+                                                                              monkeypatch):
+    """Of two files with the same bytes the first is labelled, and of two with the same name the
+    first gets the plain id, even when their readers finish hashing in the other order."""
+    from napari_sclip import Segmenter
+    from napari_sclip.dataset import batch
+
+    folder = tmp_path / "in"
+    for sub in ("one", "two"):
+        (folder / sub).mkdir(parents=True)
+    image = natural_image(64, 64)
+    Image.fromarray(image).save(folder / "one" / "first.png")
+    Image.fromarray(image).save(folder / "two" / "copy.png")
+    Image.fromarray(np.roll(image, 5, axis=0)).save(folder / "one" / "pic.png")
+    Image.fromarray(np.roll(image, 9, axis=1)).save(folder / "two" / "pic.png")
+    paths = [folder / "one" / "first.png", folder / "two" / "copy.png", folder / "one" / "pic.png",
+             folder / "two" / "pic.png"]
+    slow = {paths[0], paths[2]}
+
+    def hash_slowly(path):
+        if path in slow:  # the other readers hash their files meanwhile
+            time.sleep(0.5)
+        return sha256_of(path)
+
+    monkeypatch.setattr(batch, "sha256_of", hash_slowly)
+    model = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu", feature_cache=False)
+    items = {item.path: item for item in label_images(paths, parse_vocabulary(CLASSES), tmp_path / "ds", model,
+                                                      readers=4)}
+    assert [items[path].status for path in paths] == ["written", "skipped", "written", "written"]
+    assert items[paths[1]].image_ids == items[paths[0]].image_ids == ("first",)
+    assert items[paths[2]].image_ids == ("pic",) and items[paths[3]].image_ids != ("pic",)
+
+
 def test_two_devices_write_what_one_writes(tmp_path, tiny_checkpoint):
     """One model per device, pulling from one queue (two CPU 'devices' here)."""
     from napari_sclip import Segmenter

@@ -32,6 +32,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -191,9 +192,9 @@ def label_images(
         if client is None:
             for model in segmenters:
                 model.load(report)
-            outcomes = run_jobs(paths, ledger.plan, segmenters, vocabulary, writer.root, run)
+            outcomes = run_jobs(enumerate(paths), ledger.plan, segmenters, vocabulary, writer.root, run)
         else:
-            outcomes = _run_on_cluster(client, paths, ledger.plan, segmenters[0], vocabulary, writer.root, run,
+            outcomes = _run_on_cluster(client, enumerate(paths), ledger.plan, segmenters[0], vocabulary, writer.root, run,
                                        chunk_size)
         try:
             for outcome in outcomes:
@@ -219,52 +220,72 @@ class _Ledger:
         self._waiting: dict[str, list[Path]] = {}  # SHA-256 -> files with the same bytes
         self._done = 0  # slices done
         self._unread = files  # files not planned yet
+        self._turns = threading.Condition()
+        self._next_turn = 0
 
-    def plan(self, path: Path) -> FileJob | BatchItem | None:
-        """Hash ``path`` and plan its slices; a file with nothing to do is settled at once, and one
-        whose bytes are being labelled already waits for that file (``None``)."""
+    def plan(self, numbered: tuple[int, Path]) -> FileJob | BatchItem | None:
+        """Hash the ``n``-th file and plan its slices; a file with nothing to do is settled at
+        once, and one whose bytes are being labelled already waits for that file (``None``).
+
+        Files are hashed in parallel but planned in their given order, so which of two files
+        with the same bytes is labelled, and which of two with the same name gets the plain id,
+        does not depend on which thread is faster.
+        """
         from napari_sclip.engine.errors import ImageError
         from napari_sclip.io.images import slice_indices
 
-        path = Path(path)
+        turn, path = numbered[0], Path(numbered[1])
         try:
             status = os.stat(path)
             sha = sha256_of(path)
         except OSError as exc:
-            return self._settled(BatchItem(path, "failed", reason=describe_os_error(exc, path)), 1)
-        with self._lock:
-            if sha in self._running:
-                self._waiting.setdefault(sha, []).append(path)
-                return None
-            whole = self._kept((sha, None))
-            if whole is not None:  # a 2D image already there: no need to read it
-                return self._settled(BatchItem(path, "kept" if self.overwrite else "skipped", (whole,)), 1)
+            status, sha, unreadable = None, "", describe_os_error(exc, path)
+        with self._turn(turn):
+            if status is None:
+                return self._settled(BatchItem(path, "failed", reason=unreadable), 1)
+            with self._lock:
+                if sha in self._running:
+                    self._waiting.setdefault(sha, []).append(path)
+                    return None
+                whole = self._kept((sha, None))
+                if whole is not None:  # a 2D image already there: no need to read it
+                    return self._settled(BatchItem(path, "kept" if self.overwrite else "skipped", (whole,)), 1)
+            try:
+                indices = slice_indices(path)
+            except ImageError as exc:
+                return self._settled(BatchItem(path, "failed", reason=str(exc)), 1)
+            slices, kept = [], []
+            with self._lock:
+                for index in indices:
+                    known = self._kept((sha, index))
+                    if known is not None:
+                        kept.append(known)
+                        continue
+                    stem = path.stem if index is None else plane_stem(path.stem, index)
+                    slices.append(SliceJob(index, self.writer.plan(stem, (sha, index))))
+                job = FileJob(path, sha, (status.st_size, status.st_mtime_ns), tuple(slices), len(indices),
+                              tuple(kept), self.overwrite)
+                if not slices:
+                    return self._settled(BatchItem(path, "kept" if self.overwrite else "skipped", tuple(kept)),
+                                         len(indices))
+                self._open[path] = _FileState(job, done=len(kept))
+                self._running[sha] = path
+                self._unread -= 1
+                self._done += len(kept)
+                self._show()
+            return job
+
+    @contextmanager
+    def _turn(self, turn: int) -> Iterator[None]:
+        """Wait until the files before the ``turn``-th are planned; then plan it."""
+        with self._turns:
+            self._turns.wait_for(lambda: self._next_turn == turn)
         try:
-            indices = slice_indices(path)
-        except ImageError as exc:
-            return self._settled(BatchItem(path, "failed", reason=str(exc)), 1)
-        slices, kept = [], []
-        with self._lock:
-            if sha in self._running:  # planned meanwhile by another reader
-                self._waiting.setdefault(sha, []).append(path)
-                return None
-            for index in indices:
-                known = self._kept((sha, index))
-                if known is not None:
-                    kept.append(known)
-                    continue
-                stem = path.stem if index is None else plane_stem(path.stem, index)
-                slices.append(SliceJob(index, self.writer.plan(stem, (sha, index))))
-            job = FileJob(path, sha, (status.st_size, status.st_mtime_ns), tuple(slices), len(indices),
-                          tuple(kept), self.overwrite)
-            if not slices:
-                return self._settled(BatchItem(path, "kept" if self.overwrite else "skipped", tuple(kept)), len(indices))
-            self._open[path] = _FileState(job, done=len(kept))
-            self._running[sha] = path
-            self._unread -= 1
-            self._done += len(kept)
-            self._show()
-        return job
+            yield
+        finally:
+            with self._turns:
+                self._next_turn += 1
+                self._turns.notify_all()
 
     def _kept(self, identity) -> str | None:
         """The id of a stored slice that stays as it is (always without ``overwrite``)."""
@@ -365,7 +386,7 @@ def _as_planned(job: FileJob) -> FileJob:
 
 
 def _run_on_cluster(
-    client, paths, plan, segmenter: Segmenter, vocabulary: Vocabulary, root: Path, run: RunOptions, chunk_size: int
+    client, files, plan, segmenter: Segmenter, vocabulary: Vocabulary, root: Path, run: RunOptions, chunk_size: int
 ) -> Iterator[SliceOutcome | BatchItem]:
     """Plan here (hashing in reader threads), label chunks of ``chunk_size`` files on the workers,
     at most two chunks per worker thread in flight; a chunk whose worker dies is run again
@@ -381,7 +402,7 @@ def _run_on_cluster(
     def chunks() -> Iterator[_Chunk]:
         batch: list[FileJob] = []
         with ThreadPoolExecutor(run.readers, thread_name_prefix="napari-sclip planner") as planners:
-            for planned in _bounded_map(planners, plan, paths, 4 * run.readers):
+            for planned in _bounded_map(planners, plan, files, 4 * run.readers):
                 if isinstance(planned, BatchItem):
                     settled.append(planned)
                     continue
