@@ -257,3 +257,33 @@ def test_odd_images_are_stored_as_pngs_trainers_read(tmp_path, registry, image, 
         np.testing.assert_array_equal(np.asarray(stored), image)
     meta = json.loads(next((tmp_path / "ds").glob("*/meta/odd.json")).read_text())
     assert meta["source"]["dtype"] == str(image.dtype) and meta["source"]["shape"] == list(image.shape)
+
+
+def test_each_sample_records_its_classes_and_confidence_summary(tmp_path, registry):
+    """The summary a reviewer orders by equals plain computations on the stored mask and
+    confidence, and the journal carries it, so a reopened dataset knows it without reading files."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, (40, 50)).astype(np.uint8)  # 0 (unlabelled), person, sky: no flag
+    confidence = rng.random((40, 50)).astype(np.float32)
+    confidence[0, :4] = (0.2, 51 / 255, 0.1, 0.9)  # on and around the thresholds
+    with DatasetWriter(tmp_path / "ds", registry) as writer:
+        image_id = writer.write(Sample("a", labels, image=natural_image(40, 50), confidence=confidence))
+        uncertain = writer.write(Sample("b", labels, image=natural_image(40, 50)))
+    root = tmp_path / "ds"
+    split = next(p.parent.parent.name for p in root.glob("*/meta/a.json"))
+    meta = json.loads((root / split / "meta" / f"{image_id}.json").read_text())
+    mask = np.asarray(Image.open(root / split / "masks" / f"{image_id}.png"))
+    levels = np.asarray(Image.open(root / split / "confidence" / f"{image_id}.png")).astype(int)
+    assert meta["summary"]["classes"] == sorted(int(v) for v in np.unique(mask) if v != 255)
+    assert len(meta["summary"]["classes"]) == 2
+    assert meta["summary"]["mean_confidence"] == pytest.approx(levels.mean() / 255, abs=1e-4)
+    expected = [np.mean(levels / 255 < k / 10) for k in range(1, 10)]
+    assert meta["summary"]["confidence_below"] == pytest.approx(expected, abs=1e-4)
+    assert json.loads((root / split / "meta" / f"{uncertain}.json").read_text())["summary"]["mean_confidence"] is None
+
+    reopened = DatasetWriter(root)
+    try:
+        entry = reopened.stored(image_id)
+        assert entry.summary.to_json() == meta["summary"]
+    finally:
+        reopened.close()

@@ -39,11 +39,12 @@ import json
 import os
 import shutil
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -177,6 +178,66 @@ def is_edited(meta: dict[str, Any]) -> bool:
 
 Identity = tuple[str | None, tuple[int, ...] | None]  # (source SHA-256, slice index)
 
+#: The confidence thresholds of :attr:`Summary.confidence_below`.
+CONFIDENCE_STEPS = tuple(k / 10 for k in range(1, 10))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a reviewer sorts and filters samples by, recorded in each meta file's ``summary`` so
+    that a dataset of any size is ordered without reading its masks.
+
+    Attributes
+    ----------
+    classes
+        The training ids present in the mask, ascending (ignore excluded).
+    mean_confidence
+        The mean stored confidence over all pixels, or ``None`` without a confidence map.
+    confidence_below
+        For each threshold of :data:`CONFIDENCE_STEPS` (0.1 ... 0.9), the fraction of pixels whose
+        stored confidence is below it; ``None`` without a confidence map.
+    """
+
+    classes: tuple[int, ...]
+    mean_confidence: float | None = None
+    confidence_below: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, mask: np.ndarray, levels: np.ndarray | None) -> Summary:
+        """The summary of a training-id mask and its confidence levels (``round(255 p)``)."""
+        counts = np.bincount(mask.ravel(), minlength=1)
+        counts[fmt.ignore_value(mask.dtype):] = 0
+        classes = tuple(int(v) for v in np.flatnonzero(counts))
+        if levels is None or not levels.size:
+            return cls(classes)
+        histogram = np.bincount(levels.ravel(), minlength=256)
+        below = np.cumsum(histogram) / levels.size
+        # level / 255 < k / 10  <=>  level <= ceil(255 k / 10) - 1, in integers
+        steps = tuple(round(float(below[-(-255 * k // 10) - 1]), 4) for k in range(1, 10))
+        mean = float(np.dot(histogram, np.arange(256))) / (255 * levels.size)
+        return cls(classes, round(mean, 4), steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"classes": list(self.classes), "mean_confidence": self.mean_confidence,
+                "confidence_below": list(self.confidence_below) if self.confidence_below is not None else None}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Summary | None:
+        """The summary a meta file or journal row holds; ``None`` when it has none or a malformed one
+        (then a reader works it out from the files)."""
+        try:
+            classes = tuple(int(v) for v in value["classes"] if is_int(v, 0, fmt.MAX_UID))
+            mean = value["mean_confidence"]
+            below = value["confidence_below"]
+            if mean is not None:
+                mean = float(mean)
+                below = tuple(float(v) for v in below)
+                if len(below) != len(CONFIDENCE_STEPS) or not 0 <= mean <= 1:
+                    return None
+            return cls(classes, mean, None if mean is None else below)
+        except (KeyError, TypeError, ValueError):
+            return None
+
 
 def identity_of(meta: dict[str, Any]) -> Identity:
     """What makes two samples the same image: the source's SHA-256 and the slice of it."""
@@ -203,6 +264,9 @@ class Entry:
         It came from an image file, which keeps its id under any name.
     model
         How it was labelled (the meta's model keys, as sorted pairs), or ``()``.
+    summary
+        Its classes and confidence (:class:`Summary`); ``None`` for samples written before
+        summaries were recorded.
     """
 
     split: str
@@ -212,12 +276,14 @@ class Entry:
     identity: Identity
     from_file: bool
     model: tuple[tuple[str, Any], ...] = ()
+    summary: Summary | None = None
 
     @classmethod
     def of(cls, split: str, meta: dict[str, Any]) -> Entry:
         model = tuple((key, _frozen(meta[key])) for key in _MODEL_KEYS if key in meta)
         return cls(split, meta["image"], meta.get("review_status", "unreviewed"), is_edited(meta),
-                   identity_of(meta), bool((meta.get("source") or {}).get("path")), model)
+                   identity_of(meta), bool((meta.get("source") or {}).get("path")), model,
+                   Summary.from_json(meta.get("summary")))
 
     def to_json(self, image_id: str, meta_stat: tuple[int, ...]) -> dict[str, Any]:
         """A journal row: this entry and the stat key of the meta file it stands for
@@ -226,6 +292,7 @@ class Entry:
                 "edited": self.edited, "sha256": self.identity[0],
                 "slice": list(self.identity[1]) if self.identity[1] is not None else None,
                 "from_file": self.from_file, "model": [[key, value] for key, value in self.model],
+                "summary": self.summary.to_json() if self.summary is not None else None,
                 "stat": list(meta_stat)}
 
     @classmethod
@@ -238,7 +305,8 @@ class Entry:
             raise ValueError("malformed journal row")
         model = tuple((str(key), _frozen(value)) for key, value in row["model"])
         return cls(row["split"], row["image"], row["review_status"], row["edited"],
-                   (row["sha256"], tuple(index) if index is not None else None), bool(row["from_file"]), model)
+                   (row["sha256"], tuple(index) if index is not None else None), bool(row["from_file"]), model,
+                   Summary.from_json(row.get("summary")))
 
 
 def _stat_key(status: os.stat_result) -> tuple[int, int, int, int]:
@@ -397,9 +465,13 @@ def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
             stage(image_name, partial(_copy, sample.source, made_from))
         else:
             stage(image_name, partial(_encode_png, storable_image(sample.image)))
-        stage(f"masks/{image_id}.png", partial(_encode_png, fmt.labels_to_mask(labels, target.train_ids)))
-        if sample.confidence is not None:
-            stage(f"confidence/{image_id}.png", partial(_encode_png, _confidence_levels(sample.confidence)))
+        mask = fmt.labels_to_mask(labels, target.train_ids)
+        stage(f"masks/{image_id}.png", partial(_encode_png, mask))
+        levels = _confidence_levels(sample.confidence) if sample.confidence is not None else None
+        if levels is not None:
+            stage(f"confidence/{image_id}.png", partial(_encode_png, levels))
+        summary = Summary.of(mask, levels)
+        del mask, levels
         provenance, painted, ignored = _provenance(labels, sample.edited)
         stage(f"provenance/{image_id}.png", partial(_encode_png, provenance))
         del provenance
@@ -416,6 +488,7 @@ def _write_files(root: Path, target: Target, sample: Sample) -> dict[str, Any]:
             "edits": {"painted_pixels": painted, "ignored_pixels": ignored},
             "review_status": _review_status(carried.get("review_status"), bool(painted or ignored)),
             "vocabulary_version": carried.get("vocabulary_version", target.vocabulary_version),
+            "summary": summary.to_json(),
         }
         meta.update((key, value) for key, value in carried.items() if key not in meta)
         text = _meta_text(meta)
@@ -663,6 +736,10 @@ class DatasetWriter:
         return sorted({entry.split for entry in self._samples.values()}, key=SPLIT_NAMES.index)
 
     # -- ids ---------------------------------------------------------------------------------------
+
+    def entries(self) -> Mapping[str, Entry]:
+        """Every sample's entry, by id (a read-only view that follows later writes)."""
+        return MappingProxyType(self._samples)
 
     def stored(self, image_id: str) -> Entry | None:
         """The entry of a sample already in the dataset, if any."""
