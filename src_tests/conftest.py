@@ -30,7 +30,8 @@ TINY_DEEP_CONFIG = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "
 
 def register_tiny_model(folder: Path) -> None:
     """Make ``sclip-test-tiny`` and ``sclip-test-tiny-deep`` known to open_clip (idempotent)."""
-    import open_clip
+    # Through the Mesa guard: a GUI test may have made a canvas first.
+    from napari_sclip.engine._torch import open_clip
 
     for name, cfg in ((TINY_MODEL, TINY_CONFIG), (TINY_DEEP_MODEL, TINY_DEEP_CONFIG)):
         if name not in open_clip.list_models():
@@ -42,8 +43,7 @@ def register_tiny_model(folder: Path) -> None:
 def make_tiny_clip(seed: int = 0, vision_layers: int | None = None):
     """A tiny CLIP with random weights (non-trivial biases, so every term of CSA matters);
     ``vision_layers`` overrides the ViT's depth (SC-CLIP needs 12)."""
-    import open_clip
-    import torch
+    from napari_sclip.engine._torch import open_clip, torch
 
     torch.manual_seed(seed)
     cfg = json.loads(json.dumps(TINY_CONFIG))
