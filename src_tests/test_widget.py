@@ -15,6 +15,7 @@ import pytest
 from qtpy.QtCore import Qt
 
 from napari_sclip.colors import label_color
+from napari_sclip.plugin.records import RECORDS
 
 from conftest import TINY_MODEL, natural_image
 
@@ -826,10 +827,24 @@ def test_two_viewers_keep_their_own_layers(display, make_napari_viewer, tiny_che
     assert widgets[0].viewer.layers["img labels"].features["class_name"].tolist() == ["unlabelled", "cat", "dog"]
     first_labels = widgets[0].viewer.layers["img labels"]
     first_labels.data_setitem((np.array([0]), np.array([0])), 0)
-    assert widgets[0]._records[first_labels.unique_id].state.edited.sum() == 1
+    assert RECORDS.get(first_labels).state.edited.sum() == 1
     second_labels = widgets[1].viewer.layers["img labels"]
-    assert widgets[1]._records[second_labels.unique_id].state.edited.sum() == 0
+    assert RECORDS.get(second_labels).state.edited.sum() == 0
     assert widgets[1]._vocabulary_edit.toPlainText() == "sky\ntree\nrocket"
+
+
+def test_a_duplicated_labels_layer_has_its_own_edits(widget, qtbot):
+    """napari copies metadata shallowly: the duplicate must not share the original's edit mask."""
+    from napari.layers._layer_actions import _duplicate_layer
+
+    labels = _segmented(qtbot, widget, (40, 50))
+    labels.data_setitem((np.array([1]), np.array([1])), 2)
+    widget.viewer.layers.selection = {labels}
+    _duplicate_layer(widget.viewer.layers)
+    copy = widget.viewer.layers["img labels copy"]
+    copy.data_setitem((np.array([5, 6]), np.array([5, 6])), 1)
+    assert RECORDS.get(copy).state.edited.sum() == 3  # its own mask, carried over, then its strokes
+    assert RECORDS.get(labels).state.edited.sum() == 1
 
 
 def test_the_picker_names_the_active_image_also_when_docked_after_several(display, make_napari_viewer, qtbot):

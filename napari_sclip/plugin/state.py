@@ -98,7 +98,8 @@ class LabelsState:
             return cls.adopt(data)
         shape = np.shape(data)
         edited = plain.get("edited")
-        edited = np.zeros(shape, bool) if edited is None or np.shape(edited) != shape else np.asarray(edited, bool)
+        # A copy: a duplicated layer's metadata shares the original's array.
+        edited = np.zeros(shape, bool) if edited is None or np.shape(edited) != shape else np.array(edited, bool)
         return cls(
             classes=ClassRegistry.from_json(plain["classes"]),
             edited=edited,

@@ -4,10 +4,9 @@ Business logic lives in :mod:`napari_sclip.classes`, :mod:`.state`, :mod:`.edits
 and :mod:`.runner`; this module wires them to Qt controls and to napari generator workers, so
 nothing slow ever runs on the GUI thread.
 
-The widget keeps one record per labels layer it works with (:class:`_LabelsRecord`: the layer's
-:class:`~napari_sclip.plugin.state.LabelsState` and the tracker of a person's edits), keyed by the
-layer's ``unique_id``: plugins see napari's proxies of layers, so identity is no key.  Each change
-is written back into the layer's metadata as plain data, which an export reads.
+The record of each labels layer it works with (its
+:class:`~napari_sclip.plugin.state.LabelsState` and the tracker of a person's edits) lives in
+:mod:`.records`, shared with review sessions.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import logging
 import threading
 from collections.abc import Generator, Hashable
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,7 +51,6 @@ from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.methods import METHODS, get_method
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
-from napari_sclip.plugin.edits import EditTracker
 from napari_sclip.plugin.engine_loader import engine_devices, make_segmenter
 from napari_sclip.plugin.io import labelled_images
 from napari_sclip.plugin.layers import (
@@ -64,6 +61,7 @@ from napari_sclip.plugin.layers import (
     style_labels_layer,
     values_present,
 )
+from napari_sclip.plugin.records import RECORDS, LabelsRecord
 from napari_sclip.plugin.runner import (
     JobProgress,
     SegmentJob,
@@ -86,15 +84,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 EXAMPLE_VOCABULARY = "person\nsky\ntree, plant\nbuilding\ngrass\n"
-
-
-@dataclass
-class _LabelsRecord:
-    """The widget's record of one labels layer: its state, and the tracker marking a person's
-    edits into ``state.edited``."""
-
-    state: LabelsState
-    tracker: EditTracker
 
 
 class _Choice(QComboBox):
@@ -136,7 +125,6 @@ class SclipWidget(QWidget):
         self._stop_export: threading.Event | None = None
         self._segmenter = None
         self._warnings: list[str] = []  # the running job's warnings, for its final status
-        self._records: dict[Hashable, _LabelsRecord] = {}  # by labels layer unique_id
         self._drafts: dict[Hashable, str] = {}  # by image unique_id: vocabulary typed, not yet run
         self._image_names: dict[Hashable, str] = {}  # by image unique_id: to follow renames
         self._setting_text = False
@@ -328,9 +316,8 @@ class SclipWidget(QWidget):
         self._refresh_images()
 
     def _on_removed(self, event) -> None:
+        RECORDS.forget(event.value)
         present = {layer.unique_id for layer in self.viewer.layers}
-        for uid in [uid for uid in self._records if uid not in present]:
-            self._records.pop(uid).tracker.disconnect()
         for uid in [uid for uid in self._drafts if uid not in present]:
             del self._drafts[uid]
         self._refresh_images()
@@ -427,15 +414,8 @@ class SclipWidget(QWidget):
         name = labels_name(image.name)
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _record(self, labels) -> _LabelsRecord:
-        """The widget's record of ``labels``, made on first use from the layer's metadata (a
-        layer napari-sclip did not make is adopted: its labels are someone's work)."""
-        record = self._records.get(labels.unique_id)
-        if record is None:
-            state = LabelsState.from_metadata(labels.metadata, labels.data)
-            state.store(labels.metadata)
-            record = self._records[labels.unique_id] = _LabelsRecord(state, EditTracker(labels, state.edited))
-        return record
+    def _record(self, labels) -> LabelsRecord:
+        return RECORDS.get(labels)
 
     # -- vocabulary -------------------------------------------------------------------------------
 
@@ -780,7 +760,7 @@ class SclipWidget(QWidget):
         QTimer.singleShot(0, lambda: self._drive(steps, done))
 
     def _update_labels(
-        self, labels, record: _LabelsRecord, results: list[SliceResult], retired: list[int], overwrite: bool
+        self, labels, record: LabelsRecord, results: list[SliceResult], retired: list[int], overwrite: bool
     ) -> Generator[None, None, int]:
         """Re-run: write new labels around the person's edits, as one undo step, in bands of rows.
 
@@ -812,7 +792,7 @@ class SclipWidget(QWidget):
                         changed += yield from iter_write_labels(labels, region, cleared, None)
         return changed
 
-    def _finish(self, image, labels, record: _LabelsRecord, results: list[SliceResult], options: SegmentOptions,
+    def _finish(self, image, labels, record: LabelsRecord, results: list[SliceResult], options: SegmentOptions,
                 changed: int) -> None:
         self._writing = False
         self._show_busy()
@@ -900,7 +880,7 @@ class SclipWidget(QWidget):
                             labels.data, {"metadata": labels.metadata},
                             layers[confidence].data if confidence in layers else None))
         paired = {labels.unique_id for _, labels in pairs}
-        orphans = [layer.name for layer in layers if layer.unique_id in self._records and layer.unique_id not in paired]
+        orphans = [layer.name for layer in layers if layer in RECORDS and layer.unique_id not in paired]
         return sources, orphans
 
     def _export_clicked(self) -> None:
