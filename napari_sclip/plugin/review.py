@@ -1,0 +1,330 @@
+"""Reviewing a dataset in napari, one sample at a time (napari, no Qt).
+
+A :class:`ReviewSession` holds the dataset (as its writer: another process cannot write into it
+meanwhile) and shows one sample in three layers, an image, its labels and its confidence, whose
+data change as the reviewer moves on.  Opening reads only the owner's index, so it costs the same
+for 20 or 20,000 samples; the next sample in the queue is read in the background meanwhile.
+
+Edits are saved as the dataset's own sample (atomically, with its provenance) when the reviewer
+moves on, marks a sample reviewed, saves, or closes the session.  Undo works within the open
+sample: moving on starts a new history.
+
+    from napari_sclip.plugin.review import open_review
+    review = open_review(viewer, "my-dataset")
+    review.next(); review.mark_reviewed(); review.close()
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from napari.utils.events import EmitterGroup
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.reader import StoredSample, find_dataset_root, read_sample
+from napari_sclip.dataset.review import REVIEWED, UNREVIEWED, Counts, QueueOptions, counts, queue
+from napari_sclip.dataset.writer import DatasetWriter, Sample, read_meta
+from napari_sclip.plugin.layers import (
+    class_colormap,
+    class_features,
+    confidence_name,
+    labels_name,
+    locked,
+)
+from napari_sclip.plugin.records import RECORDS
+from napari_sclip.plugin.state import LabelsState
+
+#: Keys of the review, bound on the viewer while a session is open.
+KEYS = {"PageDown": "next", "PageUp": "previous", "Shift-R": "toggle_reviewed"}
+
+
+def open_review(viewer, path: str | Path, options: QueueOptions | None = None) -> ReviewSession:
+    """Open the dataset at ``path`` (its folder or manifest) for review in ``viewer``: its first
+    sample not yet reviewed (in the queue's order) is shown.
+
+    Raises :class:`DatasetError` (one line) when ``path`` is no dataset, or another process holds it.
+    """
+    from napari_sclip.dataset.format import MANIFEST
+
+    root = find_dataset_root(path)
+    if root is None:
+        raise DatasetError(f"{path} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
+    return ReviewSession(viewer, DatasetWriter(root), options or QueueOptions())
+
+
+class ReviewSession:
+    """One dataset under review in one viewer (see the module's documentation).
+
+    ``events.changed`` is emitted whenever the sample shown, the queue, the counts or the review
+    mark change.
+    """
+
+    def __init__(self, viewer, writer: DatasetWriter, options: QueueOptions) -> None:
+        self.viewer = viewer
+        self.root = writer.root
+        self.events = EmitterGroup(source=self, changed=None)
+        self._writer = writer
+        self._options = options
+        self._ids: list[str] = []
+        self._position = -1
+        self._sample: StoredSample | None = None
+        self._layers: dict[str, object] = {}  # "image", "labels", "confidence"
+        self._dirty = False
+        self._replacing = False
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="napari-sclip prefetch")
+        self._loading: dict[str, Future] = {}
+        self._closed = False
+        for key, action in KEYS.items():
+            viewer.bind_key(key, self._key_action(action), overwrite=True)
+        viewer.layers.events.removed.connect(self._on_removed)
+        self.set_options(options)
+
+    # -- the queue ---------------------------------------------------------------------------------
+
+    @property
+    def options(self) -> QueueOptions:
+        return self._options
+
+    def set_options(self, options: QueueOptions) -> None:
+        """Order and filter the queue anew; the sample shown stays if the queue keeps it, else the
+        first one not reviewed is shown."""
+        self._options = options
+        self._ids = queue(self._writer.entries(), options)
+        current = self.current_id
+        if current in self._ids:
+            self._position = self._ids.index(current)
+            self._prefetch()
+            self.events.changed()
+        elif self._ids:
+            entries = self._writer.entries()
+            self._go(next((k for k, i in enumerate(self._ids) if entries[i].review_status != REVIEWED), 0))
+        else:
+            self.events.changed()
+
+    @property
+    def ids(self) -> list[str]:
+        """The queue: the ids of the samples the options keep, in their order."""
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def position(self) -> int:
+        """The index of the sample shown in :attr:`ids` (-1 when it left the queue or none is)."""
+        return self._position
+
+    @property
+    def current_id(self) -> str | None:
+        return self._sample.id if self._sample is not None else None
+
+    def counts(self) -> Counts:
+        """Reviewed, edited and untouched samples of the whole dataset."""
+        return counts(self._writer.entries())
+
+    def status(self, image_id: str) -> str:
+        """A sample's review status as stored (``unreviewed``, ``edited`` or ``reviewed``)."""
+        return self._writer.entries()[image_id].review_status
+
+    # -- moving ------------------------------------------------------------------------------------
+
+    def next(self) -> None:
+        """Save the sample shown (if changed) and show the next one in the queue."""
+        if self._position + 1 < len(self._ids):
+            self._go(self._position + 1)
+
+    def previous(self) -> None:
+        if self._position > 0:
+            self._go(self._position - 1)
+
+    def goto(self, image_id: str) -> None:
+        """Show the sample ``image_id`` (one of :attr:`ids`)."""
+        if image_id not in self._ids:
+            raise DatasetError(f"no sample {image_id!r} in the review queue of {self.root}")
+        self._go(self._ids.index(image_id))
+
+    def _go(self, position: int) -> None:
+        self.save()  # raises (and stays) if the edits cannot be written
+        image_id = self._ids[position]
+        sample = self._load(image_id)
+        self._show(sample)
+        self._position = position
+        self._prefetch()
+        self.events.changed()
+
+    def _load(self, image_id: str) -> StoredSample:
+        future = self._loading.pop(image_id, None)
+        if future is not None:
+            return future.result()
+        return self._read(image_id)
+
+    def _read(self, image_id: str) -> StoredSample:
+        return read_sample(self.root, self._writer.entries()[image_id].split, image_id, self._writer.train_ids)
+
+    def _prefetch(self) -> None:
+        """Read the next sample in the background; forget what else was read ahead."""
+        ahead = self._ids[self._position + 1] if 0 <= self._position < len(self._ids) - 1 else None
+        for image_id in [i for i in self._loading if i != ahead]:
+            self._loading.pop(image_id).cancel()
+        if ahead is not None and ahead not in self._loading:
+            self._loading[ahead] = self._loader.submit(self._read, ahead)
+
+    # -- the layers --------------------------------------------------------------------------------
+
+    def _show(self, sample: StoredSample) -> None:
+        """Put ``sample`` into the review's layers (made, or remade where the image's kind changed)."""
+        viewer = self.viewer
+        registry = ClassRegistry.from_json(self._writer.registry.to_json())  # the layer's own copy
+        review_status = REVIEWED if sample.meta.get("review_status") == REVIEWED else UNREVIEWED
+        state = LabelsState(registry, sample.edited, {(): sample.meta}, review_status)
+        rgb = sample.image.ndim == 3 and sample.image.shape[-1] in (3, 4)
+        image = self._layer("image")
+        self._replacing = True
+        try:
+            if image is not None and (image.rgb != rgb or image.data.ndim != sample.image.ndim):
+                viewer.layers.remove(image)
+                image = None
+            labels, confidence = self._layer("labels"), self._layer("confidence")
+            if labels is not None:  # names first: the widget then has no rename to follow
+                labels.name = labels_name(sample.id)
+            if confidence is not None:
+                confidence.name = confidence_name(sample.id)
+            if image is None:
+                image = viewer.add_image(sample.image, name=sample.id, rgb=rgb)
+                viewer.layers.move(viewer.layers.index(image), 0)
+            else:
+                image.name = sample.id
+                image.data = sample.image
+                if not rgb or sample.image.dtype != np.uint8:
+                    image.reset_contrast_limits()
+            image.metadata["dataset_image"] = str(self.root / sample.split / sample.meta["image"])
+            if sample.confidence is not None:
+                if confidence is None:
+                    confidence = viewer.add_image(sample.confidence, name=confidence_name(sample.id), colormap="magma",
+                                                  contrast_limits=(0.0, 1.0), opacity=0.6, visible=False)
+                else:
+                    confidence.data = sample.confidence
+            elif confidence is not None:
+                viewer.layers.remove(confidence)
+                confidence = None
+            if labels is None:
+                metadata: dict = {}
+                state.store(metadata)
+                labels = viewer.add_labels(sample.labels, name=labels_name(sample.id), metadata=metadata)
+                labels.events.paint.connect(self._on_paint)
+                labels.events.data.connect(self._on_paint)
+            else:
+                with locked(labels):  # a new undo history: undo stays within one sample
+                    labels.data = sample.labels
+            labels.colormap = class_colormap(registry)
+            labels.features = class_features(registry)
+            RECORDS.replace(labels, state)
+            self._layers = {"image": image, "labels": labels, "confidence": confidence}
+            if viewer.layers.selection.active is not labels:
+                viewer.layers.selection.active = labels
+            if self._sample is None or self._sample.image.shape[:2] != sample.image.shape[:2]:
+                viewer.reset_view()
+        finally:
+            self._replacing = False
+        self._sample = sample
+        self._dirty = False
+
+    def _layer(self, kind: str):
+        """The review's layer of this kind, if it is still in the viewer."""
+        layer = self._layers.get(kind)
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    def _on_paint(self, event=None) -> None:
+        if not self._replacing:
+            self._dirty = True
+
+    def _on_removed(self, event) -> None:
+        RECORDS.forget(event.value)
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether the sample shown has edits or a mark not saved yet."""
+        return self._dirty
+
+    def mark_reviewed(self, reviewed: bool = True) -> None:
+        """Mark the sample shown as checked by a person (or not), and save it."""
+        labels = self._layer("labels")
+        if self._sample is None or labels is None:
+            return
+        record = RECORDS.get(labels)
+        wanted = REVIEWED if reviewed else UNREVIEWED
+        if record.state.review_status != wanted:
+            record.state.review_status = wanted
+            record.store(labels)
+            self._dirty = True
+        self.save()
+
+    def save(self) -> bool:
+        """Write the sample shown if it changed: its labels, the pixels a person edited, its review
+        mark, and its confidence (a re-run may have changed it); returns whether it wrote.  Raises
+        :class:`DatasetError` (one line) when it cannot, and the edits stay unsaved."""
+        labels = self._layer("labels")
+        if self._sample is None or labels is None or not self._dirty:
+            return False
+        sample = self._sample
+        state = RECORDS.get(labels).state
+        confidence = self._layer("confidence")
+        stored_image = self.root / sample.split / sample.meta["image"]
+        written = self._writer.write(Sample(
+            stem=sample.id,
+            labels=np.asarray(labels.data),
+            source=stored_image,
+            confidence=np.asarray(confidence.data) if confidence is not None else None,
+            edited=state.edited,
+            meta={**state.slices.get((), sample.meta), "review_status": state.review_status},
+        ))
+        if written != sample.id:  # the writer keeps an image's id; anything else is a bug to see
+            raise DatasetError(f"sample {sample.id!r} was saved as {written!r}")
+        meta = read_meta(self.root / sample.split / "meta" / f"{sample.id}.json")
+        state.slices[()] = meta
+        state.store(labels.metadata)
+        self._sample = StoredSample(sample.id, sample.split, sample.image, sample.labels, sample.confidence,
+                                    sample.edited, meta)
+        self._dirty = False
+        self.events.changed()
+        return True
+
+    def close(self) -> None:
+        """Save the sample shown, and give the dataset up (the layers stay in the viewer)."""
+        if self._closed:
+            return
+        try:
+            self.save()
+        finally:
+            self._closed = True
+            for key in KEYS:
+                self.viewer.bind_key(key, None)
+            self.viewer.layers.events.removed.disconnect(self._on_removed)
+            for future in self._loading.values():
+                future.cancel()
+            self._loader.shutdown(wait=True)
+            self._writer.close()
+
+    # -- keys --------------------------------------------------------------------------------------
+
+    def toggle_reviewed(self) -> None:
+        labels = self._layer("labels")
+        if labels is not None:
+            self.mark_reviewed(RECORDS.get(labels).state.review_status != REVIEWED)
+
+    def _key_action(self, name: str):
+        def action(viewer) -> None:
+            from napari.utils.notifications import show_error
+
+            try:
+                getattr(self, name)()
+            except DatasetError as exc:
+                show_error(f"SCLIP review: {exc}")
+
+        action.__doc__ = f"napari-sclip review: {name.replace('_', ' ')}"
+        return action

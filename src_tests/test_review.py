@@ -1,0 +1,173 @@
+"""Reviewing a dataset in napari (Xvfb): one sample at a time, edits saved as the reviewer moves
+on, review marks that persist, and a queue ordered from the index alone.
+
+Datasets are written by :class:`DatasetWriter` with known labels and confidence (no model), so
+that every figure can be checked against the arrays that went in.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset.reader import read_sample, sample_ids
+from napari_sclip.dataset.review import QueueOptions
+from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+from conftest import natural_image
+
+CLASSES = {1: ("grass",), 2: ("sky", "clouds"), 3: ("person",)}
+
+
+def make_dataset(root, count: int, height: int = 48, width: int = 64) -> dict[str, dict]:
+    """``count`` samples ``s000``...: sample k has mean confidence about (k + 1) / (count + 1) and
+    classes 1 and 2 (every third sample also 3).  Returns what went in, by id."""
+    registry = ClassRegistry(dict(CLASSES), [1, 2, 3])
+    base = natural_image(height, width)
+    made = {}
+    with DatasetWriter(root, registry, {"train": 1.0}) as writer:
+        for k in range(count):
+            labels = np.ones((height, width), np.uint8)
+            labels[: height // 2] = 2
+            if k % 3 == 0:
+                labels[-6:, -6:] = 3
+            confidence = np.full((height, width), (k + 1) / (count + 1), np.float32)
+            image = np.roll(base, k, axis=1)
+            image_id = writer.write(Sample(f"s{k:03d}", labels, image=image, confidence=confidence))
+            made[image_id] = {"labels": labels, "confidence": confidence, "image": image}
+    return made
+
+
+@pytest.fixture
+def viewer(display, make_napari_viewer):
+    return make_napari_viewer(show=True)
+
+
+def test_the_queue_opens_on_the_first_unreviewed_sample_and_moves_with_keys(viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review import open_review
+
+    made = make_dataset(tmp_path / "ds", 5)
+    review = open_review(viewer, tmp_path / "ds")
+    try:
+        assert len(review) == 5 and review.current_id == "s000"
+        assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
+        np.testing.assert_array_equal(viewer.layers["s000 labels"].data, made["s000"]["labels"])
+        canvas = viewer.window._qt_viewer.canvas.native
+        qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+        assert review.current_id == "s001"
+        assert [layer.name for layer in viewer.layers] == ["s001", "s001 confidence", "s001 labels"]
+        np.testing.assert_array_equal(viewer.layers["s001"].data, made["s001"]["image"])
+        qtbot.keyClick(canvas, Qt.Key.Key_PageUp)
+        assert review.current_id == "s000"
+        review.goto("s004")
+        assert review.position == 4
+        review.next()  # the last one: stays
+        assert review.current_id == "s004"
+    finally:
+        review.close()
+
+
+def test_edits_are_saved_on_moving_on_and_undo_stays_within_a_sample(viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review import open_review
+
+    made = make_dataset(tmp_path / "ds", 3)
+    review = open_review(viewer, tmp_path / "ds")
+    labels = viewer.layers["s000 labels"]
+    labels.selected_label = 3
+    labels.paint((5, 5), 3, refresh=True)  # napari's brush, with its undo history
+    painted = np.asarray(labels.data).copy()
+    assert review.unsaved
+    review.next()
+    assert not review.unsaved
+    labels = viewer.layers["s001 labels"]
+    labels.undo()  # nothing of s000's strokes to undo here
+    np.testing.assert_array_equal(labels.data, made["s001"]["labels"])
+    assert not review.unsaved
+    assert review.status("s000") == "edited"
+    review.close()
+
+    from napari_sclip.dataset.format import read_manifest
+
+    root = tmp_path / "ds"
+    _, _, train_ids = read_manifest(root)
+    stored = read_sample(root, "train", "s000", train_ids)
+    np.testing.assert_array_equal(stored.labels, painted)
+    changed = painted != made["s000"]["labels"]
+    assert changed.sum() > 20
+    np.testing.assert_array_equal(stored.edited, changed)
+    assert stored.meta["review_status"] == "edited"
+    assert stored.meta["edits"]["painted_pixels"] == changed.sum()
+    np.testing.assert_allclose(stored.confidence, np.round(made["s000"]["confidence"] * 255) / 255)
+
+
+def test_reviewed_is_one_key_and_survives_reopening_with_counts(viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review import open_review
+
+    make_dataset(tmp_path / "ds", 4)
+    review = open_review(viewer, tmp_path / "ds")
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.keyClick(canvas, Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)
+    assert review.status("s000") == "reviewed"
+    qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+    qtbot.keyClick(canvas, Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)
+    counts = review.counts()
+    assert (counts.reviewed, counts.edited, counts.untouched, counts.total) == (2, 0, 2, 4)
+    review.close()
+
+    again = open_review(viewer, tmp_path / "ds")
+    try:
+        assert again.current_id == "s002"  # where the review stopped: the first not reviewed
+        assert again.ids[:2] == ["s002", "s003"]
+        assert again.counts().reviewed == 2
+    finally:
+        again.close()
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert {row["id"]: row["review_status"] for row in rows} == {
+        "s000": "reviewed", "s001": "reviewed", "s002": "unreviewed", "s003": "unreviewed"}
+
+
+def test_the_queue_orders_and_filters_by_confidence_class_and_status(viewer, tmp_path):
+    from napari_sclip.plugin.review import open_review
+
+    make_dataset(tmp_path / "ds", 6)
+    review = open_review(viewer, tmp_path / "ds", QueueOptions(order="least confident first"))
+    try:
+        assert review.ids == [f"s{k:03d}" for k in range(6)]
+        review.set_options(QueueOptions(order="most uncertain pixels first", threshold=0.5))
+        # confidence (k + 1) / 7: samples 0, 1, 2 are below 0.5 everywhere, the others nowhere
+        assert review.ids[:3] == ["s000", "s001", "s002"]
+        person = _train_id(tmp_path / "ds", "person")
+        review.set_options(QueueOptions(class_id=person))
+        assert review.ids == ["s000", "s003"]
+        review.mark_reviewed()
+        review.set_options(QueueOptions(status="not reviewed"))
+        assert review.current_id not in review.ids or review.status(review.current_id) != "reviewed"
+        assert "s000" not in review.ids and len(review) == 5
+    finally:
+        review.close()
+
+
+def _train_id(root, name: str) -> int:
+    from napari_sclip.dataset.format import read_manifest
+
+    _, registry, train_ids = read_manifest(root)
+    return next(train_ids[uid] for uid, names in registry.names.items() if names[0] == name)
+
+
+def test_a_dataset_under_review_is_held(viewer, tmp_path):
+    from napari_sclip.dataset.paths import DatasetError
+    from napari_sclip.plugin.review import open_review
+
+    make_dataset(tmp_path / "ds", 2)
+    review = open_review(viewer, tmp_path / "ds")
+    try:
+        with pytest.raises(DatasetError, match="held|in use|another"):
+            DatasetWriter(tmp_path / "ds")
+    finally:
+        review.close()
+    DatasetWriter(tmp_path / "ds").close()
+    assert len(sample_ids(tmp_path / "ds")) == 2
