@@ -3,7 +3,8 @@
 * ``segment IMAGE... --classes-file FILE --out DATASET`` pseudo-labels images or folders of images
   into a dataset folder (``docs/dataset.md``); it resumes where an interrupted run stopped;
 * ``export-coco DATASET OUT.json`` and ``export-voc DATASET OUT/`` convert a dataset;
-* ``gui`` opens napari with the widget; ``info`` describes the installation.
+* ``gui`` opens napari with the widget; ``review`` opens a dataset's review panel; ``info`` describes
+  the installation.
 
 Errors are one line on stderr and a non-zero exit status; ``--debug`` shows tracebacks.
 """
@@ -167,6 +168,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "(or the astronaut sample).",
     )
     gui.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (default: a sample)")
+
+    review = commands.add_parser(
+        "review",
+        help="review a dataset in napari, one image at a time",
+        description="Open napari with a dataset's review panel (and the SCLIP widget): the first "
+        "sample not yet reviewed is shown; edits are saved as you move on.",
+    )
+    review.add_argument("dataset", metavar="DATASET", help="a napari-sclip dataset folder (or its dataset.json)")
 
     commands.add_parser("info", help="show versions, devices, defaults and cache folders")
     return parser
@@ -367,6 +376,37 @@ def open_gui(images: Sequence[str] = ()):
     return viewer, widget
 
 
+def open_review_gui(dataset: str):
+    """A napari viewer reviewing ``dataset``, with the SCLIP widget docked (to segment again)."""
+    import napari
+
+    from napari_sclip.plugin.review_panel import show_review
+
+    viewer = napari.Viewer(title="napari-sclip review")
+    viewer.window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")
+    try:
+        panel = show_review(viewer, dataset)
+    except BaseException:
+        viewer.close()
+        raise
+    return viewer, panel
+
+
+def _review(args: argparse.Namespace) -> int:
+    from napari_sclip.dataset.format import MANIFEST
+    from napari_sclip.dataset.paths import DatasetError
+    from napari_sclip.dataset.reader import find_dataset_root
+
+    if find_dataset_root(args.dataset) is None:  # before napari starts: one line, at once
+        raise DatasetError(f"{args.dataset} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
+    _check_display()
+    import napari
+
+    open_review_gui(args.dataset)
+    napari.run()
+    return 0
+
+
 def _check_display() -> None:
     """Qt aborts the process (several lines, exit 134) when Linux has no display: say it in one."""
     import os
@@ -445,9 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    command = {"segment": _segment, "export-coco": _export, "export-voc": _export, "gui": _gui, "info": _info}[
-        args.command
-    ]
+    command = {"segment": _segment, "export-coco": _export, "export-voc": _export, "gui": _gui, "review": _review,
+               "info": _info}[args.command]
     try:
         with warnings.catch_warnings():  # restores showwarning
             warnings.showwarning = _show_warning

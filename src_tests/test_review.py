@@ -171,3 +171,70 @@ def test_a_dataset_under_review_is_held(viewer, tmp_path):
         review.close()
     DatasetWriter(tmp_path / "ds").close()
     assert len(sample_ids(tmp_path / "ds")) == 2
+
+
+def _panel(viewer):
+    from napari_sclip.plugin.review_panel import PANEL_NAME
+
+    return viewer.window.dock_widgets[PANEL_NAME]
+
+
+def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(viewer, qtbot, tmp_path):
+    from test_widget import choose, click
+
+    made = make_dataset(tmp_path / "ds", 12)
+    assert viewer.open(str(tmp_path / "ds" / "dataset.json"), plugin=None) == []
+    panel = _panel(viewer)
+    assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
+    assert panel._counts.text() == "0 reviewed · 0 edited · 12 untouched of 12"
+    click(qtbot, panel._next)
+    assert panel.session.current_id == "s001" and panel._message.text() == "s001: 2 of 12 in the queue"
+    click(qtbot, panel._reviewed)
+    assert panel._counts.text() == "1 reviewed · 0 edited · 11 untouched of 12" and panel._progress.value() == 1
+    choose(panel._order, "least confident first")
+    choose(panel._status_filter, "not reviewed")
+    assert panel.session.ids[0] == "s000" and "s001" not in panel.session.ids
+    choose(panel._class, "person")
+    assert panel.session.ids == ["s000", "s003", "s006", "s009"]
+    row = panel._list.visualRect(panel._model.index(2)).center()
+    qtbot.mouseClick(panel._list.viewport(), Qt.MouseButton.LeftButton, pos=row)
+    assert panel.session.current_id == "s006"
+    np.testing.assert_array_equal(viewer.layers["s006 labels"].data, made["s006"]["labels"])
+    click(qtbot, panel._close)
+    assert "SCLIP review" not in viewer.window.dock_widgets
+    DatasetWriter(tmp_path / "ds").close()  # given up
+
+
+def test_closing_the_window_saves_the_sample_and_gives_the_dataset_up(display, make_napari_viewer, tmp_path):
+    from napari_sclip.plugin.review_panel import show_review
+
+    viewer = make_napari_viewer(show=True)
+    make_dataset(tmp_path / "ds", 2)
+    show_review(viewer, tmp_path / "ds")
+    viewer.layers["s000 labels"].paint((4, 4), 3, refresh=True)
+    viewer.close()
+    DatasetWriter(tmp_path / "ds").close()
+    assert json.loads((tmp_path / "ds" / "train" / "meta" / "s000.json").read_text())["review_status"] == "edited"
+
+
+def test_a_second_dataset_replaces_the_first_review(viewer, tmp_path):
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "one", 2)
+    make_dataset(tmp_path / "two", 3)
+    show_review(viewer, tmp_path / "one")
+    panel = show_review(viewer, tmp_path / "two")
+    assert len(panel.session) == 3
+    DatasetWriter(tmp_path / "one").close()  # the first was given up
+    panel.close_review()
+
+
+def test_the_review_command_says_what_is_wrong_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "plain").mkdir()
+    result = subprocess.run([sys.executable, "-m", "napari_sclip.cli", "review", str(tmp_path / "plain")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "is not a napari-sclip dataset" in result.stderr

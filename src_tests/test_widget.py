@@ -8,6 +8,7 @@ questions are answered by replacing ``QFileDialog.get*`` and ``QMessageBox.quest
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -124,6 +125,15 @@ def slow_runs(monkeypatch) -> list:
 
     monkeypatch.setattr("napari_sclip.plugin.widget.run_job", slow_job)
     return started
+
+
+def review_panel(widget):
+    """The review panel docked in the widget's window (not napari's proxy of it: a test may look
+    at its controls)."""
+    from napari_sclip.plugin.review_panel import PANEL_NAME
+
+    panel = widget.viewer.window.dock_widgets[PANEL_NAME]
+    return getattr(panel, "__wrapped__", panel)
 
 
 def class_list(widget) -> list[str]:
@@ -512,7 +522,8 @@ def test_a_dataset_reopens_with_its_classes_for_more_editing(widget, qtbot, tmp_
     assert (reopened.data[:6, :6] == 2).all()  # the stored correction survives the re-run
     assert set(np.unique(reopened.data[10:, 10:])) <= {1, 2}
 
-    export(qtbot, widget, answers, folder)  # back into the same dataset
+    panel = review_panel(widget)
+    click(qtbot, panel._save)  # back into the same dataset
     meta = _stored_meta(folder, "pet")
     assert meta["model"] == TINY_MODEL and meta["window"] == 224  # the new run's provenance
     assert meta["source"]["path"] == str(tmp_path / "pet.png")  # the sample's identity stays
@@ -641,11 +652,16 @@ def test_export_the_selected_images_or_all_and_round_trip(widget, qtbot, tmp_pat
     assert sorted(p.stem for p in (tmp_path / "all").glob("*/masks/*.png")) == ["img", "second"]
 
     viewer.layers.clear()
+    shutil.copytree(tmp_path / "all", tmp_path / "before")
     answers["folder"] = str(tmp_path / "all")
-    click(qtbot, widget._open_button)
-    viewer.layers.selection = set()
-    export(qtbot, widget, answers, tmp_path / "again")
-    same_files_apart_from_timestamps(tmp_path / "all", tmp_path / "again")
+    click(qtbot, widget._open_button)  # a review: marking and unmarking rewrites each sample
+    panel = review_panel(widget)
+    for _ in range(2):
+        click(qtbot, panel._reviewed)
+        click(qtbot, panel._reviewed)
+        click(qtbot, panel._next)
+    click(qtbot, panel._close)
+    same_files_apart_from_timestamps(tmp_path / "before", tmp_path / "all")
 
 
 def test_export_can_be_cancelled(widget, qtbot, tmp_path, monkeypatch, answers):

@@ -960,11 +960,13 @@ def _holds_only_leftovers(folder: Path) -> bool:
 
 def _merge_classes(stored: ClassRegistry, registry, vocabulary, manifest: Path) -> ClassRegistry:
     """The classes to write with: ``vocabulary`` adopted into the dataset's (by name), or
-    ``registry`` with the dataset's classes added (by uid)."""
+    ``registry`` with the dataset's classes added (by uid), or with neither the dataset's as they
+    are (its current vocabulary stays)."""
     if vocabulary is not None:
         stored.update(tuple(tuple(names) for names in vocabulary))
         return stored
-    registry = registry if registry is not None else ClassRegistry()
+    if registry is None:
+        return stored
     for uid, names in stored.names.items():
         if uid in registry.names and registry.names[uid][0].casefold() != names[0].casefold():
             raise DatasetError(

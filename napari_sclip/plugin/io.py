@@ -1,7 +1,7 @@
 """napari's reader for pseudo-label datasets, and labels layers as exportable samples.
 
-A dataset (napari offers us only its ``dataset.json``) opens as image + labels layers with class
-names, colours, confidence and the person-edited mask, so that editing continues where it stopped.  Labels
+A dataset (napari offers us only its ``dataset.json``) opens in a review panel that shows one sample
+at a time (:mod:`.review`), so that editing continues where it stopped.  Labels
 layers (with their images) export as a dataset through the widget: the slices that hold model
 labels or edits.  There is no npe2 writer: napari would pick one with no file extension for every
 extensionless save of images with labels, in place of its own "Save to Folder".
@@ -10,19 +10,15 @@ extensionless save of images with labels, in place of its own "Save to Folder".
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.plugin.layers import (
-    class_colormap,
-    class_features,
-    confidence_name,
     label_values,
-    labels_name,
 )
-from napari_sclip.plugin.state import REVIEWED, UNREVIEWED, LabelsState
+from napari_sclip.plugin.state import LabelsState
 
 
 def get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | None:
@@ -34,38 +30,20 @@ def get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | None:
     return read_dataset if path is not None and find_dataset_root(path) is not None else None
 
 
-def read_dataset(path: str) -> list[tuple[Any, dict, str]]:
-    """Layers for every sample of the dataset at ``path`` (its folder or its manifest); each labels
-    layer's metadata holds its :class:`~napari_sclip.plugin.state.LabelsState` (its one slice
-    holding the stored labels, with the sample's stored meta as provenance)."""
-    from napari_sclip.dataset import format as fmt
-    from napari_sclip.dataset.reader import find_dataset_root, read_sample, sample_ids
+def read_dataset(path: str) -> list[tuple]:
+    """Open the dataset at ``path`` for review in the current viewer (its review panel, showing
+    one sample at a time), and give napari no layers of its own: a dataset of any size opens at
+    once, and its layers are the review's."""
+    import napari
 
-    root = find_dataset_root(path)
-    if root is None:
-        from napari_sclip.dataset.paths import DatasetError
+    from napari_sclip.dataset.paths import DatasetError
+    from napari_sclip.plugin.review_panel import show_review
 
-        raise DatasetError(f"{path} is not a napari-sclip dataset (no {fmt.MANIFEST} of this format)")
-    _, registry, train_ids = fmt.read_manifest(root)
-    layers: list[tuple[Any, dict, str]] = []
-    for split, image_id in sample_ids(root):
-        sample = read_sample(root, split, image_id, train_ids)
-        rgb = sample.image.ndim == 3 and sample.image.shape[-1] in (3, 4)
-        stored_image = root / split / sample.meta["image"]
-        layers.append((sample.image, {"name": image_id, "rgb": rgb, "metadata": {"dataset_image": str(stored_image)}}, "image"))
-        if sample.confidence is not None:
-            layers.append((sample.confidence, {"name": confidence_name(image_id), "colormap": "magma",
-                                               "contrast_limits": (0.0, 1.0), "opacity": 0.6, "visible": False}, "image"))
-        metadata: dict[str, Any] = {}
-        review_status = REVIEWED if sample.meta.get("review_status") == REVIEWED else UNREVIEWED
-        LabelsState(registry, sample.edited, {(): sample.meta}, review_status).store(metadata)
-        layers.append((
-            sample.labels,
-            {"name": labels_name(image_id), "colormap": class_colormap(registry),
-             "features": class_features(registry), "metadata": metadata},
-            "labels",
-        ))
-    return layers
+    viewer = napari.current_viewer()
+    if viewer is None:
+        raise DatasetError(f"open {path} in a napari window (or with 'napari-sclip review')")
+    show_review(viewer, path)
+    return [(None,)]  # napari's "read, and nothing to add"
 
 
 def labelled_images(image_data, image_meta: dict, labels_data, labels_meta: dict, confidence=None) -> list:

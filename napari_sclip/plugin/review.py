@@ -72,6 +72,7 @@ class ReviewSession:
         self._position = -1
         self._sample: StoredSample | None = None
         self._layers: dict[str, object] = {}  # "image", "labels", "confidence"
+        self._state: LabelsState | None = None  # the labels layer's, while it shows this sample
         self._dirty = False
         self._replacing = False
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="napari-sclip prefetch")
@@ -194,7 +195,10 @@ class ReviewSession:
                 confidence.name = confidence_name(sample.id)
             if image is None:
                 image = viewer.add_image(sample.image, name=sample.id, rgb=rgb)
-                viewer.layers.move(viewer.layers.index(image), 0)
+                for above in (confidence, labels):  # a remade image goes back under its layers
+                    if above is not None:
+                        viewer.layers.move(viewer.layers.index(image), viewer.layers.index(above))
+                        break
             else:
                 image.name = sample.id
                 image.data = sample.image
@@ -222,6 +226,7 @@ class ReviewSession:
             labels.colormap = class_colormap(registry)
             labels.features = class_features(registry)
             RECORDS.replace(labels, state)
+            self._state = state
             self._layers = {"image": image, "labels": labels, "confidence": confidence}
             if viewer.layers.selection.active is not labels:
                 viewer.layers.selection.active = labels
@@ -248,32 +253,33 @@ class ReviewSession:
 
     @property
     def unsaved(self) -> bool:
-        """Whether the sample shown has edits or a mark not saved yet."""
-        return self._dirty
+        """Whether the sample shown has edits or a review mark not saved yet (the widget's
+        reviewed box and its re-runs change them too)."""
+        if self._sample is None or self._state is None:
+            return False
+        stored = REVIEWED if self._sample.meta.get("review_status") == REVIEWED else UNREVIEWED
+        return self._dirty or self._state.review_status != stored
 
     def mark_reviewed(self, reviewed: bool = True) -> None:
         """Mark the sample shown as checked by a person (or not), and save it."""
-        labels = self._layer("labels")
-        if self._sample is None or labels is None:
+        if self._state is None:
             return
-        record = RECORDS.get(labels)
-        wanted = REVIEWED if reviewed else UNREVIEWED
-        if record.state.review_status != wanted:
-            record.state.review_status = wanted
-            record.store(labels)
-            self._dirty = True
+        self._state.review_status = REVIEWED if reviewed else UNREVIEWED
+        labels = self._layers["labels"]
+        self._state.store(labels.metadata)
         self.save()
 
     def save(self) -> bool:
         """Write the sample shown if it changed: its labels, the pixels a person edited, its review
         mark, and its confidence (a re-run may have changed it); returns whether it wrote.  Raises
-        :class:`DatasetError` (one line) when it cannot, and the edits stay unsaved."""
-        labels = self._layer("labels")
-        if self._sample is None or labels is None or not self._dirty:
+        :class:`DatasetError` (one line) when it cannot, and the edits stay unsaved.
+
+        The layers are saved even once removed from the viewer (a closing window removes them
+        before it closes the review)."""
+        if not self.unsaved:
             return False
-        sample = self._sample
-        state = RECORDS.get(labels).state
-        confidence = self._layer("confidence")
+        sample, state = self._sample, self._state
+        labels, confidence = self._layers["labels"], self._layers["confidence"]
         stored_image = self.root / sample.split / sample.meta["image"]
         written = self._writer.write(Sample(
             stem=sample.id,
@@ -313,9 +319,8 @@ class ReviewSession:
     # -- keys --------------------------------------------------------------------------------------
 
     def toggle_reviewed(self) -> None:
-        labels = self._layer("labels")
-        if labels is not None:
-            self.mark_reviewed(RECORDS.get(labels).state.review_status != REVIEWED)
+        if self._state is not None:
+            self.mark_reviewed(self._state.review_status != REVIEWED)
 
     def _key_action(self, name: str):
         def action(viewer) -> None:

@@ -195,7 +195,7 @@ class SclipWidget(QWidget):
         self._progress_bar = QProgressBar()
         self._progress_bar.setRange(0, 1000)
         self._progress_bar.setTextVisible(False)
-        self._open_button = _button("Open dataset…", "Open a napari-sclip dataset folder to go on editing it",
+        self._open_button = _button("Open dataset…", "Review a napari-sclip dataset folder, one image at a time",
                                     self._open_dataset_clicked)
         self._export_button = _button(
             "Export dataset…",
@@ -843,22 +843,15 @@ class SclipWidget(QWidget):
             self.open_dataset(folder)
 
     def open_dataset(self, folder: str) -> None:
-        """Open a dataset folder's images and labels to go on editing them."""
-        from napari_sclip.dataset.format import MANIFEST
-        from napari_sclip.dataset.reader import find_dataset_root
+        """Open a dataset folder for review: one sample at a time, in the review panel."""
+        from napari_sclip.plugin.review_panel import show_review
 
-        root = find_dataset_root(folder)
-        if root is None:
-            self._notify_error(f"{folder} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
-            return
         try:
-            # napari offers only a dataset's manifest to our reader (never folders): open that.
-            self.viewer.open(str(root / MANIFEST), plugin="napari-sclip")
-        except Exception as exc:  # napari wraps the reader's errors
-            cause = exc.__cause__ if isinstance(exc.__cause__, SclipError) else exc
-            self._notify_error(cause)
+            show_review(self.viewer, folder)
+        except SclipError as exc:
+            self._notify_error(exc)
             return
-        self._status.setText(f"opened {folder}")
+        self._status.setText(f"reviewing {folder}")
 
     def _export_sources(self, selected_only: bool) -> tuple[list[tuple], list[str]]:
         """For each image layer with a "<image> labels" layer: the layer data and metadata that

@@ -1,0 +1,240 @@
+"""The "SCLIP review" dock panel: a dataset's queue, its counts, and the controls of a
+:class:`~napari_sclip.plugin.review.ReviewSession` (Qt, through qtpy only).
+
+The panel only shows and forwards: ordering, filtering, moving and saving are the session's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtpy.QtCore import QEvent, QObject, QStringListModel
+from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListView,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_sclip.dataset.paths import DatasetError
+from napari_sclip.dataset.review import ORDERS, REVIEWED, STATUS_FILTERS, QueueOptions
+from napari_sclip.dataset.splits import SPLIT_NAMES
+
+if TYPE_CHECKING:
+    from napari_sclip.plugin.review import ReviewSession
+
+PANEL_NAME = "SCLIP review"
+
+
+def show_review(viewer, path: str | Path) -> ReviewPanel:
+    """Open the dataset at ``path`` for review in ``viewer``, in a docked panel (replacing the
+    viewer's previous review, which is saved and closed first)."""
+    from napari_sclip.plugin.review import open_review
+
+    window = viewer.window
+    previous = window.dock_widgets.get(PANEL_NAME)
+    if isinstance(previous, ReviewPanel):
+        previous.close_review()
+    panel = ReviewPanel(open_review(viewer, path))
+    window.add_dock_widget(panel, name=PANEL_NAME, area="right")
+    panel.follow_window()
+    return panel
+
+
+class ReviewPanel(QWidget):
+    """Counts, queue, order and filters, and the buttons of a review."""
+
+    _watched: QObject | None = None  # the window whose closing closes the review
+
+    def __init__(self, session: ReviewSession, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        registry = session._writer.registry
+        train_ids = session._writer.train_ids
+        self._class_ids = [None, *sorted(train_ids.values())]
+        by_train_id = {train_id: uid for uid, train_id in train_ids.items()}
+
+        self._title = QLabel(str(session.root))
+        self._title.setWordWrap(True)
+        self._title.setToolTip("The dataset under review; no other process can write into it meanwhile")
+        self._counts = QLabel()
+        self._progress = QProgressBar()
+        self._progress.setToolTip("Samples reviewed, out of all")
+        self._order = _combo(ORDERS, "The order of the queue")
+        self._threshold = QDoubleSpinBox()
+        self._threshold.setRange(0.1, 0.9)
+        self._threshold.setSingleStep(0.1)
+        self._threshold.setDecimals(1)
+        self._threshold.setValue(0.5)
+        self._threshold.setToolTip("'most uncertain pixels first' counts the pixels below this confidence")
+        self._status_filter = _combo(STATUS_FILTERS, "Show only samples with this review status")
+        self._split = _combo(("all", *SPLIT_NAMES), "Show only one split")
+        self._class = _combo(
+            ["any class", *(registry.display_name(by_train_id[t]) for t in self._class_ids[1:])],
+            "Show only samples whose labels hold this class",
+        )
+        self._model = QStringListModel()
+        self._list = QListView()
+        self._list.setModel(self._model)
+        self._list.setEditTriggers(QListView.EditTrigger.NoEditTriggers)
+        self._list.setToolTip("The queue; click a sample to open it")
+        self._list.clicked.connect(lambda index: self._run(self.session.goto, self.session.ids[index.row()]))
+        self._previous = _button("◀ Previous", "Save and show the previous sample (PageUp)", self.session.previous)
+        self._next = _button("Next ▶", "Save and show the next sample (PageDown)", self.session.next)
+        self._reviewed = QCheckBox("reviewed")
+        self._reviewed.setToolTip("Mark the sample as checked by a person, and save it (Shift+R)")
+        self._reviewed.toggled.connect(lambda checked: self._run(self.session.mark_reviewed, checked))
+        self._save = _button("Save", "Save the sample's edits now (moving on saves them too)", self.session.save)
+        self._close = _button("Close review", "Save, and give the dataset up", self.close_review)
+        self._message = QLabel()
+        self._message.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("order", self._order)
+        form.addRow("threshold", self._threshold)
+        form.addRow("status", self._status_filter)
+        form.addRow("split", self._split)
+        form.addRow("class", self._class)
+        moves = QHBoxLayout()
+        moves.addWidget(self._previous)
+        moves.addWidget(self._next)
+        marks = QHBoxLayout()
+        marks.addWidget(self._reviewed)
+        marks.addWidget(self._save)
+        marks.addWidget(self._close)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._title)
+        layout.addWidget(self._counts)
+        layout.addWidget(self._progress)
+        layout.addLayout(form)
+        layout.addWidget(self._list, stretch=1)
+        layout.addLayout(moves)
+        layout.addLayout(marks)
+        layout.addWidget(self._message)
+
+        for combo in (self._order, self._status_filter, self._split, self._class):
+            combo.currentIndexChanged.connect(self._apply_options)
+        self._threshold.valueChanged.connect(self._apply_options)
+        session.events.changed.connect(self._refresh)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.close_review)
+        self._refresh()
+
+    # -- options -----------------------------------------------------------------------------------
+
+    def queue_options(self) -> QueueOptions:
+        """The order and filters as the controls show them."""
+        return QueueOptions(
+            order=self._order.currentText(),
+            threshold=round(self._threshold.value(), 1),
+            status=self._status_filter.currentText(),
+            split=self._split.currentText(),
+            class_id=self._class_ids[self._class.currentIndex()],
+        )
+
+    def _apply_options(self, *_) -> None:
+        self._threshold.setEnabled(self._order.currentText() == "most uncertain pixels first")
+        self._run(self.session.set_options, self.queue_options())
+
+    # -- showing -----------------------------------------------------------------------------------
+
+    def _refresh(self, event=None) -> None:
+        session = self.session
+        if session is None:  # closed
+            return
+        counts = session.counts()
+        self._counts.setText(f"{counts.reviewed} reviewed · {counts.edited} edited · {counts.untouched} untouched "
+                             f"of {counts.total}")
+        self._progress.setRange(0, max(counts.total, 1))
+        self._progress.setValue(counts.reviewed)
+        rows = [f"{image_id}  ({session.status(image_id)})" for image_id in session.ids]
+        if rows != self._model.stringList():
+            self._model.setStringList(rows)
+        position = session.position
+        if position >= 0:
+            self._list.setCurrentIndex(self._model.index(position))
+        current = session.current_id
+        self._previous.setEnabled(position > 0)
+        self._next.setEnabled(0 <= position < len(session) - 1)
+        self._reviewed.blockSignals(True)
+        self._reviewed.setEnabled(current is not None)
+        self._reviewed.setChecked(current is not None and session.status(current) == REVIEWED)
+        self._reviewed.blockSignals(False)
+        where = f"{position + 1} of {len(session)} in the queue" if position >= 0 else f"{len(session)} in the queue"
+        self._message.setText(f"{current}: {where}" if current else "no sample matches the filters")
+
+    def _run(self, action, *args) -> None:
+        """Do what a control asks; a dataset error (a full disk, a damaged sample) is one line here
+        and in napari's notifications, and the sample shown stays as it was."""
+        from napari.utils.notifications import show_error
+
+        try:
+            action(*args)
+        except DatasetError as exc:
+            self._message.setText(f"error: {exc}")
+            show_error(f"SCLIP review: {exc}")
+            self._refresh()
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    def follow_window(self) -> None:
+        """Once docked: closing the window saves the sample and gives the dataset up."""
+        window = self.window()
+        if window is not self and window is not self._watched:
+            window.installEventFilter(self)
+            self._watched = window
+
+    def eventFilter(self, watched, event) -> bool:
+        if watched is self._watched and event.type() == QEvent.Type.Close:
+            self.close_review()
+        return False
+
+    def close_review(self) -> None:
+        """Save the sample shown, give the dataset up and remove the panel (once)."""
+        from napari.utils.notifications import show_error
+
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        session.events.changed.disconnect(self._refresh)
+        if self._watched is not None:
+            self._watched.removeEventFilter(self)
+            self._watched = None
+        try:
+            session.close()
+        except DatasetError as exc:
+            show_error(f"SCLIP review: the last edits were not saved: {exc}")
+        window = session.viewer.window
+        if window.dock_widgets.get(PANEL_NAME) is self:
+            window.remove_dock_widget(self)
+
+
+def _combo(items, tip: str) -> QComboBox:
+    combo = QComboBox()
+    combo.addItems(list(items))
+    combo.setToolTip(tip)
+    return combo
+
+
+def _button(text: str, tip: str, slot) -> QPushButton:
+    button = QPushButton(text)
+    button.setToolTip(tip)
+    button.clicked.connect(lambda *_: _panel_of(button)._run(slot))
+    return button
+
+
+def _panel_of(widget: QWidget) -> ReviewPanel:
+    while not isinstance(widget, ReviewPanel):
+        widget = widget.parentWidget()
+    return widget
