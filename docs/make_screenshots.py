@@ -66,5 +66,29 @@ def main(out: Path) -> None:
     viewer.close()
 
 
+def review(out: Path) -> None:
+    """The review panel on a dataset that ``napari-sclip segment`` made of the example photos."""
+    import tempfile
+
+    from napari_sclip.cli import main as cli
+    from napari_sclip.cli import open_review_gui
+
+    examples = Path(__file__).parent / "examples"
+    dataset = Path(tempfile.mkdtemp()) / "photos-dataset"
+    cli(["segment", str(examples / "astronaut.jpg"), str(examples / "coffee.jpg"), "--classes-file",
+         str(examples / "classes.txt"), "--out", str(dataset), "--quiet"])
+    viewer, panel = open_review_gui(str(dataset))
+    window = viewer.window._qt_window
+    window.resize(1400, 860)
+    viewer.layers[-1].opacity = 0.6
+    pump(2)
+    window.grab().save(str(out / "05-review.png"))
+    panel.close_review()
+    viewer.close()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images"))
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images")
+    if "--review-only" not in sys.argv:
+        main(target)
+    review(target)

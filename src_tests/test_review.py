@@ -191,6 +191,9 @@ def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(v
     assert panel.session.current_id == "s001" and panel._message.text() == "s001: 2 of 12 in the queue"
     click(qtbot, panel._reviewed)
     assert panel._counts.text() == "1 reviewed · 0 edited · 11 untouched of 12" and panel._progress.value() == 1
+    viewer.layers["s001 labels"].paint((3, 3), 3, refresh=True)
+    click(qtbot, panel._next)  # saved on the way: its row says so
+    assert panel._model.stringList()[:3] == ["s000  (unreviewed)", "s001  (reviewed)", "s002  (unreviewed)"]
     choose(panel._order, "least confident first")
     choose(panel._status_filter, "not reviewed")
     assert panel.session.ids[0] == "s000" and "s001" not in panel.session.ids

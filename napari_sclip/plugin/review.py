@@ -69,6 +69,7 @@ class ReviewSession:
         self._writer = writer
         self._options = options
         self._ids: list[str] = []
+        self.queue_version = 0  # goes up whenever the queue is ordered or filtered anew
         self._position = -1
         self._sample: StoredSample | None = None
         self._layers: dict[str, object] = {}  # "image", "labels", "confidence"
@@ -94,6 +95,7 @@ class ReviewSession:
         first one not reviewed is shown."""
         self._options = options
         self._ids = queue(self._writer.entries(), options)
+        self.queue_version += 1
         current = self.current_id
         if current in self._ids:
             self._position = self._ids.index(current)
@@ -109,6 +111,10 @@ class ReviewSession:
     def ids(self) -> list[str]:
         """The queue: the ids of the samples the options keep, in their order."""
         return list(self._ids)
+
+    def ids_at(self, positions) -> dict[int, str]:
+        """The ids at these positions of the queue (those that exist)."""
+        return {k: self._ids[k] for k in positions if 0 <= k < len(self._ids)}
 
     def __len__(self) -> int:
         return len(self._ids)

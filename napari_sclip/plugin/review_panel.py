@@ -54,6 +54,8 @@ class ReviewPanel(QWidget):
     """Counts, queue, order and filters, and the buttons of a review."""
 
     _watched: QObject | None = None  # the window whose closing closes the review
+    _shown_queue = -1  # the session's queue_version the list shows
+    _shown_position = -1
 
     def __init__(self, session: ReviewSession, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -157,10 +159,14 @@ class ReviewPanel(QWidget):
                              f"of {counts.total}")
         self._progress.setRange(0, max(counts.total, 1))
         self._progress.setValue(counts.reviewed)
-        rows = [f"{image_id}  ({session.status(image_id)})" for image_id in session.ids]
-        if rows != self._model.stringList():
-            self._model.setStringList(rows)
+        if self._shown_queue != session.queue_version:  # O(queue) only when it changes
+            self._model.setStringList([self._row(image_id) for image_id in session.ids])
+            self._shown_queue = session.queue_version
         position = session.position
+        ids = session.ids_at((self._shown_position, position))  # statuses change as samples are saved
+        for row, image_id in ids.items():
+            self._model.setData(self._model.index(row), self._row(image_id))
+        self._shown_position = position
         if position >= 0:
             self._list.setCurrentIndex(self._model.index(position))
         current = session.current_id
@@ -172,6 +178,9 @@ class ReviewPanel(QWidget):
         self._reviewed.blockSignals(False)
         where = f"{position + 1} of {len(session)} in the queue" if position >= 0 else f"{len(session)} in the queue"
         self._message.setText(f"{current}: {where}" if current else "no sample matches the filters")
+
+    def _row(self, image_id: str) -> str:
+        return f"{image_id}  ({self.session.status(image_id)})"
 
     def _run(self, action, *args) -> None:
         """Do what a control asks; a dataset error (a full disk, a damaged sample) is one line here
