@@ -73,6 +73,13 @@ class Counts:
     def total(self) -> int:
         return self.reviewed + self.edited + self.untouched
 
+    def moved(self, before: str, after: str) -> Counts:
+        """These counts once one sample's status went from ``before`` to ``after``."""
+        tally = {REVIEWED: self.reviewed, EDITED: self.edited, UNREVIEWED: self.untouched}
+        tally[_known(before)] -= 1
+        tally[_known(after)] += 1
+        return Counts(tally[REVIEWED], tally[EDITED], tally[UNREVIEWED])
+
 
 def counts(entries: Mapping[str, Entry]) -> Counts:
     """The counts over every sample of a dataset."""
@@ -92,7 +99,12 @@ def queue(entries: Mapping[str, Entry], options: QueueOptions) -> list[str]:
 
 
 def _status(entry: Entry) -> str:
-    return entry.review_status if entry.review_status in _STATUS_RANK else UNREVIEWED
+    return _known(entry.review_status)
+
+
+def _known(status: str) -> str:
+    """A status as counted: anything but edited or reviewed counts as untouched."""
+    return status if status in _STATUS_RANK else UNREVIEWED
 
 
 def _kept(entry: Entry, options: QueueOptions) -> bool:

@@ -70,6 +70,7 @@ class ReviewSession:
         self._options = options
         self._ids: list[str] = []
         self.queue_version = 0  # goes up whenever the queue is ordered or filtered anew
+        self._counts: Counts | None = None
         self._position = -1
         self._sample: StoredSample | None = None
         self._layers: dict[str, object] = {}  # "image", "labels", "confidence"
@@ -129,8 +130,11 @@ class ReviewSession:
         return self._sample.id if self._sample is not None else None
 
     def counts(self) -> Counts:
-        """Reviewed, edited and untouched samples of the whole dataset."""
-        return counts(self._writer.entries())
+        """Reviewed, edited and untouched samples of the whole dataset (counted once on opening,
+        then kept up to date as samples are saved)."""
+        if self._counts is None:
+            self._counts = counts(self._writer.entries())
+        return self._counts
 
     def status(self, image_id: str) -> str:
         """A sample's review status as stored (``unreviewed``, ``edited`` or ``reviewed``)."""
@@ -286,6 +290,7 @@ class ReviewSession:
             return False
         sample, state = self._sample, self._state
         labels, confidence = self._layers["labels"], self._layers["confidence"]
+        before, status_before = self._counts, self.status(sample.id)
         stored_image = self.root / sample.split / sample.meta["image"]
         written = self._writer.write(Sample(
             stem=sample.id,
@@ -297,6 +302,7 @@ class ReviewSession:
         ))
         if written != sample.id:  # the writer keeps an image's id; anything else is a bug to see
             raise DatasetError(f"sample {sample.id!r} was saved as {written!r}")
+        self._counts = None if before is None else before.moved(status_before, self.status(sample.id))
         meta = read_meta(self.root / sample.split / "meta" / f"{sample.id}.json")
         state.slices[()] = meta
         state.store(labels.metadata)
