@@ -241,3 +241,21 @@ def test_the_review_command_says_what_is_wrong_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "is not a napari-sclip dataset" in result.stderr
+
+
+def test_a_damaged_sample_is_one_line_and_the_review_stays_where_it_was(viewer, qtbot, tmp_path):
+    from test_widget import click
+
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 3)
+    (tmp_path / "ds" / "train" / "masks" / "s001.png").write_bytes(b"not a png")
+    panel = show_review(viewer, tmp_path / "ds")
+    viewer.layers["s000 labels"].paint((4, 4), 3, refresh=True)
+    click(qtbot, panel._next)
+    assert panel._message.text().startswith("error: cannot read") and "s001.png" in panel._message.text()
+    assert panel.session.current_id == "s000" and "s000 labels" in viewer.layers
+    assert panel.session.status("s000") == "edited"  # saved before the move was refused
+    panel.session.goto("s002")  # the rest of the queue still opens
+    assert panel.session.current_id == "s002"
+    panel.close_review()

@@ -190,9 +190,9 @@ class ReviewPanel(QWidget):
         try:
             action(*args)
         except DatasetError as exc:
+            self._refresh()
             self._message.setText(f"error: {exc}")
             show_error(f"SCLIP review: {exc}")
-            self._refresh()
 
     # -- closing -----------------------------------------------------------------------------------
 
