@@ -259,3 +259,116 @@ def test_a_damaged_sample_is_one_line_and_the_review_stays_where_it_was(viewer, 
     panel.session.goto("s002")  # the rest of the queue still opens
     assert panel.session.current_id == "s002"
     panel.close_review()
+
+
+# -- correction tools ---------------------------------------------------------------------------------
+
+
+def make_varied(root, height: int = 40, width: int = 60) -> dict:
+    """One sample: sky above grass, a person's square in the grass, confidence rising left to right."""
+    registry = ClassRegistry(dict(CLASSES), [1, 2, 3])
+    labels = np.ones((height, width), np.uint8)
+    labels[: height // 2] = 2
+    labels[25:35, 10:20] = 3
+    confidence = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
+    with DatasetWriter(root, registry, {"train": 1.0}) as writer:
+        writer.write(Sample("v", labels, image=natural_image(height, width), confidence=confidence))
+    return {"labels": labels, "confidence": np.round(confidence * 255) / 255}
+
+
+def canvas_point(viewer, data_point):
+    """The canvas pixel that shows ``data_point`` of the (unscaled, 2D) layers."""
+    from qtpy.QtCore import QPoint
+
+    canvas = viewer.window._qt_viewer.canvas
+    x, y = canvas.view.scene.transform.map([data_point[1], data_point[0]])[:2]  # vispy: scene -> canvas
+    ratio = canvas.native.devicePixelRatioF()
+    return QPoint(int(round(x / ratio)), int(round(y / ratio)))
+
+
+def test_number_keys_pick_the_class_to_paint_and_ctrl_number_sets_the_region_under_the_cursor(viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review_panel import show_review
+
+    made = make_varied(tmp_path / "ds")
+    panel = show_review(viewer, tmp_path / "ds")
+    labels = viewer.layers["v labels"]
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.keyClick(canvas, Qt.Key.Key_3)
+    assert labels.selected_label == 3 and labels.mode == "paint"  # not napari's "3": polygon mode
+    qtbot.keyClick(canvas, Qt.Key.Key_0)
+    assert labels.selected_label == 0
+    rows = [panel._classes.item(k).text() for k in range(panel._classes.count())]
+    assert rows == ["0: ignore  (0 px)", "1: grass  (1100 px)", "2: sky  (1200 px)", "3: person  (100 px)"]
+
+    qtbot.wait(50)  # the window's layout with the panel, then the view fits the image
+    qtbot.mouseMove(canvas, canvas_point(viewer, (30, 15)))  # over the person's square
+    qtbot.waitUntil(lambda: tuple(np.round(labels.world_to_data(viewer.cursor.position))[-2:]) == (30, 15), timeout=3000)
+    qtbot.keyClick(canvas, Qt.Key.Key_1, Qt.KeyboardModifier.ControlModifier)  # the square becomes grass
+    expected = made["labels"].copy()
+    expected[25:35, 10:20] = 1
+    np.testing.assert_array_equal(labels.data, expected)
+    qtbot.waitUntil(lambda: panel._classes.item(3).text() == "3: person  (0 px)", timeout=3000)
+    qtbot.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    np.testing.assert_array_equal(labels.data, made["labels"])
+    panel.close_review()
+
+
+def test_the_region_tool_asks_for_the_class_of_a_clicked_region(viewer, qtbot, tmp_path):
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+    from test_widget import click
+
+    from napari_sclip.plugin.review_panel import show_review
+
+    made = make_varied(tmp_path / "ds")
+    panel = show_review(viewer, tmp_path / "ds")
+    labels = viewer.layers["v labels"]
+    click(qtbot, panel._region)
+    assert panel.session.region_tool and labels.mode == "pan_zoom"
+    asked = []
+
+    def press_zero():  # the menu's "&0 ignore", by its key
+        menu = QApplication.activePopupWidget()
+        asked.append([action.text() for action in menu.actions()])
+        qtbot.keyClick(menu, Qt.Key.Key_0)
+
+    QTimer.singleShot(300, press_zero)
+    qtbot.mouseClick(viewer.window._qt_viewer.canvas.native, Qt.MouseButton.LeftButton,
+                     pos=canvas_point(viewer, (5, 30)))  # the sky
+    assert asked == [["&0 ignore", "&1 grass", "&2 sky", "&3 person"]]
+    expected = made["labels"].copy()
+    expected[:20] = 0
+    np.testing.assert_array_equal(labels.data, expected)
+    assert labels.colormap.color_dict[0][3] > 0  # ignore is shown, not transparent
+    panel.session.next()  # the only sample: stays, nothing to save yet
+    click(qtbot, panel._save)
+    meta = json.loads((tmp_path / "ds" / "train" / "meta" / "v.json").read_text())
+    assert meta["edits"] == {"painted_pixels": 0, "ignored_pixels": 20 * 60}
+    panel.close_review()
+
+
+def test_accept_by_confidence_is_previewed_then_applied_as_one_undo_step(viewer, qtbot, tmp_path):
+    from test_widget import click
+
+    from napari_sclip.plugin.review_panel import show_review
+
+    made = make_varied(tmp_path / "ds")
+    panel = show_review(viewer, tmp_path / "ds")
+    labels = viewer.layers["v labels"]
+    panel._accept_threshold.setValue(0.25)
+    click(qtbot, panel._preview)
+    below = made["confidence"] < 0.25
+    preview = viewer.layers["v: set to ignore below 0.25"]
+    np.testing.assert_array_equal(preview.data.astype(bool), below)
+    assert panel._message.text().startswith(f"{below.sum()} labelled pixels are below 0.25")
+    np.testing.assert_array_equal(labels.data, made["labels"])  # a preview changes nothing
+    click(qtbot, panel._accept)
+    np.testing.assert_array_equal(labels.data, np.where(below, 0, made["labels"]))
+    assert "v: set to ignore below 0.25" not in viewer.layers
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, made["labels"])
+    labels.redo()
+    click(qtbot, panel._save)
+    meta = json.loads((tmp_path / "ds" / "train" / "meta" / "v.json").read_text())
+    assert meta["edits"]["ignored_pixels"] == below.sum() and meta["review_status"] == "edited"
+    panel.close_review()

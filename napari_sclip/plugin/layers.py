@@ -26,11 +26,12 @@ def confidence_name(image_name: str) -> str:
     return f"{image_name} confidence"
 
 
-def class_colormap(registry: ClassRegistry):
-    """A ``DirectLabelColormap``: every class ever known keeps its colour; 0 is transparent."""
+def class_colormap(registry: ClassRegistry, ignore: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)):
+    """A ``DirectLabelColormap``: every class ever known keeps its colour; 0 (unlabelled, which
+    exports as ignore) is transparent unless ``ignore`` gives it a colour."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    colors: dict[int | None, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: UNKNOWN_COLOR}
+    colors: dict[int | None, tuple[float, ...]] = {0: ignore, None: UNKNOWN_COLOR}
     for uid in registry.names:
         r, g, b = label_color(uid)
         colors[uid] = (r / 255, g / 255, b / 255, 1.0)

@@ -16,6 +16,7 @@ sample: moving on starts a new history.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.reader import StoredSample, find_dataset_root, read_sample
 from napari_sclip.dataset.review import REVIEWED, UNREVIEWED, Counts, QueueOptions, counts, queue
 from napari_sclip.dataset.writer import DatasetWriter, Sample, read_meta
+from napari_sclip.plugin.corrections import IGNORE, below_confidence, region_at, set_pixels
 from napari_sclip.plugin.layers import (
     class_colormap,
     class_features,
@@ -38,7 +40,9 @@ from napari_sclip.plugin.records import RECORDS
 from napari_sclip.plugin.state import LabelsState
 
 #: Keys of the review, bound on the viewer while a session is open.
-KEYS = {"PageDown": "next", "PageUp": "previous", "Shift-R": "toggle_reviewed"}
+KEYS = {"PageDown": "next", "PageUp": "previous", "Shift-R": "toggle_reviewed", "G": "toggle_region_tool"}
+#: Shown for ignore (label 0) in the review's labels layer: ignored pixels stay visible.
+IGNORE_COLOR = (0.15, 0.15, 0.15, 0.55)
 
 
 def open_review(viewer, path: str | Path, options: QueueOptions | None = None) -> ReviewSession:
@@ -58,14 +62,14 @@ def open_review(viewer, path: str | Path, options: QueueOptions | None = None) -
 class ReviewSession:
     """One dataset under review in one viewer (see the module's documentation).
 
-    ``events.changed`` is emitted whenever the sample shown, the queue, the counts or the review
-    mark change.
+    ``events.changed`` is emitted whenever the sample shown, the queue, the counts, the review
+    mark or the region tool change; ``events.edited`` whenever the labels shown change.
     """
 
     def __init__(self, viewer, writer: DatasetWriter, options: QueueOptions) -> None:
         self.viewer = viewer
         self.root = writer.root
-        self.events = EmitterGroup(source=self, changed=None)
+        self.events = EmitterGroup(source=self, changed=None, edited=None)
         self._writer = writer
         self._options = options
         self._ids: list[str] = []
@@ -80,6 +84,10 @@ class ReviewSession:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="napari-sclip prefetch")
         self._loading: dict[str, Future] = {}
         self._closed = False
+        self._preview = None  # the accept-by-confidence preview layer
+        #: Asked which class a clicked region becomes (the panel's menu): point -> uid, or None.
+        self.region_chooser: Callable[[tuple[float, float]], int | None] | None = None
+        self.region_tool = False
         for key, action in KEYS.items():
             viewer.bind_key(key, self._key_action(action), overwrite=True)
         viewer.layers.events.removed.connect(self._on_removed)
@@ -230,11 +238,13 @@ class ReviewSession:
                 labels = viewer.add_labels(sample.labels, name=labels_name(sample.id), metadata=metadata)
                 labels.events.paint.connect(self._on_paint)
                 labels.events.data.connect(self._on_paint)
+                self._bind_layer(labels)
             else:
                 with locked(labels):  # a new undo history: undo stays within one sample
                     labels.data = sample.labels
-            labels.colormap = class_colormap(registry)
+            labels.colormap = class_colormap(registry, ignore=IGNORE_COLOR)
             labels.features = class_features(registry)
+            self._clear_preview()
             RECORDS.replace(labels, state)
             self._state = state
             self._layers = {"image": image, "labels": labels, "confidence": confidence}
@@ -255,6 +265,7 @@ class ReviewSession:
     def _on_paint(self, event=None) -> None:
         if not self._replacing:
             self._dirty = True
+            self.events.edited()
 
     def _on_removed(self, event) -> None:
         RECORDS.forget(event.value)
@@ -328,20 +339,124 @@ class ReviewSession:
             self._loader.shutdown(wait=True)
             self._writer.close()
 
+    # -- corrections -------------------------------------------------------------------------------
+
+    def classes(self) -> list[tuple[int, str]]:
+        """``(uid, name)`` of the sample's classes, in the order of their number keys (1-9)."""
+        if self._state is None:
+            return []
+        classes = self._state.classes
+        return [(uid, classes.display_name(uid)) for uid in classes.active]
+
+    def class_of_key(self, key: int) -> int:
+        """The label value number key ``key`` stands for: 0 ignore, 1-9 the classes in order."""
+        if key == 0:
+            return IGNORE
+        classes = self.classes()
+        if not 1 <= key <= len(classes):
+            raise DatasetError(f"no class has key {key}: the dataset has {len(classes)} class(es)")
+        return classes[key - 1][0]
+
+    def pick_class(self, key: int) -> None:
+        """Paint with the class of number key ``key`` (0: ignore)."""
+        labels = self._layer("labels")
+        if labels is None:
+            return
+        labels.selected_label = self.class_of_key(key)
+        if labels.mode not in ("paint", "fill", "polygon"):
+            labels.mode = "paint"
+
+    def reassign_region(self, point: tuple[float, float], uid: int) -> int:
+        """Give the connected region at ``point`` (data coordinates) the label ``uid`` (0: ignore),
+        as one undo step; returns how many pixels changed."""
+        labels = self._layer("labels")
+        if labels is None:
+            return 0
+        return set_pixels(labels, region_at(labels.data, point), uid)
+
+    def reassign_under_cursor(self, key: int) -> int:
+        """:meth:`reassign_region` at the mouse cursor, with number key ``key``'s class."""
+        labels = self._layer("labels")
+        if labels is None:
+            return 0
+        return self.reassign_region(tuple(labels.world_to_data(self.viewer.cursor.position))[-2:],
+                                    self.class_of_key(key))
+
+    def toggle_region_tool(self) -> None:
+        """Clicking a region asks for its class (the panel's menu) while the tool is on."""
+        self.region_tool = not self.region_tool
+        labels = self._layer("labels")
+        if self.region_tool and labels is not None:
+            labels.mode = "pan_zoom"  # napari's own tools must not act on the click
+        self.events.changed()
+
+    def _on_click(self, layer, event):
+        if not (self.region_tool and event.button == 1 and self.region_chooser is not None):
+            return
+        yield
+        if event.type == "mouse_move":  # a drag pans the view: no region
+            return
+        point = tuple(layer.world_to_data(event.position))[-2:]
+        uid = self.region_chooser(point)
+        if uid is not None:
+            self.reassign_region(point, uid)
+
+    def preview_accept(self, threshold: float) -> int:
+        """Show which labelled pixels "accept by confidence" would set to ignore (confidence below
+        ``threshold``), in a layer of their own; returns how many."""
+        labels, confidence = self._layer("labels"), self._layer("confidence")
+        if labels is None or confidence is None:
+            raise DatasetError(f"{self.current_id} has no confidence map to accept by")
+        below = below_confidence(labels.data, confidence.data, threshold)
+        name = f"{self.current_id}: set to ignore below {threshold:g}"
+        preview = self._preview if self._preview is not None and self._preview in self.viewer.layers else None
+        if preview is None:
+            preview = self.viewer.add_image(below.astype(np.uint8), name=name, colormap="red", opacity=0.6,
+                                            contrast_limits=(0, 1), blending="additive")
+            self.viewer.layers.selection.active = labels
+        else:
+            preview.data, preview.name = below.astype(np.uint8), name
+        self._preview = preview
+        return int(below.sum())
+
+    def accept_by_confidence(self, threshold: float) -> int:
+        """Keep the labels where confidence is at least ``threshold`` and set the rest to ignore, as
+        one undo step; returns how many pixels changed."""
+        labels, confidence = self._layer("labels"), self._layer("confidence")
+        if labels is None or confidence is None:
+            raise DatasetError(f"{self.current_id} has no confidence map to accept by")
+        changed = set_pixels(labels, below_confidence(labels.data, confidence.data, threshold), IGNORE)
+        self._clear_preview()
+        return changed
+
+    def _clear_preview(self) -> None:
+        preview, self._preview = self._preview, None
+        if preview is not None and preview in self.viewer.layers:
+            self.viewer.layers.remove(preview)
+
+    def _bind_layer(self, labels) -> None:
+        """Number keys pick a class to paint (napari's 1-7 mode keys give way on this layer only);
+        Ctrl+number gives the region under the cursor that class; a click asks, with the region
+        tool on."""
+        for key in range(10):
+            labels.bind_key(str(key), self._key_action("pick_class", key), overwrite=True)
+            labels.bind_key(f"Control-{key}", self._key_action("reassign_under_cursor", key), overwrite=True)
+        labels.mouse_drag_callbacks.append(self._on_click)
+
     # -- keys --------------------------------------------------------------------------------------
 
     def toggle_reviewed(self) -> None:
         if self._state is not None:
             self.mark_reviewed(self._state.review_status != REVIEWED)
 
-    def _key_action(self, name: str):
-        def action(viewer) -> None:
+    def _key_action(self, name: str, *args):
+        def action(viewer_or_layer) -> None:
             from napari.utils.notifications import show_error
 
             try:
-                getattr(self, name)()
+                getattr(self, name)(*args)
             except DatasetError as exc:
                 show_error(f"SCLIP review: {exc}")
 
-        action.__doc__ = f"napari-sclip review: {name.replace('_', ' ')}"
+        action.__doc__ = f"napari-sclip review: {name.replace('_', ' ')} {' '.join(map(str, args))}".strip()
         return action

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QEvent, QObject, QStringListModel
+from qtpy.QtCore import QEvent, QObject, QStringListModel, QTimer
+from qtpy.QtGui import QColor, QCursor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
@@ -19,15 +20,20 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListView,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
     QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
+from napari_sclip.colors import label_color
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.review import ORDERS, REVIEWED, STATUS_FILTERS, QueueOptions
 from napari_sclip.dataset.splits import SPLIT_NAMES
+from napari_sclip.plugin.corrections import IGNORE, class_pixel_counts
 
 if TYPE_CHECKING:
     from napari_sclip.plugin.review import ReviewSession
@@ -47,6 +53,8 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
     panel = ReviewPanel(open_review(viewer, path))
     window.add_dock_widget(panel, name=PANEL_NAME, area="right")
     panel.follow_window()
+    # The panel takes room from the canvas once Qt lays the window out: then show the whole image.
+    QTimer.singleShot(0, viewer.reset_view)
     return panel
 
 
@@ -56,6 +64,7 @@ class ReviewPanel(QWidget):
     _watched: QObject | None = None  # the window whose closing closes the review
     _shown_queue = -1  # the session's queue_version the list shows
     _shown_position = -1
+    _shown_id: str | None = None
 
     def __init__(self, session: ReviewSession, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -100,6 +109,31 @@ class ReviewPanel(QWidget):
         self._message = QLabel()
         self._message.setWordWrap(True)
 
+        self._classes = QListWidget()
+        self._classes.setToolTip("Key, colour and pixels in this sample of each class: click one (or press its "
+                                 "number) to paint with it; 0 is ignore")
+        self._classes.itemClicked.connect(lambda item: self._run(self.session.pick_class, self._classes.row(item)))
+        self._region = QCheckBox("region tool (G)")
+        self._region.setToolTip("Click a region of the labels to choose its class from a menu; Ctrl+number sets "
+                                "the region under the cursor at once")
+        self._region.toggled.connect(lambda _: self._run(self.session.toggle_region_tool))
+        self._accept_threshold = QDoubleSpinBox()
+        self._accept_threshold.setRange(0.0, 1.0)
+        self._accept_threshold.setSingleStep(0.05)
+        self._accept_threshold.setDecimals(2)
+        self._accept_threshold.setValue(0.5)
+        self._accept_threshold.setToolTip("Accept the labels where confidence is at least this; the rest become ignore")
+        self._preview = QCheckBox("preview")
+        self._preview.setToolTip("Show in red the pixels that would become ignore")
+        self._preview.toggled.connect(lambda _: self._run(self._show_preview))
+        self._accept_threshold.valueChanged.connect(lambda _: self._run(self._show_preview))
+        self._accept = _button("Accept", "Keep the labels at or above the confidence; set the rest to ignore (Ctrl+Z "
+                               "undoes it)", self._accept_by_confidence)
+        self._pixels = QTimer(self)  # pixel counts follow strokes, at most five times a second
+        self._pixels.setSingleShot(True)
+        self._pixels.setInterval(200)
+        self._pixels.timeout.connect(self._refresh_classes)
+
         form = QFormLayout()
         form.addRow("order", self._order)
         form.addRow("threshold", self._threshold)
@@ -122,11 +156,22 @@ class ReviewPanel(QWidget):
         layout.addLayout(moves)
         layout.addLayout(marks)
         layout.addWidget(self._message)
+        layout.addWidget(QLabel("classes (number keys pick, Ctrl+number sets the region under the cursor)"))
+        layout.addWidget(self._classes)
+        layout.addWidget(self._region)
+        accept = QHBoxLayout()
+        accept.addWidget(QLabel("accept confidence ≥"))
+        accept.addWidget(self._accept_threshold)
+        accept.addWidget(self._preview)
+        accept.addWidget(self._accept)
+        layout.addLayout(accept)
 
         for combo in (self._order, self._status_filter, self._split, self._class):
             combo.currentIndexChanged.connect(self._apply_options)
         self._threshold.valueChanged.connect(self._apply_options)
         session.events.changed.connect(self._refresh)
+        session.events.edited.connect(self._on_edited)
+        session.region_chooser = self._choose_region
         app = QApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self.close_review)
@@ -178,6 +223,54 @@ class ReviewPanel(QWidget):
         self._reviewed.blockSignals(False)
         where = f"{position + 1} of {len(session)} in the queue" if position >= 0 else f"{len(session)} in the queue"
         self._message.setText(f"{current}: {where}" if current else "no sample matches the filters")
+        self._region.blockSignals(True)
+        self._region.setChecked(session.region_tool)
+        self._region.blockSignals(False)
+        if current != self._shown_id:  # another sample: no preview of the last one's pixels
+            self._shown_id = current
+            self._preview.setChecked(False)
+        self._refresh_classes()
+
+    def _on_edited(self, event=None) -> None:
+        self._pixels.start()
+
+    def _refresh_classes(self) -> None:
+        """The class list: key, colour, name and pixels in the sample shown."""
+        session = self.session
+        if session is None:
+            return
+        labels = session._layer("labels")
+        pixels = class_pixel_counts(labels.data) if labels is not None else {}
+        self._classes.clear()
+        for key, (uid, name) in enumerate([(IGNORE, "ignore"), *session.classes()]):
+            swatch = QPixmap(14, 14)
+            swatch.fill(QColor(*label_color(uid)) if uid != IGNORE else QColor(40, 40, 40))
+            number = f"{key}: " if key <= 9 else ""
+            self._classes.addItem(QListWidgetItem(QIcon(swatch), f"{number}{name}  ({pixels.get(uid, 0)} px)"))
+
+    def _choose_region(self, point) -> int | None:
+        """The class a clicked region becomes: a menu at the cursor, with number keys."""
+        menu = QMenu(self)
+        for key, (uid, name) in enumerate([(IGNORE, "ignore"), *self.session.classes()]):
+            action = menu.addAction(f"&{key} {name}" if key <= 9 else name)
+            action.setData(uid)
+        chosen = menu.exec(QCursor.pos())
+        return None if chosen is None else chosen.data()
+
+    def _show_preview(self) -> None:
+        if self._preview.isChecked():
+            count = self.session.preview_accept(self._accept_threshold.value())
+            self._message.setText(f"{count} labelled pixels are below {self._accept_threshold.value():g}: "
+                                  "Accept sets them to ignore")
+        else:
+            self.session._clear_preview()
+
+    def _accept_by_confidence(self) -> None:
+        changed = self.session.accept_by_confidence(self._accept_threshold.value())
+        self._preview.blockSignals(True)
+        self._preview.setChecked(False)
+        self._preview.blockSignals(False)
+        self._message.setText(f"{changed} pixels set to ignore (Ctrl+Z undoes it)")
 
     def _row(self, image_id: str) -> str:
         return f"{image_id}  ({self.session.status(image_id)})"
@@ -217,6 +310,8 @@ class ReviewPanel(QWidget):
             return
         self.session = None
         session.events.changed.disconnect(self._refresh)
+        session.events.edited.disconnect(self._on_edited)
+        session.region_chooser = None
         if self._watched is not None:
             self._watched.removeEventFilter(self)
             self._watched = None
