@@ -1,4 +1,5 @@
-"""Datasets come back into napari: reader layers, labels as uids, edits, and a round trip."""
+"""Datasets come back into napari: the reader opens a review whose layers hold the stored labels
+(as uids), edits and confidence; saving and exporting write back what was read."""
 
 from __future__ import annotations
 
@@ -36,23 +37,34 @@ def dataset(tmp_path):
     return tmp_path / "ds", registry, labels, edited
 
 
-def test_reader_opens_a_dataset_from_its_manifest_or_folder(dataset):
+@pytest.fixture
+def viewer(display, make_napari_viewer):
+    return make_napari_viewer(show=True)
+
+
+@pytest.mark.gui
+def test_the_reader_opens_a_review_whose_layers_hold_the_stored_sample(dataset, viewer):
+    from napari_sclip.plugin.records import RECORDS
+    from napari_sclip.plugin.review_panel import PANEL_NAME
+
     root, registry, labels, edited = dataset
     reader = get_reader(str(root / "dataset.json"))
     assert reader is not None and get_reader(str(root)) is reader
     assert get_reader([str(root / "dataset.json")]) is reader  # napari passes a one-path list too
-    layers = reader(str(root / "dataset.json"))
-    assert [meta["name"] for _, meta, _ in reader(str(root))] == [meta["name"] for _, meta, _ in layers]
-    names = [meta["name"] for _, meta, _ in layers]
-    assert names == ["astronaut", "astronaut confidence", "astronaut labels", "other", "other labels"]
-    data, meta, kind = layers[2]
-    assert kind == "labels"
-    np.testing.assert_array_equal(data, labels)  # uids come back exactly
-    state = LabelsState.from_metadata(meta["metadata"], data)
+    assert viewer.open(str(root / "dataset.json"), plugin=None) == []  # the review's layers, not napari's
+    session = viewer.window.dock_widgets[PANEL_NAME].session
+    assert session.ids == ["other", "astronaut"]  # unreviewed first, then edited
+    session.goto("astronaut")
+    assert [layer.name for layer in viewer.layers] == ["astronaut", "astronaut confidence", "astronaut labels"]
+    layer = viewer.layers["astronaut labels"]
+    np.testing.assert_array_equal(layer.data, labels)  # uids come back exactly
+    state = RECORDS.get(layer).state
     assert state.classes == registry
     np.testing.assert_array_equal(state.edited, edited)
-    assert dict(zip(meta["features"]["index"], meta["features"]["class_name"]))[4] == "rocket"
-    np.testing.assert_allclose(layers[1][0], 64 / 255)
+    assert dict(zip(layer.features["index"], layer.features["class_name"]))[4] == "rocket"
+    np.testing.assert_allclose(viewer.layers["astronaut confidence"].data, 64 / 255)
+    assert LabelsState.from_metadata(layer.metadata, layer.data).classes == registry  # what an export reads
+    session.close()
 
 
 def test_reader_declines_other_paths(dataset, tmp_path):
@@ -64,42 +76,66 @@ def test_reader_declines_other_paths(dataset, tmp_path):
     assert get_reader(str(root / "classes.txt")) is None
 
 
-def test_missing_mask_is_named(dataset):
+@pytest.mark.gui
+def test_a_missing_mask_is_named_and_a_damaged_one_leaves_the_rest_open(dataset, viewer):
+    from napari_sclip.plugin.review import open_review
+
     root = dataset[0]
     mask = next(root.glob("*/masks/other.png"))
+    kept = mask.read_bytes()
     mask.unlink()
+    with pytest.raises(DatasetError, match="other.png"):  # the owner's scan refuses an incomplete sample
+        open_review(viewer, root)
+    mask.write_bytes(b"not a png" + kept[:10])
+    session = open_review(viewer, root)  # "other" comes first in the queue
+    assert "other.png" in session.open_error and session.current_id is None
     with pytest.raises(DatasetError, match="other.png"):
-        get_reader(str(root))(str(root))
+        session.goto("other")
+    session.goto("astronaut")
+    assert session.current_id == "astronaut"
+    session.close()
 
 
-def _export_layers(path, layers) -> None:
-    """Export reader layers as the widget pairs them: "<image> labels" with "<image>" and its
-    "<image> confidence"."""
-    by_name = {meta["name"]: (data, meta) for data, meta, _ in layers}
-    items = []
-    for data, meta, kind in layers:
-        if kind == "labels":
-            image = meta["name"].removesuffix(" labels")
-            confidence = by_name.get(f"{image} confidence", (None,))[0]
-            items += labelled_images(*by_name[image], data, meta, confidence)
-    export_images(path, items)
+@pytest.mark.gui
+def test_saving_every_sample_unchanged_gives_identical_files(dataset, viewer, tmp_path):
+    """The review's save path (marking and unmarking rewrites each sample) changes no file but
+    time stamps, for a sample with a copied source, edits, confidence and a retired class."""
+    import shutil
 
+    from napari_sclip.plugin.review import open_review
 
-def test_export_import_export_gives_identical_files(dataset, tmp_path):
-    """The napari path: the reader's layers, exported again, give the same files (in a new
-    folder, and in place), timestamps apart."""
     root = dataset[0]
-    _export_layers(tmp_path / "again", get_reader(str(root))(str(root)))
-    same_files_apart_from_timestamps(root, tmp_path / "again")
-
-    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    _export_layers(root, get_reader(str(root))(str(root)))  # in place
-    same_files_apart_from_timestamps(root, tmp_path / "again")
-    for path, data in before.items():
-        if path.suffix != ".json" and path.name != JOURNAL:  # the journal holds the meta files' times
-            assert path.read_bytes() == data, path
+    shutil.copytree(root, tmp_path / "before")
+    session = open_review(viewer, root)
+    for image_id in session.ids:
+        session.goto(image_id)
+        session.mark_reviewed(True)
+        session.mark_reviewed(False)
+    session.close()
+    same_files_apart_from_timestamps(tmp_path / "before", root)
+    for path in (tmp_path / "before").rglob("*"):
+        if path.is_file() and path.suffix != ".json" and path.name != JOURNAL:
+            assert path.read_bytes() == (root / path.relative_to(tmp_path / "before")).read_bytes(), path
     meta = json.loads(next(root.glob("*/meta/astronaut.json")).read_text())
     assert meta["review_status"] == "edited" and meta["source"]["path"].endswith("astronaut.png")
+
+
+def test_exported_layers_round_trip_through_the_writer(dataset, tmp_path):
+    """The widget's export path (layer data and metadata -> samples) writes what it read."""
+    from napari_sclip.dataset.format import read_manifest
+    from napari_sclip.dataset.reader import read_sample, sample_ids
+
+    root = dataset[0]
+    _, _, train_ids = read_manifest(root)
+    items = []
+    for split, image_id in sample_ids(root):
+        sample = read_sample(root, split, image_id, train_ids)
+        metadata: dict = {}
+        LabelsState(dataset[1], sample.edited, {(): sample.meta}, "unreviewed").store(metadata)
+        image_meta = {"name": image_id, "rgb": True, "metadata": {"dataset_image": str(root / split / sample.meta["image"])}}
+        items += labelled_images(sample.image, image_meta, sample.labels, {"metadata": metadata}, sample.confidence)
+    export_images(tmp_path / "again", items)
+    same_files_apart_from_timestamps(root, tmp_path / "again")
 
 
 def test_masks_of_a_dataset_that_grew_past_254_classes_keep_their_own_ignore(tmp_path):

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QMessageBox
 
 from napari_sclip.colors import label_color
 from napari_sclip.plugin.records import RECORDS
@@ -528,6 +529,30 @@ def test_a_dataset_reopens_with_its_classes_for_more_editing(widget, qtbot, tmp_
     assert meta["model"] == TINY_MODEL and meta["window"] == 224  # the new run's provenance
     assert meta["source"]["path"] == str(tmp_path / "pet.png")  # the sample's identity stays
     assert meta["edits"]["painted_pixels"] == 36
+
+
+def test_a_new_class_from_a_rerun_during_review_reaches_the_dataset(widget, qtbot, tmp_path, answers):
+    """Re-segmenting a sample under review with a class the dataset lacks: the save names it in the
+    manifest before its mask uses it, so its pixels keep their class instead of becoming ignore."""
+    from PIL import Image
+
+    from napari_sclip.dataset.format import read_manifest
+
+    folder = _dataset(tmp_path)
+    answers["folder"] = str(folder)
+    click(qtbot, widget._open_button)
+    type_classes(qtbot, widget, ["zebra"])
+    answers["question"] = QMessageBox.StandardButton.Yes  # cat and dog may go
+    segment(qtbot, widget)
+    labels = widget.viewer.layers["pet labels"]
+    zebra = int(labels.data[20, 20])
+    assert zebra not in (0, 1, 2)
+    click(qtbot, review_panel(widget)._save)
+    manifest, registry, train_ids = read_manifest(folder)
+    assert registry.names[zebra] == ("zebra",) and manifest["vocabulary_version"] == 2
+    mask = np.asarray(Image.open(next(folder.glob("*/masks/pet.png"))))
+    assert (mask[labels.data == zebra] == train_ids[zebra]).all()
+    assert (mask[:6, :6] == 255).all()  # dog went (the person agreed): its kept pixels are unlabelled
 
 
 def test_open_dataset_button_refuses_a_plain_folder(widget, qtbot, tmp_path, answers):

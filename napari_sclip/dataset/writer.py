@@ -768,6 +768,25 @@ class DatasetWriter:
                 return candidate
         raise DatasetError(f"no free id for {stem!r} in {self.root}: rename the image")
 
+    def adopt_classes(self, registry: ClassRegistry) -> None:
+        """Take the classes of labels that changed while the dataset is held (a re-run with new
+        names, a value painted that no class has), merged by uid as on opening with a registry:
+        new classes get training ids, its active classes become the current vocabulary, and the
+        manifest and class files name them before any mask uses them.  Nothing is written when
+        nothing changes."""
+        with reporting_os_errors(self.root):
+            self._lock.check()
+            stored = ClassRegistry.from_json(self.registry.to_json())
+            merged = _merge_classes(stored, ClassRegistry.from_json(registry.to_json()), None,
+                                    self.root / fmt.MANIFEST)
+            train_ids = fmt.extend_train_ids(self.train_ids, merged)
+            if merged.to_json() == self.registry.to_json() and train_ids == self.train_ids:
+                return
+            before = [self.registry.names[uid] for uid in self.registry.active]
+            self.vocabulary_version = _vocabulary_version(self.previous, before, merged)
+            self.registry, self.train_ids = merged, train_ids
+            self.rebuild_index()
+
     # -- writing -----------------------------------------------------------------------------------
 
     @property

@@ -69,7 +69,7 @@ def labelled_images(image_data, image_meta: dict, labels_data, labels_meta: dict
             name=plane_stem(name, index) if index else name,
             image=image_data[index],
             labels=labels,
-            registry=_export_classes(state.classes, labels),
+            registry=export_classes(state.classes, labels),
             rgb=rgb,
             confidence=None if confidence is None else np.asarray(confidence[index]),
             edited=state.edited[index].copy(),
@@ -80,9 +80,9 @@ def labelled_images(image_data, image_meta: dict, labels_data, labels_meta: dict
     return items
 
 
-def _export_classes(classes: ClassRegistry, labels: np.ndarray) -> ClassRegistry:
+def export_classes(classes: ClassRegistry, labels: np.ndarray) -> ClassRegistry:
     """``classes`` with every value present in ``labels`` active, named "label <value>" if no
-    class has it, so that an export keeps every labelled pixel."""
+    class has it, so that an export (or a review's save) keeps every labelled pixel."""
     present = [v for v in label_values(labels) if v not in classes.active]
     names = {**classes.names, **{v: (f"label {v}",) for v in present if v not in classes.names}}
     return ClassRegistry(names, [*classes.active, *present])

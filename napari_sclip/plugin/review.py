@@ -29,6 +29,7 @@ from napari_sclip.dataset.reader import StoredSample, find_dataset_root, read_sa
 from napari_sclip.dataset.review import REVIEWED, UNREVIEWED, Counts, QueueOptions, counts, queue
 from napari_sclip.dataset.writer import DatasetWriter, Sample, read_meta
 from napari_sclip.plugin.corrections import IGNORE, below_confidence, region_at, set_pixels
+from napari_sclip.plugin.io import export_classes
 from napari_sclip.plugin.layers import (
     class_colormap,
     class_features,
@@ -91,7 +92,14 @@ class ReviewSession:
         for key, action in KEYS.items():
             viewer.bind_key(key, self._key_action(action), overwrite=True)
         viewer.layers.events.removed.connect(self._on_removed)
-        self.set_options(options)
+        #: Why the first sample could not be shown (a damaged file), or ``None``: the rest of the
+        #: dataset opens all the same.
+        self.open_error: str | None = None
+        try:
+            self.set_options(options)
+        except DatasetError as exc:
+            self.open_error = str(exc)
+            self.events.changed()
 
     # -- the queue ---------------------------------------------------------------------------------
 
@@ -227,6 +235,8 @@ class ReviewSession:
                 if confidence is None:
                     confidence = viewer.add_image(sample.confidence, name=confidence_name(sample.id), colormap="magma",
                                                   contrast_limits=(0.0, 1.0), opacity=0.6, visible=False)
+                    if labels is not None:  # the labels stay on top, where one paints
+                        viewer.layers.move(viewer.layers.index(confidence), viewer.layers.index(labels))
                 else:
                     confidence.data = sample.confidence
             elif confidence is not None:
@@ -303,6 +313,9 @@ class ReviewSession:
         labels, confidence = self._layers["labels"], self._layers["confidence"]
         before, status_before = self._counts, self.status(sample.id)
         stored_image = self.root / sample.split / sample.meta["image"]
+        # A re-run may have brought new classes, a brush a value no class has: the dataset names
+        # them before the mask is written (else they would be stored as ignore).
+        self._writer.adopt_classes(export_classes(state.classes, np.asarray(labels.data)))
         written = self._writer.write(Sample(
             stem=sample.id,
             labels=np.asarray(labels.data),

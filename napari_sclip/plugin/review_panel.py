@@ -222,7 +222,11 @@ class ReviewPanel(QWidget):
         self._reviewed.setChecked(current is not None and session.status(current) == REVIEWED)
         self._reviewed.blockSignals(False)
         where = f"{position + 1} of {len(session)} in the queue" if position >= 0 else f"{len(session)} in the queue"
-        self._message.setText(f"{current}: {where}" if current else "no sample matches the filters")
+        if current:
+            self._message.setText(f"{current}: {where}")
+        else:
+            self._message.setText(f"error: {session.open_error}" if session.open_error
+                                  else "no sample matches the filters")
         self._region.blockSignals(True)
         self._region.setChecked(session.region_tool)
         self._region.blockSignals(False)
