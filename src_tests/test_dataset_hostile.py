@@ -123,7 +123,7 @@ def test_a_fifo_in_place_of_the_lock_or_manifest_is_refused_by_segment(dataset, 
 
 @pytest.mark.parametrize("relative", [fmt.MANIFEST, "mask", "image"])
 def test_a_fifo_in_place_of_a_dataset_file_is_refused_by_the_exports_and_the_reader(dataset, tmp_path, relative):
-    from napari_sclip.plugin.io import read_dataset
+    from napari_sclip.plugin.review import hold_dataset
 
     if relative != fmt.MANIFEST:
         split, image_id = sample_ids(dataset)[0]
@@ -132,9 +132,9 @@ def test_a_fifo_in_place_of_a_dataset_file_is_refused_by_the_exports_and_the_rea
     os.mkfifo(dataset / relative)
     _one_line_error(_cli("export-coco", str(dataset), str(tmp_path / "coco.json"), "--quiet"), relative, "not a plain file")
     _one_line_error(_cli("export-voc", str(dataset), str(tmp_path / "voc"), "--quiet"), relative, "not a plain file")
-    if relative != fmt.MANIFEST:  # napari's reader (a FIFO manifest is no dataset to it: find_dataset_root)
+    if relative != fmt.MANIFEST:  # napari's reader, a review (a FIFO manifest is no dataset to it)
         with pytest.raises(DatasetError, match="not a plain file"):
-            read_dataset(str(dataset))
+            hold_dataset(dataset)
 
 
 def test_a_lock_that_is_a_folder_is_named_with_what_to_do(tmp_path):
@@ -253,7 +253,7 @@ def test_a_deeply_nested_lock_is_an_unreadable_lock(tmp_path):
 
 
 def test_every_reader_skips_hidden_meta_files(dataset, tmp_path):
-    from napari_sclip.plugin.io import read_dataset
+    from napari_sclip.dataset.review import QueueOptions, queue
 
     meta_path = _meta_path(dataset, "im0")
     (meta_path.parent / ".h.json").write_bytes(meta_path.read_bytes())
@@ -262,7 +262,7 @@ def test_every_reader_skips_hidden_meta_files(dataset, tmp_path):
     assert sorted(image_id for _, image_id in ids) == ["im0", "im1"]
     with DatasetWriter(dataset) as writer:
         assert sorted(writer._samples) == ["im0", "im1"]
-    assert len([layer for layer in read_dataset(str(dataset)) if layer[2] == "labels"]) == 2
+        assert sorted(queue(writer.entries(), QueueOptions())) == ["im0", "im1"]  # what a review shows
     done = _cli("export-coco", str(dataset), str(tmp_path / "coco.json"), "--quiet")
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "coco.json").read_text())["images"]) == 2

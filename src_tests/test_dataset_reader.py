@@ -43,7 +43,7 @@ def viewer(display, make_napari_viewer):
 
 
 @pytest.mark.gui
-def test_the_reader_opens_a_review_whose_layers_hold_the_stored_sample(dataset, viewer):
+def test_the_reader_opens_a_review_whose_layers_hold_the_stored_sample(dataset, viewer, qtbot):
     from napari_sclip.plugin.records import RECORDS
     from napari_sclip.plugin.review_panel import PANEL_NAME
 
@@ -52,7 +52,9 @@ def test_the_reader_opens_a_review_whose_layers_hold_the_stored_sample(dataset, 
     assert reader is not None and get_reader(str(root)) is reader
     assert get_reader([str(root / "dataset.json")]) is reader  # napari passes a one-path list too
     assert viewer.open(str(root / "dataset.json"), plugin=None) == []  # the review's layers, not napari's
-    session = viewer.window.dock_widgets[PANEL_NAME].session
+    panel = viewer.window.dock_widgets[PANEL_NAME]
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)  # the index is read in a worker
+    session = panel.session
     assert session.ids == ["other", "astronaut"]  # unreviewed first, then edited
     session.goto("astronaut")
     assert [layer.name for layer in viewer.layers] == ["astronaut", "astronaut confidence", "astronaut labels"]

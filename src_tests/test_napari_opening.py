@@ -64,7 +64,8 @@ def test_viewer_open_of_a_photo_and_a_folder_is_unchanged(display, make_napari_v
     assert stack.data.shape == (2, 30, 40, 3)
 
 
-def test_file_open_in_the_window_shows_no_reader_dialog(display, make_napari_viewer, photos, dataset, monkeypatch):
+def test_file_open_in_the_window_shows_no_reader_dialog(display, make_napari_viewer, photos, dataset, monkeypatch,
+                                                       qtbot):
     """The Qt path of File > Open: a choice of readers would open QtReaderDialog."""
     from napari._qt import qt_viewer as qt_viewer_module
 
@@ -75,13 +76,15 @@ def test_file_open_in_the_window_shows_no_reader_dialog(display, make_napari_vie
     qt_viewer._qt_open([str(photos / "a.jpg")], stack=False)
     qt_viewer._qt_open([str(dataset[0] / "dataset.json")], stack=False)
     assert not asked
+    qtbot.waitUntil(lambda: "pet labels" in viewer.layers, timeout=20_000)
     assert [layer.name for layer in viewer.layers] == ["a", "pet", "pet labels"]
 
 
-def test_a_dataset_opens_from_its_manifest_without_naming_the_plugin(display, make_napari_viewer, dataset):
+def test_a_dataset_opens_from_its_manifest_without_naming_the_plugin(display, make_napari_viewer, dataset, qtbot):
     root, labels = dataset
     viewer = make_napari_viewer()
     viewer.open(str(root / "dataset.json"), plugin=None)
+    qtbot.waitUntil(lambda: "pet labels" in viewer.layers, timeout=20_000)  # its review opens in a worker
     assert [layer.name for layer in viewer.layers] == ["pet", "pet labels"]
     np.testing.assert_array_equal(viewer.layers["pet labels"].data, labels)
     names = dict(zip(viewer.layers["pet labels"].features["index"], viewer.layers["pet labels"].features["class_name"]))

@@ -173,10 +173,16 @@ def test_a_dataset_under_review_is_held(viewer, tmp_path):
     assert len(sample_ids(tmp_path / "ds")) == 2
 
 
-def _panel(viewer):
+def opened(qtbot, panel):
+    """``panel`` once its dataset is open (the index is read in a worker)."""
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    return panel
+
+
+def _panel(viewer, qtbot):
     from napari_sclip.plugin.review_panel import PANEL_NAME
 
-    return viewer.window.dock_widgets[PANEL_NAME]
+    return opened(qtbot, viewer.window.dock_widgets[PANEL_NAME])
 
 
 def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(viewer, qtbot, tmp_path):
@@ -184,7 +190,7 @@ def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(v
 
     made = make_dataset(tmp_path / "ds", 12)
     assert viewer.open(str(tmp_path / "ds" / "dataset.json"), plugin=None) == []
-    panel = _panel(viewer)
+    panel = _panel(viewer, qtbot)
     assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
     assert panel._counts.text() == "0 reviewed · 0 edited · 12 untouched of 12"
     click(qtbot, panel._next)
@@ -208,25 +214,25 @@ def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(v
     DatasetWriter(tmp_path / "ds").close()  # given up
 
 
-def test_closing_the_window_saves_the_sample_and_gives_the_dataset_up(display, make_napari_viewer, tmp_path):
+def test_closing_the_window_saves_the_sample_and_gives_the_dataset_up(display, make_napari_viewer, qtbot, tmp_path):
     from napari_sclip.plugin.review_panel import show_review
 
     viewer = make_napari_viewer(show=True)
     make_dataset(tmp_path / "ds", 2)
-    show_review(viewer, tmp_path / "ds")
+    opened(qtbot, show_review(viewer, tmp_path / "ds"))
     viewer.layers["s000 labels"].paint((4, 4), 3, refresh=True)
     viewer.close()
     DatasetWriter(tmp_path / "ds").close()
     assert json.loads((tmp_path / "ds" / "train" / "meta" / "s000.json").read_text())["review_status"] == "edited"
 
 
-def test_a_second_dataset_replaces_the_first_review(viewer, tmp_path):
+def test_a_second_dataset_replaces_the_first_review(viewer, qtbot, tmp_path):
     from napari_sclip.plugin.review_panel import show_review
 
     make_dataset(tmp_path / "one", 2)
     make_dataset(tmp_path / "two", 3)
-    show_review(viewer, tmp_path / "one")
-    panel = show_review(viewer, tmp_path / "two")
+    opened(qtbot, show_review(viewer, tmp_path / "one"))
+    panel = opened(qtbot, show_review(viewer, tmp_path / "two"))
     assert len(panel.session) == 3
     DatasetWriter(tmp_path / "one").close()  # the first was given up
     panel.close_review()
@@ -250,7 +256,7 @@ def test_a_damaged_sample_is_one_line_and_the_review_stays_where_it_was(viewer, 
 
     make_dataset(tmp_path / "ds", 3)
     (tmp_path / "ds" / "train" / "masks" / "s001.png").write_bytes(b"not a png")
-    panel = show_review(viewer, tmp_path / "ds")
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
     viewer.layers["s000 labels"].paint((4, 4), 3, refresh=True)
     click(qtbot, panel._next)
     assert panel._message.text().startswith("error: cannot read") and "s001.png" in panel._message.text()
@@ -290,7 +296,7 @@ def test_number_keys_pick_the_class_to_paint_and_ctrl_number_sets_the_region_und
     from napari_sclip.plugin.review_panel import show_review
 
     made = make_varied(tmp_path / "ds")
-    panel = show_review(viewer, tmp_path / "ds")
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
     labels = viewer.layers["v labels"]
     canvas = viewer.window._qt_viewer.canvas.native
     qtbot.keyClick(canvas, Qt.Key.Key_3)
@@ -321,7 +327,7 @@ def test_the_region_tool_asks_for_the_class_of_a_clicked_region(viewer, qtbot, t
     from napari_sclip.plugin.review_panel import show_review
 
     made = make_varied(tmp_path / "ds")
-    panel = show_review(viewer, tmp_path / "ds")
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
     labels = viewer.layers["v labels"]
     click(qtbot, panel._region)
     assert panel.session.region_tool and labels.mode == "pan_zoom"
@@ -353,7 +359,7 @@ def test_accept_by_confidence_is_previewed_then_applied_as_one_undo_step(viewer,
     from napari_sclip.plugin.review_panel import show_review
 
     made = make_varied(tmp_path / "ds")
-    panel = show_review(viewer, tmp_path / "ds")
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
     labels = viewer.layers["v labels"]
     panel._accept_threshold.setValue(0.25)
     click(qtbot, panel._preview)

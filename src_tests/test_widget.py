@@ -128,13 +128,15 @@ def slow_runs(monkeypatch) -> list:
     return started
 
 
-def review_panel(widget):
-    """The review panel docked in the widget's window (not napari's proxy of it: a test may look
-    at its controls)."""
+def review_panel(widget, qtbot):
+    """The review panel docked in the widget's window once its dataset is open (not napari's
+    proxy of it: a test may look at its controls)."""
     from napari_sclip.plugin.review_panel import PANEL_NAME
 
     panel = widget.viewer.window.dock_widgets[PANEL_NAME]
-    return getattr(panel, "__wrapped__", panel)
+    panel = getattr(panel, "__wrapped__", panel)
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    return panel
 
 
 def class_list(widget) -> list[str]:
@@ -514,6 +516,7 @@ def test_a_dataset_reopens_with_its_classes_for_more_editing(widget, qtbot, tmp_
     viewer = widget.viewer
     answers["folder"] = str(folder)
     click(qtbot, widget._open_button)
+    review_panel(widget, qtbot)
     assert [layer.name for layer in viewer.layers] == ["pet", "pet labels"]
     assert widget._image_combo.currentText() == "pet"
     assert widget._vocabulary_edit.toPlainText() == "cat\ndog, puppy"  # the dataset's, not the default
@@ -523,7 +526,7 @@ def test_a_dataset_reopens_with_its_classes_for_more_editing(widget, qtbot, tmp_
     assert (reopened.data[:6, :6] == 2).all()  # the stored correction survives the re-run
     assert set(np.unique(reopened.data[10:, 10:])) <= {1, 2}
 
-    panel = review_panel(widget)
+    panel = review_panel(widget, qtbot)
     click(qtbot, panel._save)  # back into the same dataset
     meta = _stored_meta(folder, "pet")
     assert meta["model"] == TINY_MODEL and meta["window"] == 224  # the new run's provenance
@@ -541,13 +544,14 @@ def test_a_new_class_from_a_rerun_during_review_reaches_the_dataset(widget, qtbo
     folder = _dataset(tmp_path)
     answers["folder"] = str(folder)
     click(qtbot, widget._open_button)
+    review_panel(widget, qtbot)
     type_classes(qtbot, widget, ["zebra"])
     answers["question"] = QMessageBox.StandardButton.Yes  # cat and dog may go
     segment(qtbot, widget)
     labels = widget.viewer.layers["pet labels"]
     zebra = int(labels.data[20, 20])
     assert zebra not in (0, 1, 2)
-    click(qtbot, review_panel(widget)._save)
+    click(qtbot, review_panel(widget, qtbot)._save)
     manifest, registry, train_ids = read_manifest(folder)
     assert registry.names[zebra] == ("zebra",) and manifest["vocabulary_version"] == 2
     mask = np.asarray(Image.open(next(folder.glob("*/masks/pet.png"))))
@@ -680,7 +684,7 @@ def test_export_the_selected_images_or_all_and_round_trip(widget, qtbot, tmp_pat
     shutil.copytree(tmp_path / "all", tmp_path / "before")
     answers["folder"] = str(tmp_path / "all")
     click(qtbot, widget._open_button)  # a review: marking and unmarking rewrites each sample
-    panel = review_panel(widget)
+    panel = review_panel(widget, qtbot)
     for _ in range(2):
         click(qtbot, panel._reviewed)
         click(qtbot, panel._reviewed)
@@ -739,6 +743,7 @@ def test_reviewed_status_is_exported_reopened_and_reset_by_a_rerun(widget, qtbot
     viewer.layers.clear()
     answers["folder"] = str(tmp_path / "ds")
     click(qtbot, widget._open_button)
+    review_panel(widget, qtbot)
     assert widget._image_combo.currentText() == "img"
     assert reviewed.isChecked()  # the status came back with the dataset
     segment(qtbot, widget)

@@ -52,12 +52,24 @@ def open_review(viewer, path: str | Path, options: QueueOptions | None = None) -
 
     Raises :class:`DatasetError` (one line) when ``path`` is no dataset, or another process holds it.
     """
+    return ReviewSession(viewer, hold_dataset(dataset_root(path)), options or QueueOptions())
+
+
+def dataset_root(path: str | Path) -> Path:
+    """The dataset folder of ``path`` (the folder or its manifest); a :class:`DatasetError` if it
+    is none (cheap: reads the manifest's format name only)."""
     from napari_sclip.dataset.format import MANIFEST
 
     root = find_dataset_root(path)
     if root is None:
         raise DatasetError(f"{path} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
-    return ReviewSession(viewer, DatasetWriter(root), options or QueueOptions())
+    return root
+
+
+def hold_dataset(root: Path) -> DatasetWriter:
+    """Take the dataset as its owner and read its index: the part of opening whose time grows with
+    the dataset, safe to run in a worker thread."""
+    return DatasetWriter(root)
 
 
 class ReviewSession:
@@ -151,6 +163,16 @@ class ReviewSession:
         if self._counts is None:
             self._counts = counts(self._writer.entries())
         return self._counts
+
+    def dataset_classes(self) -> list[tuple[int, str]]:
+        """``(training id, name)`` of every class of the dataset, by training id."""
+        writer = self._writer
+        return sorted((train_id, writer.registry.display_name(uid)) for uid, train_id in writer.train_ids.items())
+
+    @property
+    def labels_layer(self):
+        """The labels layer of the sample shown (``None`` once removed from the viewer)."""
+        return self._layer("labels")
 
     def status(self, image_id: str) -> str:
         """A sample's review status as stored (``unreviewed``, ``edited`` or ``reviewed``)."""
@@ -254,7 +276,7 @@ class ReviewSession:
                     labels.data = sample.labels
             labels.colormap = class_colormap(registry, ignore=IGNORE_COLOR)
             labels.features = class_features(registry)
-            self._clear_preview()
+            self.clear_preview()
             RECORDS.replace(labels, state)
             self._state = state
             self._layers = {"image": image, "labels": labels, "confidence": confidence}
@@ -439,10 +461,10 @@ class ReviewSession:
         if labels is None or confidence is None:
             raise DatasetError(f"{self.current_id} has no confidence map to accept by")
         changed = set_pixels(labels, below_confidence(labels.data, confidence.data, threshold), IGNORE)
-        self._clear_preview()
+        self.clear_preview()
         return changed
 
-    def _clear_preview(self) -> None:
+    def clear_preview(self) -> None:
         preview, self._preview = self._preview, None
         if preview is not None and preview in self.viewer.layers:
             self.viewer.layers.remove(preview)

@@ -43,18 +43,24 @@ PANEL_NAME = "SCLIP review"
 
 def show_review(viewer, path: str | Path) -> ReviewPanel:
     """Open the dataset at ``path`` for review in ``viewer``, in a docked panel (replacing the
-    viewer's previous review, which is saved and closed first)."""
-    from napari_sclip.plugin.review import open_review
+    viewer's previous review, which is saved and closed first).
 
+    The panel docks at once; the dataset's index is read in a worker thread (its time grows with
+    the dataset), then the first sample is shown and :attr:`ReviewPanel.session` is set.  A path
+    that is no dataset is a :class:`DatasetError` here; a dataset that cannot be opened (held by
+    another process, damaged) is one line in the panel and in napari's notifications.
+    """
+    from napari_sclip.plugin.review import dataset_root
+
+    root = dataset_root(path)
     window = viewer.window
     previous = window.dock_widgets.get(PANEL_NAME)
     if isinstance(previous, ReviewPanel):
         previous.close_review()
-    panel = ReviewPanel(open_review(viewer, path))
+    panel = ReviewPanel(viewer, root)
     window.add_dock_widget(panel, name=PANEL_NAME, area="right")
     panel.follow_window()
-    # The panel takes room from the canvas once Qt lays the window out: then show the whole image.
-    QTimer.singleShot(0, viewer.reset_view)
+    panel.start()
     return panel
 
 
@@ -66,15 +72,16 @@ class ReviewPanel(QWidget):
     _shown_position = -1
     _shown_id: str | None = None
 
-    def __init__(self, session: ReviewSession, parent: QWidget | None = None) -> None:
+    def __init__(self, viewer, root: Path, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.session = session
-        registry = session._writer.registry
-        train_ids = session._writer.train_ids
-        self._class_ids = [None, *sorted(train_ids.values())]
-        by_train_id = {train_id: uid for uid, train_id in train_ids.items()}
+        self.viewer, self.root = viewer, root
+        #: The review, once the dataset is open (``None`` while opening, after closing or failing).
+        self.session: ReviewSession | None = None
+        self._worker = None
+        self._closed = False
+        self._class_ids: list[int | None] = [None]
 
-        self._title = QLabel(str(session.root))
+        self._title = QLabel(str(root))
         self._title.setWordWrap(True)
         self._title.setToolTip("The dataset under review; no other process can write into it meanwhile")
         self._counts = QLabel()
@@ -89,34 +96,34 @@ class ReviewPanel(QWidget):
         self._threshold.setToolTip("'most uncertain pixels first' counts the pixels below this confidence")
         self._status_filter = _combo(STATUS_FILTERS, "Show only samples with this review status")
         self._split = _combo(("all", *SPLIT_NAMES), "Show only one split")
-        self._class = _combo(
-            ["any class", *(registry.display_name(by_train_id[t]) for t in self._class_ids[1:])],
-            "Show only samples whose labels hold this class",
-        )
+        self._class = _combo(["any class"], "Show only samples whose labels hold this class")
         self._model = QStringListModel()
         self._list = QListView()
         self._list.setModel(self._model)
         self._list.setEditTriggers(QListView.EditTrigger.NoEditTriggers)
         self._list.setToolTip("The queue; click a sample to open it")
-        self._list.clicked.connect(lambda index: self._run(self.session.goto, self.session.ids[index.row()]))
-        self._previous = _button("◀ Previous", "Save and show the previous sample (PageUp)", self.session.previous)
-        self._next = _button("Next ▶", "Save and show the next sample (PageDown)", self.session.next)
+        self._list.clicked.connect(lambda index: self._run(lambda: self.session.goto(self.session.ids[index.row()])))
+        self._previous = _button("◀ Previous", "Save and show the previous sample (PageUp)",
+                                 lambda: self.session.previous())
+        self._next = _button("Next ▶", "Save and show the next sample (PageDown)", lambda: self.session.next())
         self._reviewed = QCheckBox("reviewed")
         self._reviewed.setToolTip("Mark the sample as checked by a person, and save it (Shift+R)")
-        self._reviewed.toggled.connect(lambda checked: self._run(self.session.mark_reviewed, checked))
-        self._save = _button("Save", "Save the sample's edits now (moving on saves them too)", self.session.save)
-        self._close = _button("Close review", "Save, and give the dataset up", self.close_review)
+        self._reviewed.toggled.connect(lambda checked: self._run(lambda: self.session.mark_reviewed(checked)))
+        self._save = _button("Save", "Save the sample's edits now (moving on saves them too)", lambda: self.session.save())
+        self._close = QPushButton("Close review")  # also once opening failed: not through _run
+        self._close.setToolTip("Save, and give the dataset up")
+        self._close.clicked.connect(lambda *_: self.close_review())
         self._message = QLabel()
         self._message.setWordWrap(True)
 
         self._classes = QListWidget()
         self._classes.setToolTip("Key, colour and pixels in this sample of each class: click one (or press its "
                                  "number) to paint with it; 0 is ignore")
-        self._classes.itemClicked.connect(lambda item: self._run(self.session.pick_class, self._classes.row(item)))
+        self._classes.itemClicked.connect(lambda item: self._run(lambda: self.session.pick_class(self._classes.row(item))))
         self._region = QCheckBox("region tool (G)")
         self._region.setToolTip("Click a region of the labels to choose its class from a menu; Ctrl+number sets "
                                 "the region under the cursor at once")
-        self._region.toggled.connect(lambda _: self._run(self.session.toggle_region_tool))
+        self._region.toggled.connect(lambda _: self._run(lambda: self.session.toggle_region_tool()))
         self._accept_threshold = QDoubleSpinBox()
         self._accept_threshold.setRange(0.0, 1.0)
         self._accept_threshold.setSingleStep(0.05)
@@ -169,13 +176,64 @@ class ReviewPanel(QWidget):
         for combo in (self._order, self._status_filter, self._split, self._class):
             combo.currentIndexChanged.connect(self._apply_options)
         self._threshold.valueChanged.connect(self._apply_options)
-        session.events.changed.connect(self._refresh)
-        session.events.edited.connect(self._on_edited)
-        session.region_chooser = self._choose_region
         app = QApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self.close_review)
+        self._set_enabled(False)
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the dataset's index in a worker; then show its first sample."""
+        from napari.qt.threading import create_worker
+
+        from napari_sclip.plugin.review import hold_dataset
+
+        self._message.setText(f"opening {self.root}…")
+        self._worker = create_worker(hold_dataset, self.root, _start_thread=False, _ignore_errors=True)
+        self._worker.returned.connect(self._opened)
+        self._worker.errored.connect(self._failed)
+        self._worker.start()
+
+    def _opened(self, writer) -> None:
+        from napari_sclip.plugin.review import ReviewSession
+
+        self._worker = None
+        if self._closed:  # closed while opening: give the dataset straight back
+            writer.close()
+            return
+        try:
+            session = ReviewSession(self.viewer, writer, self.queue_options())
+        except BaseException:
+            writer.close()
+            raise
+        self.session = session
+        classes = session.dataset_classes()
+        self._class_ids = [None, *(train_id for train_id, _ in classes)]
+        self._class.blockSignals(True)
+        self._class.addItems([name for _, name in classes])
+        self._class.blockSignals(False)
+        session.events.changed.connect(self._refresh)
+        session.events.edited.connect(self._on_edited)
+        session.region_chooser = self._choose_region
+        self._set_enabled(True)
         self._refresh()
+        # The panel took room from the canvas: show the whole image in what is left.
+        QTimer.singleShot(0, self.viewer.reset_view)
+
+    def _failed(self, error) -> None:
+        from napari.utils.notifications import show_error
+
+        self._worker = None
+        message = " ".join(str(error).split()) if isinstance(error, DatasetError) else f"{type(error).__name__}: {error}"
+        self._message.setText(f"error: {message}")
+        show_error(f"SCLIP review: {message}")
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for control in (self._order, self._threshold, self._status_filter, self._split, self._class, self._list,
+                        self._previous, self._next, self._reviewed, self._save, self._classes, self._region,
+                        self._accept_threshold, self._preview, self._accept):
+            control.setEnabled(enabled)
 
     # -- options -----------------------------------------------------------------------------------
 
@@ -190,8 +248,10 @@ class ReviewPanel(QWidget):
         )
 
     def _apply_options(self, *_) -> None:
+        if self.session is None:
+            return
         self._threshold.setEnabled(self._order.currentText() == "most uncertain pixels first")
-        self._run(self.session.set_options, self.queue_options())
+        self._run(lambda: self.session.set_options(self.queue_options()))
 
     # -- showing -----------------------------------------------------------------------------------
 
@@ -243,7 +303,7 @@ class ReviewPanel(QWidget):
         session = self.session
         if session is None:
             return
-        labels = session._layer("labels")
+        labels = session.labels_layer
         pixels = class_pixel_counts(labels.data) if labels is not None else {}
         self._classes.clear()
         for key, (uid, name) in enumerate([(IGNORE, "ignore"), *session.classes()]):
@@ -267,7 +327,7 @@ class ReviewPanel(QWidget):
             self._message.setText(f"{count} labelled pixels are below {self._accept_threshold.value():g}: "
                                   "Accept sets them to ignore")
         else:
-            self.session._clear_preview()
+            self.session.clear_preview()
 
     def _accept_by_confidence(self) -> None:
         changed = self.session.accept_by_confidence(self._accept_threshold.value())
@@ -279,13 +339,16 @@ class ReviewPanel(QWidget):
     def _row(self, image_id: str) -> str:
         return f"{image_id}  ({self.session.status(image_id)})"
 
-    def _run(self, action, *args) -> None:
-        """Do what a control asks; a dataset error (a full disk, a damaged sample) is one line here
-        and in napari's notifications, and the sample shown stays as it was."""
+    def _run(self, action) -> None:
+        """Do what a control asks (once the dataset is open); a dataset error (a full disk, a
+        damaged sample) is one line here and in napari's notifications, and the sample shown stays
+        as it was."""
         from napari.utils.notifications import show_error
 
+        if self.session is None:
+            return
         try:
-            action(*args)
+            action()
         except DatasetError as exc:
             self._refresh()
             self._message.setText(f"error: {exc}")
@@ -309,21 +372,22 @@ class ReviewPanel(QWidget):
         """Save the sample shown, give the dataset up and remove the panel (once)."""
         from napari.utils.notifications import show_error
 
-        session = self.session
-        if session is None:
+        if self._closed:
             return
-        self.session = None
-        session.events.changed.disconnect(self._refresh)
-        session.events.edited.disconnect(self._on_edited)
-        session.region_chooser = None
+        self._closed = True  # a dataset still opening is given back when its worker returns
         if self._watched is not None:
             self._watched.removeEventFilter(self)
             self._watched = None
-        try:
-            session.close()
-        except DatasetError as exc:
-            show_error(f"SCLIP review: the last edits were not saved: {exc}")
-        window = session.viewer.window
+        session, self.session = self.session, None
+        if session is not None:
+            session.events.changed.disconnect(self._refresh)
+            session.events.edited.disconnect(self._on_edited)
+            session.region_chooser = None
+            try:
+                session.close()
+            except DatasetError as exc:
+                show_error(f"SCLIP review: the last edits were not saved: {exc}")
+        window = self.viewer.window
         if window.dock_widgets.get(PANEL_NAME) is self:
             window.remove_dock_widget(self)
 
