@@ -14,6 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+
+def label_dtype(largest: int) -> np.dtype:
+    """The smallest dtype of labels up to ``largest``: 8-bit, else 16-bit (uids stop at 65535)."""
+    return np.dtype(np.uint8 if largest <= 255 else np.uint16)
+
 
 @dataclass
 class ClassRegistry:

@@ -284,3 +284,57 @@ def test_segment_options_name_the_engine_s_arguments():
     accepted = inspect.signature(Segmenter.iter_segment).parameters
     assert set(METHOD_OPTIONS) <= set(accepted) and set(METHOD_OPTIONS) <= set(OPTION_NAMES)
     assert "quick_gelu" in inspect.signature(Segmenter).parameters
+
+
+def _results(labels, params=None):
+    from napari_sclip.plugin.runner import SliceResult
+
+    return [SliceResult((k, slice(None), slice(None)), labels[k], None, params or {}) for k in range(len(labels))]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_rerun_writes_around_edits_clears_retired_classes_and_is_one_undo_step(labels_layer, overwrite):
+    """update_labels against a plain computation: new labels where nobody painted; edited pixels
+    kept unless overwritten; kept pixels of a retired class become unlabelled, in slices the run
+    did not touch too."""
+    from napari_sclip.plugin.edits import EditTracker
+    from napari_sclip.plugin.records import LabelsRecord
+    from napari_sclip.plugin.state import LabelsState
+    from napari_sclip.plugin.writeback import new_labels, update_labels
+
+    rng = np.random.default_rng(1)
+    before = rng.integers(0, 4, (3, 20, 30)).astype(np.uint8)
+    labels_layer.data = before.copy()
+    state = LabelsState.new(before.shape)
+    state.edited[:, :5] = True
+    record = LabelsRecord(state, EditTracker(labels_layer, state.edited))
+    edited = state.edited.copy()
+    new = rng.integers(1, 3, (2, 20, 30)).astype(np.uint8)
+    results = _results(new)  # slices 0 and 1; slice 2 untouched
+    steps = update_labels(labels_layer, record, results, retired=[3], overwrite=overwrite)
+    bands = 0
+    try:
+        while True:
+            next(steps)
+            bands += 1
+    except StopIteration as stop:
+        changed = stop.value
+    expected = before.copy()
+    for k in range(2):
+        keep = np.zeros_like(edited[k]) if overwrite else edited[k]
+        expected[k] = np.where(keep, np.where(before[k] == 3, 0, before[k]), new[k])
+    expected[2] = np.where(before[2] == 3, 0, before[2])
+    np.testing.assert_array_equal(labels_layer.data, expected)
+    assert changed == np.count_nonzero(expected != before) and bands >= 3
+    assert state.edited[:2].any() != overwrite and state.edited[2].sum() == edited[2].sum()  # overwrite forgets
+    labels_layer.undo()
+    np.testing.assert_array_equal(labels_layer.data, before)
+    np.testing.assert_array_equal(new_labels((2, 20, 30), results), new)
+    record.tracker.disconnect()
+
+
+def test_label_dtype_is_the_smallest_that_holds_the_values():
+    from napari_sclip.classes import label_dtype
+
+    assert label_dtype(0) == np.uint8 and label_dtype(255) == np.uint8
+    assert label_dtype(256) == np.uint16 and label_dtype(65535) == np.uint16

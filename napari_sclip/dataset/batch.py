@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from napari_sclip._files import describe_os_error
+from napari_sclip.classes import label_dtype
 from napari_sclip.dataset.export import plane_stem
 from napari_sclip.dataset.writer import (
     DatasetWriter,
@@ -185,7 +186,7 @@ def label_images(
     with DatasetWriter(root, ratios=dict(ratios) if ratios else None, vocabulary=vocabulary.classes) as writer:
         # Segmenter label value -> uid, in the smallest dtype (the labels of huge images are big).
         active = [0, *writer.registry.active]
-        uids = np.array(active, dtype=np.min_scalar_type(max(active)))
+        uids = np.array(active, dtype=label_dtype(max(active)))
         run = RunOptions(dict(options or {}), uids, readers, writers, IMAGE_BUDGET_BYTES)
         ledger = _Ledger(writer, overwrite, len(paths), report)
         report(Progress("slices", 0, len(paths)))

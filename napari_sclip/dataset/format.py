@@ -22,7 +22,7 @@ import numpy as np
 
 from napari_sclip import __version__
 from napari_sclip._files import atomic_write_bytes, describe_os_error
-from napari_sclip.classes import ClassRegistry
+from napari_sclip.classes import ClassRegistry, label_dtype
 from napari_sclip.colors import label_color
 from napari_sclip.dataset.lock import STALE_SECONDS
 from napari_sclip.dataset.paths import DatasetError, is_int, read_json, resolve_inside
@@ -97,7 +97,7 @@ def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.dtype not in (np.uint8, np.uint16):
         raise DatasetError(f"masks must be 8- or 16-bit, got {mask.dtype}")
-    dtype = np.uint8 if max(train_ids, default=0) <= 255 else np.uint16
+    dtype = label_dtype(max(train_ids, default=0))
     table = np.zeros(np.iinfo(mask.dtype).max + 1, dtype)
     for uid, train_id in train_ids.items():
         if train_id < len(table):

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from napari_sclip.classes import ClassRegistry
+from napari_sclip.classes import ClassRegistry, label_dtype
 from napari_sclip.colors import label_color
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
@@ -55,9 +55,7 @@ from napari_sclip.plugin.engine_loader import engine_devices, make_segmenter
 from napari_sclip.plugin.io import labelled_images
 from napari_sclip.plugin.layers import (
     confidence_name,
-    iter_write_labels,
     labels_name,
-    locked,
     style_labels_layer,
     values_present,
 )
@@ -78,6 +76,7 @@ from napari_sclip.plugin.state import (
     LabelsState,
     SegmentOptions,
 )
+from napari_sclip.plugin.writeback import new_labels, update_labels
 
 if TYPE_CHECKING:
     import napari
@@ -592,7 +591,7 @@ class SclipWidget(QWidget):
             options=options.method_options(),
             contrast_limits=None if image.rgb and data.dtype == np.uint8 else tuple(image.contrast_limits),
             keep_confidence=options.confidence,
-            label_values=np.array([0, *uids], dtype=np.uint8 if max(uids) <= 255 else np.uint16),
+            label_values=np.array([0, *uids], dtype=label_dtype(max(uids))),
         )
         from napari.utils import progress
 
@@ -725,13 +724,9 @@ class SclipWidget(QWidget):
             self._status.setText("labels not written: keep the classes or segment again")
             return
         if labels is None:
-            # A new layer: nothing to undo or protect, so no history is written.
-            labels_data = np.zeros(shape, results[0].labels.dtype)
-            for item in results:
-                labels_data[item.region] = item.labels
             metadata: dict = {}
             LabelsState.new(shape).store(metadata)
-            labels = self.viewer.add_labels(labels_data, name=labels_name(image.name), scale=image.scale,
+            labels = self.viewer.add_labels(new_labels(shape, results), name=labels_name(image.name), scale=image.scale,
                                             translate=image.translate, metadata=metadata)
             record = self._record(labels)
             record.state.classes.update(vocabulary.classes)
@@ -740,10 +735,10 @@ class SclipWidget(QWidget):
         record = self._record(labels)
         _, retired = record.state.classes.plan(vocabulary.classes)
         record.state.classes.update(vocabulary.classes)  # the worker already numbered the labels this way
-        dtype = np.uint8 if max(record.state.classes.names) <= 255 else np.uint16
+        dtype = label_dtype(max(record.state.classes.names))
         if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
             labels.data = labels.data.astype(dtype)
-        steps = self._update_labels(labels, record, results, retired, options.overwrite)
+        steps = update_labels(labels, record, results, retired, options.overwrite)
         self._writing = True
         self._show_busy()
         self._status.setText("writing labels…")
@@ -758,39 +753,6 @@ class SclipWidget(QWidget):
             done(stop.value)
             return
         QTimer.singleShot(0, lambda: self._drive(steps, done))
-
-    def _update_labels(
-        self, labels, record: LabelsRecord, results: list[SliceResult], retired: list[int], overwrite: bool
-    ) -> Generator[None, None, int]:
-        """Re-run: write new labels around the person's edits, as one undo step, in bands of rows.
-
-        The layer is not editable meanwhile, so no stroke can slip into the run's undo step.
-        """
-        edited = record.state.edited
-        changed = 0
-        with locked(labels), record.tracker.suspended(), labels.block_history():
-            for item in results:
-                new = item.labels.astype(labels.data.dtype, copy=False)
-                keep = None if overwrite else edited[item.region]
-                if retired and keep is not None:
-                    # Kept pixels of a removed class become unlabelled (the person agreed).
-                    stale = keep & np.isin(np.asarray(labels.data[item.region]), retired)
-                    new = np.where(stale, 0, new).astype(new.dtype)
-                    keep = keep & ~stale
-                changed += yield from iter_write_labels(labels, item.region, new, keep)
-                if overwrite:
-                    edited[item.region] = False
-            if retired:  # slices this run did not segment may still hold removed classes
-                done = [item.region for item in results]  # slices are unhashable before 3.12
-                for region in slice_regions(labels.data.shape, False, None):
-                    if region in done:
-                        continue
-                    current = np.asarray(labels.data[region])
-                    stale = np.isin(current, retired)
-                    if stale.any():
-                        cleared = np.where(stale, 0, current).astype(current.dtype)
-                        changed += yield from iter_write_labels(labels, region, cleared, None)
-        return changed
 
     def _finish(self, image, labels, record: LabelsRecord, results: list[SliceResult], options: SegmentOptions,
                 changed: int) -> None:
