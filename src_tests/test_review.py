@@ -378,3 +378,39 @@ def test_accept_by_confidence_is_previewed_then_applied_as_one_undo_step(viewer,
     meta = json.loads((tmp_path / "ds" / "train" / "meta" / "v.json").read_text())
     assert meta["edits"]["ignored_pixels"] == below.sum() and meta["review_status"] == "edited"
     panel.close_review()
+
+
+def test_a_2000_sample_dataset_reviewed_closed_and_reopened(display, make_napari_viewer, qtbot, tmp_path):
+    """The issue's walk: open 2,000 samples, move on with keys (autosaved), paint, mark, jump far
+    down the list, close the window; reopen: edits, marks and counts are there."""
+    from napari_sclip.dataset.format import read_manifest
+
+    make_dataset(tmp_path / "ds", 2000, 16, 16)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(tmp_path / "ds" / "dataset.json"), plugin=None)
+    panel = _panel(viewer, qtbot)
+    assert len(panel.session) == 2000 and panel._model.rowCount() == 2000
+    canvas = viewer.window._qt_viewer.canvas.native
+    for _ in range(3):
+        viewer.layers[-1].paint((8, 8), 3, refresh=True)
+        qtbot.keyClick(canvas, Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)
+        qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+    viewer.layers[-1].paint((2, 2), 3, refresh=True)  # s003: edited, saved on closing
+    far = panel._model.index(1750)
+    panel._list.scrollTo(far)
+    qtbot.mouseClick(panel._list.viewport(), Qt.MouseButton.LeftButton, pos=panel._list.visualRect(far).center())
+    assert panel.session.current_id == panel.session.ids[1750] and panel.session.position == 1750
+    counts = panel.session.counts()
+    assert (counts.reviewed, counts.edited, counts.untouched) == (3, 1, 1996)
+    viewer.close()
+
+    again = make_napari_viewer(show=True)
+    again.open(str(tmp_path / "ds" / "dataset.json"), plugin=None)
+    panel = _panel(again, qtbot)
+    assert panel.session.current_id == "s004"  # the first untouched: where the walk stopped (s003 is edited)
+    assert panel._counts.text() == "3 reviewed · 1 edited · 1996 untouched of 2000"
+    _, _, train_ids = read_manifest(tmp_path / "ds")
+    for image_id, status in (("s000", "reviewed"), ("s002", "reviewed"), ("s003", "edited")):
+        stored = read_sample(tmp_path / "ds", "train", image_id, train_ids)
+        assert stored.meta["review_status"] == status and stored.edited.any() and (stored.labels == 3).any()
+    panel.close_review()
