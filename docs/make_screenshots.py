@@ -79,7 +79,9 @@ def review(out: Path) -> None:
          str(examples / "classes.txt"), "--out", str(dataset), "--quiet"])
     viewer, panel = open_review_gui(str(dataset))
     window = viewer.window._qt_window
-    window.resize(1400, 860)
+    window.resize(1400, 960)
+    while panel.session is None:  # the index is read in a worker
+        pump(0.1)
     viewer.layers[-1].opacity = 0.6
     pump(2)
     window.grab().save(str(out / "05-review.png"))

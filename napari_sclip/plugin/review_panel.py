@@ -143,7 +143,7 @@ class ReviewPanel(QWidget):
 
         form = QFormLayout()
         form.addRow("order", self._order)
-        form.addRow("threshold", self._threshold)
+        form.addRow("uncertain below", self._threshold)
         form.addRow("status", self._status_filter)
         form.addRow("split", self._split)
         form.addRow("class", self._class)
