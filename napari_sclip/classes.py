@@ -22,6 +22,14 @@ def label_dtype(largest: int) -> np.dtype:
     return np.dtype(np.uint8 if largest <= 255 else np.uint16)
 
 
+class ClassConflict(ValueError):
+    """One uid names two different classes (in two layers, or a layer and a dataset)."""
+
+    def __init__(self, uid: int, first: str, second: str) -> None:
+        super().__init__(f"label {uid} is {first!r} in one and {second!r} in the other")
+        self.uid, self.first, self.second = uid, first, second
+
+
 @dataclass
 class ClassRegistry:
     """Every class a labels layer has known, by uid."""
@@ -53,6 +61,20 @@ class ClassRegistry:
 
     def display_name(self, uid: int) -> str:
         return self.names[uid][0]
+
+    def merged_with(self, other: ClassRegistry) -> ClassRegistry:
+        """A copy with ``other``'s classes added by uid (its vocabulary stays this one's).
+
+        Raises :class:`ClassConflict` when a uid names one class here and another there
+        (display names compared case-insensitively): the same number cannot mean two classes.
+        """
+        merged = ClassRegistry(dict(self.names), list(self.active))
+        for uid, names in other.names.items():
+            known = merged.names.get(uid)
+            if known is not None and known[0].casefold() != names[0].casefold():
+                raise ClassConflict(uid, known[0], names[0])
+            merged.names.setdefault(uid, names)
+        return merged
 
     def to_json(self) -> list[dict]:
         """Every class ever known, for a manifest: uid, names, and its position in the current

@@ -338,3 +338,16 @@ def test_label_dtype_is_the_smallest_that_holds_the_values():
 
     assert label_dtype(0) == np.uint8 and label_dtype(255) == np.uint8
     assert label_dtype(256) == np.uint16 and label_dtype(65535) == np.uint16
+
+
+def test_registries_merge_by_uid_and_refuse_a_uid_with_two_classes():
+    from napari_sclip.classes import ClassConflict
+
+    mine = ClassRegistry({1: ("cat",), 2: ("dog", "puppy")}, [2, 1])
+    theirs = ClassRegistry({2: ("DOG",), 3: ("bird",)}, [3])
+    merged = mine.merged_with(theirs)
+    assert merged.names == {1: ("cat",), 2: ("dog", "puppy"), 3: ("bird",)} and merged.active == [2, 1]
+    assert 3 not in mine.names  # a copy
+    with pytest.raises(ClassConflict) as conflict:
+        mine.merged_with(ClassRegistry({1: ("horse",)}, [1]))
+    assert (conflict.value.uid, conflict.value.first, conflict.value.second) == (1, "cat", "horse")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_sclip.classes import ClassRegistry
+from napari_sclip.classes import ClassConflict, ClassRegistry
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.writer import DatasetWriter, Sample
 from napari_sclip.engine.progress import drive
@@ -35,19 +35,18 @@ class LabelledImage:
 
 
 def merge_registries(registries: Sequence[ClassRegistry]) -> ClassRegistry:
-    """One class table for several layers; a uid naming two different classes is an error."""
-    merged, active = ClassRegistry(), set()
+    """One class table for several layers (their vocabularies in turn); a uid naming two
+    different classes is an error."""
+    merged = ClassRegistry()
     for registry in registries:
-        for uid, names in registry.names.items():
-            known = merged.names.get(uid)
-            if known is not None and known[0].casefold() != names[0].casefold():
-                raise DatasetError(
-                    f"label {uid} is {known[0]!r} in one layer and {names[0]!r} in another; "
-                    "export them to separate datasets"
-                )
-            merged.names.setdefault(uid, names)
-        merged.active += [uid for uid in registry.active if uid not in active]
-        active.update(registry.active)
+        try:
+            merged = merged.merged_with(registry)
+        except ClassConflict as conflict:
+            raise DatasetError(
+                f"label {conflict.uid} is {conflict.first!r} in one layer and {conflict.second!r} in another; "
+                "export them to separate datasets"
+            ) from None
+        merged.active += [uid for uid in registry.active if uid not in merged.active]
     return merged
 
 

@@ -58,7 +58,7 @@ from napari_sclip._files import (
     temporary_writer,
     write_temporary,
 )
-from napari_sclip.classes import ClassRegistry
+from napari_sclip.classes import ClassConflict, ClassRegistry
 from napari_sclip.dataset import format as fmt
 from napari_sclip.dataset.lock import LOCK_NAME, DatasetLock, is_gone, read_lock
 from napari_sclip.dataset.paths import (
@@ -995,14 +995,13 @@ def _merge_classes(stored: ClassRegistry, registry, vocabulary, manifest: Path) 
         return stored
     if registry is None:
         return stored
-    for uid, names in stored.names.items():
-        if uid in registry.names and registry.names[uid][0].casefold() != names[0].casefold():
-            raise DatasetError(
-                f"label {uid} is {names[0]!r} in {manifest} but {registry.names[uid][0]!r} here; open that dataset "
-                "in napari and label with its classes, or choose another folder"
-            )
-        registry.names.setdefault(uid, names)
-    return registry
+    try:
+        return registry.merged_with(stored)
+    except ClassConflict as conflict:
+        raise DatasetError(
+            f"label {conflict.uid} is {conflict.second!r} in {manifest} but {conflict.first!r} here; open that dataset "
+            "in napari and label with its classes, or choose another folder"
+        ) from None
 
 
 def _source(sample: Sample, labels: np.ndarray) -> dict[str, Any]:
