@@ -38,6 +38,7 @@ from napari_sclip.plugin.layers import (
     locked,
 )
 from napari_sclip.plugin.records import RECORDS
+from napari_sclip.plugin.runner import colour_last
 from napari_sclip.plugin.state import LabelsState
 
 #: Keys of the review, bound on the viewer while a session is open.
@@ -229,7 +230,7 @@ class ReviewSession:
         registry = ClassRegistry.from_json(self._writer.registry.to_json())  # the layer's own copy
         review_status = REVIEWED if sample.meta.get("review_status") == REVIEWED else UNREVIEWED
         state = LabelsState(registry, sample.edited, {(): sample.meta}, review_status)
-        rgb = sample.image.ndim == 3 and sample.image.shape[-1] in (3, 4)
+        rgb = colour_last(sample.image.shape)
         image = self._layer("image")
         self._replacing = True
         try:

@@ -85,6 +85,17 @@ class SegmentJob:
     label_values: np.ndarray | None = None
 
 
+def spatial_shape(shape: Sequence[int], rgb: bool) -> tuple[int, ...]:
+    """The shape of an image layer's labels: its data's, less the colour axis of an RGB layer."""
+    return tuple(shape[:-1]) if rgb else tuple(shape)
+
+
+def colour_last(shape: Sequence[int]) -> bool:
+    """Whether an array of ``shape`` is one 2D image with RGB(A) in its last axis, as napari
+    shows with ``rgb=True``."""
+    return len(shape) == 3 and shape[-1] in (3, 4)
+
+
 def check_layer(shape: Sequence[int], rgb: bool) -> None:
     """Refuse an image layer whose 2D slices are not images, by the engine's one rule
     (:func:`~napari_sclip.engine.image.image_layout`): more than 4 channels, or channels in the
@@ -96,7 +107,7 @@ def check_layer(shape: Sequence[int], rgb: bool) -> None:
     except ImageError as exc:  # more than 4 channels
         raise ImageError(f"{exc}, or open it with one layer per channel (channel_axis=-1)") from None
     if channels is not None and not rgb:
-        as_rgb = "as RGB (rgb=True) or " if shape[-1] in (3, 4) else ""
+        as_rgb = "as RGB (rgb=True) or " if colour_last(shape[-3:]) else ""
         raise ImageError(
             f"the layer's shape {shape} has {shape[-1]} channels in its last axis, which napari "
             f"shows as {shape[-3]} slices of {shape[-2]} x {shape[-1]} px; open it {as_rgb}with one "
@@ -107,8 +118,7 @@ def check_layer(shape: Sequence[int], rgb: bool) -> None:
 def slice_regions(shape: Sequence[int], rgb: bool, current: Sequence[int] | None) -> list[Region]:
     """The 2D slices of an image of ``shape``: all of them, or the one at ``current`` (the
     viewer's position along the leading axes)."""
-    spatial = tuple(shape[:-1]) if rgb else tuple(shape)
-    lead = spatial[:-2]
+    lead = spatial_shape(shape, rgb)[:-2]
     plane = (slice(None), slice(None))
     if not lead:
         return [plane]

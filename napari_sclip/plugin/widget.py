@@ -67,6 +67,7 @@ from napari_sclip.plugin.runner import (
     check_layer,
     run_job,
     slice_regions,
+    spatial_shape,
 )
 from napari_sclip.plugin.state import (
     METADATA_KEY,
@@ -399,7 +400,7 @@ class SclipWidget(QWidget):
 
     def _on_image_changed(self) -> None:
         image = self.selected_image()
-        stacked = image is not None and _full_resolution(image).ndim - image.rgb > 2
+        stacked = image is not None and len(spatial_shape(_full_resolution(image).shape, image.rgb)) > 2
         self._controls["all_slices"].setEnabled(stacked)
         self._show_vocabulary(image)
         self._refresh_reviewed()
@@ -714,7 +715,7 @@ class SclipWidget(QWidget):
             self._status.setText("the image layer was removed; results dropped")
             return
         data = _full_resolution(image)
-        shape = tuple(data.shape[:-1] if image.rgb else data.shape)
+        shape = spatial_shape(data.shape, image.rgb)
         labels = self._labels_layer(image)
         if labels is not None and labels.data.shape != shape:
             self._notify_error(f"layer '{labels.name}' does not have the image's shape; rename or remove it")
