@@ -119,7 +119,12 @@ def slow_runs(monkeypatch) -> list:
     original = runner.run_job
 
     def slow_job(*args):
-        for step in original(*args):
+        steps = original(*args)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                return stop.value  # the results
             started.append(step)
             time.sleep(0.05)
             yield step
@@ -286,6 +291,37 @@ def test_cancel_leaves_nothing_behind(widget, qtbot, monkeypatch):
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert "big labels" not in viewer.layers
     assert widget._run_button.text() == "Segment" and "cancelled" in widget._status.text()
+
+
+def test_labels_changed_during_a_run_keep_the_numbers_the_worker_used(widget, qtbot, monkeypatch, answers):
+    """The worker labels with uids planned when Segment was clicked: a labels layer removed
+    meanwhile comes back naming those numbers; one added meanwhile with other classes is not
+    written into (its numbers would mean other classes)."""
+    viewer = widget.viewer
+    labels = _segmented(qtbot, widget, (60, 80), ["cat", "dog", "bird"])
+    type_classes(qtbot, widget, ["bird", "fish"])  # bird keeps 3, fish gets 4
+    answers["question"] = QMessageBox.StandardButton.Yes  # cat and dog may go
+    started = slow_runs(monkeypatch)
+    click(qtbot, widget._run_button)
+    qtbot.waitUntil(lambda: len(started) >= 2, timeout=60_000)
+    viewer.layers.remove(labels)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    again = viewer.layers["img labels"]
+    assert set(np.unique(again.data)) <= {3, 4}
+    assert dict(zip(again.features["index"], again.features["class_name"]))[4] == "fish"
+
+    type_classes(qtbot, widget, ["horse"])
+    viewer.layers.remove(again)
+    before = len(started)
+    click(qtbot, widget._run_button)
+    qtbot.waitUntil(lambda: len(started) >= before + 1, timeout=60_000)
+    someone = np.zeros((60, 80), np.uint8)
+    someone[:5, :5] = 1  # someone's labels, where 1 is their class: the worker's 1 (horse) is not
+    other = viewer.add_labels(someone, name="img labels")
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert "classes changed during the run" in widget._status.text()
+    np.testing.assert_array_equal(other.data, someone)
+    assert len(answers["asked"]) == 1  # only the first run asked
 
 
 def test_removing_the_image_during_a_run_drops_its_results(widget, qtbot, monkeypatch):

@@ -600,7 +600,7 @@ class SclipWidget(QWidget):
         self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
         self._status.setText("starting…")
         self._start_worker(self._segment_job, (options, job),
-                           lambda results: self._apply(image_id, vocabulary, options, agreed, results))
+                           lambda results: self._apply(image_id, vocabulary, uids, options, agreed, results))
 
     def _start_worker(self, job: Callable, args: tuple, returned: Callable[[Any], None]) -> None:
         """Run the generator ``job(*args)`` in a worker thread; the Segment button cancels it.
@@ -707,7 +707,7 @@ class SclipWidget(QWidget):
         )
         return agreed | set(present) if answer == QMessageBox.StandardButton.Yes else None
 
-    def _apply(self, image_id, vocabulary: Vocabulary, options: SegmentOptions, agreed: set[int],
+    def _apply(self, image_id, vocabulary: Vocabulary, uids: list[int], options: SegmentOptions, agreed: set[int],
                results: list[SliceResult]) -> None:
         """Write the worker's results into the image's labels layer (GUI thread)."""
         image = self._layer(image_id)
@@ -720,6 +720,12 @@ class SclipWidget(QWidget):
         if labels is not None and labels.data.shape != shape:
             self._notify_error(f"layer '{labels.name}' does not have the image's shape; rename or remove it")
             return
+        if labels is not None and self._record(labels).state.classes.plan(vocabulary.classes)[0] != uids:
+            # A labels layer appeared, or its classes changed, during the run: the worker's numbers
+            # would mean other classes there.
+            self._status.setText("labels not written: the labels layer's classes changed during the run; "
+                                 "segment again")
+            return
         if labels is not None and self._confirm_removals(labels, vocabulary, agreed) is None:
             # a labels layer that appeared during the run
             self._status.setText("labels not written: keep the classes or segment again")
@@ -730,12 +736,14 @@ class SclipWidget(QWidget):
             labels = self.viewer.add_labels(new_labels(shape, results), name=labels_name(image.name), scale=image.scale,
                                             translate=image.translate, metadata=metadata)
             record = self._record(labels)
-            record.state.classes.update(vocabulary.classes)
+            # The numbers the worker labelled with (planned for a labels layer removed meanwhile).
+            record.state.classes.names.update(zip(uids, (tuple(names) for names in vocabulary.classes)))
+            record.state.classes.active = list(uids)
             self._finish(image, labels, record, results, options, sum(item.labels.size for item in results))
             return
         record = self._record(labels)
         _, retired = record.state.classes.plan(vocabulary.classes)
-        record.state.classes.update(vocabulary.classes)  # the worker already numbered the labels this way
+        record.state.classes.update(vocabulary.classes)  # the numbers the worker labelled with
         dtype = label_dtype(max(record.state.classes.names))
         if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
             labels.data = labels.data.astype(dtype)
