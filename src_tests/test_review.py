@@ -87,6 +87,11 @@ def test_edits_are_saved_on_moving_on_and_undo_stays_within_a_sample(viewer, qtb
     labels.undo()  # nothing of s000's strokes to undo here
     np.testing.assert_array_equal(labels.data, made["s001"]["labels"])
     assert not review.unsaved
+    labels.paint((20, 20), 3, refresh=True)
+    labels.undo()  # a stroke undone is no edit
+    assert not review.unsaved
+    review.next()
+    assert review.status("s001") == "unreviewed"
     assert review.status("s000") == "edited"
     review.close()
 
@@ -115,7 +120,7 @@ def test_reviewed_is_one_key_and_survives_reopening_with_counts(viewer, qtbot, t
     qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
     qtbot.keyClick(canvas, Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)
     counts = review.counts()
-    assert (counts.reviewed, counts.edited, counts.untouched, counts.total) == (2, 0, 2, 4)
+    assert (counts.reviewed, counts.edited, counts.unreviewed, counts.total) == (2, 0, 2, 4)
     review.close()
 
     again = open_review(viewer, tmp_path / "ds")
@@ -165,7 +170,7 @@ def test_a_dataset_under_review_is_held(viewer, tmp_path):
     make_dataset(tmp_path / "ds", 2)
     review = open_review(viewer, tmp_path / "ds")
     try:
-        with pytest.raises(DatasetError, match="held|in use|another"):
+        with pytest.raises(DatasetError, match="in use by a review in napari.*close that review"):
             DatasetWriter(tmp_path / "ds")
     finally:
         review.close()
@@ -192,11 +197,11 @@ def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(v
     assert viewer.open(str(tmp_path / "ds" / "dataset.json"), plugin=None) == []
     panel = _panel(viewer, qtbot)
     assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
-    assert panel._counts.text() == "0 reviewed · 0 edited · 12 untouched of 12"
+    assert panel._counts.text() == "0 reviewed · 0 edited · 12 unreviewed of 12"
     click(qtbot, panel._next)
     assert panel.session.current_id == "s001" and panel._message.text() == "s001: 2 of 12 in the queue"
     click(qtbot, panel._reviewed)
-    assert panel._counts.text() == "1 reviewed · 0 edited · 11 untouched of 12" and panel._progress.value() == 1
+    assert panel._counts.text() == "1 reviewed · 0 edited · 11 unreviewed of 12" and panel._progress.value() == 1
     viewer.layers["s001 labels"].paint((3, 3), 3, refresh=True)
     click(qtbot, panel._next)  # saved on the way: its row says so
     assert panel._model.stringList()[:3] == ["s000  (unreviewed)", "s001  (reviewed)", "s002  (unreviewed)"]
@@ -401,16 +406,69 @@ def test_a_2000_sample_dataset_reviewed_closed_and_reopened(display, make_napari
     qtbot.mouseClick(panel._list.viewport(), Qt.MouseButton.LeftButton, pos=panel._list.visualRect(far).center())
     assert panel.session.current_id == panel.session.ids[1750] and panel.session.position == 1750
     counts = panel.session.counts()
-    assert (counts.reviewed, counts.edited, counts.untouched) == (3, 1, 1996)
+    assert (counts.reviewed, counts.edited, counts.unreviewed) == (3, 1, 1996)
     viewer.close()
 
     again = make_napari_viewer(show=True)
     again.open(str(tmp_path / "ds" / "dataset.json"), plugin=None)
     panel = _panel(again, qtbot)
     assert panel.session.current_id == "s004"  # the first untouched: where the walk stopped (s003 is edited)
-    assert panel._counts.text() == "3 reviewed · 1 edited · 1996 untouched of 2000"
+    assert panel._counts.text() == "3 reviewed · 1 edited · 1996 unreviewed of 2000"
     _, _, train_ids = read_manifest(tmp_path / "ds")
     for image_id, status in (("s000", "reviewed"), ("s002", "reviewed"), ("s003", "edited")):
         stored = read_sample(tmp_path / "ds", "train", image_id, train_ids)
         assert stored.meta["review_status"] == status and stored.edited.any() and (stored.labels == 3).any()
     panel.close_review()
+
+
+def test_samples_with_the_same_pixels_are_saved_each_under_its_own_id(viewer, tmp_path):
+    """Two samples made from the same pixels (no file): saving one never writes over the other."""
+    from napari_sclip.dataset.format import read_manifest
+    from napari_sclip.plugin.review import open_review
+
+    registry = ClassRegistry(dict(CLASSES), [1, 2, 3])
+    image = natural_image(30, 40)
+    with DatasetWriter(tmp_path / "ds", registry, {"train": 1.0}) as writer:
+        for name in ("a", "b"):
+            writer.write(Sample(name, np.ones((30, 40), np.uint8), image=image))
+    review = open_review(viewer, tmp_path / "ds")
+    viewer.layers["a labels"].data_setitem((np.array([1]), np.array([1])), 2)
+    review.mark_reviewed()
+    review.next()
+    viewer.layers["b labels"].data_setitem((np.array([5]), np.array([5])), 3)
+    review.next()
+    review.close()
+    _, _, train_ids = read_manifest(tmp_path / "ds")
+    a = read_sample(tmp_path / "ds", "train", "a", train_ids)
+    b = read_sample(tmp_path / "ds", "train", "b", train_ids)
+    assert a.labels[1, 1] == 2 and a.labels[5, 5] == 1 and a.meta["review_status"] == "reviewed"
+    assert b.labels[5, 5] == 3 and b.labels[1, 1] == 1 and b.meta["review_status"] == "edited"
+    assert sorted(i for _, i in sample_ids(tmp_path / "ds")) == ["a", "b"]
+
+
+def test_a_hand_made_sample_with_a_tiff_image_and_no_source_is_saved(viewer, tmp_path):
+    """check_meta allows any image extension and no source: the review still saves it (as PNG)."""
+    import tifffile
+
+    from napari_sclip.plugin.review import open_review
+
+    make_dataset(tmp_path / "ds", 1)
+    meta_path = tmp_path / "ds" / "train" / "meta" / "s000.json"
+    meta = json.loads(meta_path.read_text())
+    png = tmp_path / "ds" / "train" / meta["image"]
+    from PIL import Image
+
+    tifffile.imwrite(png.with_suffix(".tif"), np.asarray(Image.open(png)))
+    png.unlink()
+    meta["image"] = "images/s000.tif"
+    del meta["source"]
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "ds" / ".napari-sclip-journal.jsonl").unlink()
+    review = open_review(viewer, tmp_path / "ds")
+    viewer.layers["s000 labels"].data_setitem((np.array([1]), np.array([1])), 3)
+    assert review.save()
+    review.close()
+    saved = json.loads(meta_path.read_text())
+    assert saved["image"] == "images/s000.png" and saved["review_status"] == "edited"
+    assert sorted(p.name for p in (tmp_path / "ds" / "train" / "images").iterdir()) == ["s000.png"]
+    assert sorted(i for _, i in sample_ids(tmp_path / "ds")) == ["s000"]

@@ -16,6 +16,7 @@ import pytest
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QMessageBox
 
+from napari_sclip.classes import ClassRegistry
 from napari_sclip.colors import label_color
 from napari_sclip.plugin.records import RECORDS
 
@@ -593,6 +594,26 @@ def test_a_new_class_from_a_rerun_during_review_reaches_the_dataset(widget, qtbo
     mask = np.asarray(Image.open(next(folder.glob("*/masks/pet.png"))))
     assert (mask[labels.data == zebra] == train_ids[zebra]).all()
     assert (mask[:6, :6] == 255).all()  # dog went (the person agreed): its kept pixels are unlabelled
+
+
+def test_the_widget_s_reviewed_box_and_the_review_panel_agree(widget, qtbot, tmp_path, answers):
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog",)))
+    with DatasetWriter(tmp_path / "ds", registry, {"train": 1.0}) as writer:
+        for name in ("a", "b"):
+            writer.write(Sample(name, np.ones((30, 40), np.uint8), image=natural_image(30, 40)))
+    answers["folder"] = str(tmp_path / "ds")
+    click(qtbot, widget._open_button)
+    panel = review_panel(widget, qtbot)
+    click(qtbot, panel._reviewed)
+    assert widget._reviewed_box.isChecked()  # the panel's mark, in the widget
+    click(qtbot, panel._next)
+    assert panel.session.current_id == "b" and not widget._reviewed_box.isChecked()
+    click(qtbot, widget._reviewed_box)  # the widget's mark, saved by the review at once
+    assert panel.session.status("b") == "reviewed" and panel._reviewed.isChecked()
+    assert panel._counts.text().startswith("2 reviewed")
 
 
 def test_open_dataset_button_refuses_a_plain_folder(widget, qtbot, tmp_path, answers):

@@ -63,9 +63,10 @@ class Owner:
     command: str
     token: str  # random: tells two records apart
     process_start: int | None = None  # the pid's start time (Linux clock ticks): catches pid reuse
+    activity: str | None = None  # what it does with the dataset, when others should know ("review")
 
     @classmethod
-    def this_process(cls) -> Owner:
+    def this_process(cls, activity: str | None = None) -> Owner:
         command = shlex.join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
         return cls(
             host=this_host(),
@@ -74,6 +75,7 @@ class Owner:
             command=command if len(command) <= 120 else command[:119] + "…",
             token=secrets.token_hex(8),
             process_start=_process_start(os.getpid()),
+            activity=activity,
         )
 
     @classmethod
@@ -81,10 +83,11 @@ class Owner:
         """The record in ``data``; ``None`` if it is not one (empty, half-written, foreign)."""
         try:
             fields = json.loads(data.decode("utf-8"))
-            pid, start = fields["pid"], fields.get("process_start")
+            pid, start, activity = fields["pid"], fields.get("process_start"), fields.get("activity")
             if not is_int(pid, 1, _MAX_PID) or not (start is None or is_int(start, 0, 2**63 - 1)):
                 return None
-            return cls(str(fields["host"]), pid, str(fields["since"]), str(fields["command"]), str(fields["token"]), start)
+            return cls(str(fields["host"]), pid, str(fields["since"]), str(fields["command"]), str(fields["token"]), start,
+                       activity if isinstance(activity, str) else None)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
@@ -110,10 +113,10 @@ class DatasetLock:
     Raises :class:`DatasetError` naming the owner when another live process holds it.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, activity: str | None = None):
         self.root = Path(root)
         self.path = self.root / LOCK_NAME
-        self.owner = Owner.this_process()
+        self.owner = Owner.this_process(activity)
         self._fd = self._acquire()
         self._identity = _file_id(os.fstat(self._fd))
         self._stop = threading.Event()
@@ -285,9 +288,17 @@ def read_lock(path: Path) -> tuple[Owner | None, os.stat_result] | None:
         return Owner.parse(handle.read(4096)), status
 
 
+#: The activity of a lock held by a review in napari: it does not end by itself.
+REVIEW = "review"
+
+
 def _busy(root: Path, holder: Owner | None) -> str:
     who = holder.describe() if holder else f"another process (its lock {root / LOCK_NAME} is unreadable)"
-    hint = "wait for it to finish, then run again"
+    if holder is not None and holder.activity == REVIEW:
+        who = f"a review in napari, {who}"
+        hint = "close that review (its Close review button, or its window), then run again"
+    else:
+        hint = "wait for it to finish, then run again"
     if holder is None or holder.host != this_host():
         hint += f"; if it was stopped, the folder is free {STALE_SECONDS:.0f} s after its last heartbeat"
     return f"{root} is in use by {who}; {hint}"

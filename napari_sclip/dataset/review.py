@@ -63,19 +63,19 @@ class QueueOptions:
 
 @dataclass(frozen=True)
 class Counts:
-    """How far a review is: samples reviewed, edited (changed, not marked reviewed) and untouched."""
+    """How far a review is: samples reviewed, edited (changed, not marked reviewed) and unreviewed (untouched)."""
 
     reviewed: int
     edited: int
-    untouched: int
+    unreviewed: int
 
     @property
     def total(self) -> int:
-        return self.reviewed + self.edited + self.untouched
+        return self.reviewed + self.edited + self.unreviewed
 
     def moved(self, before: str, after: str) -> Counts:
         """These counts once one sample's status went from ``before`` to ``after``."""
-        tally = {REVIEWED: self.reviewed, EDITED: self.edited, UNREVIEWED: self.untouched}
+        tally = {REVIEWED: self.reviewed, EDITED: self.edited, UNREVIEWED: self.unreviewed}
         tally[_known(before)] -= 1
         tally[_known(after)] += 1
         return Counts(tally[REVIEWED], tally[EDITED], tally[UNREVIEWED])
@@ -103,7 +103,7 @@ def _status(entry: Entry) -> str:
 
 
 def _known(status: str) -> str:
-    """A status as counted: anything but edited or reviewed counts as untouched."""
+    """A status as counted: anything but edited or reviewed counts as unreviewed."""
     return status if status in _STATUS_RANK else UNREVIEWED
 
 

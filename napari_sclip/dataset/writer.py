@@ -564,6 +564,9 @@ class DatasetWriter:
         Instead of ``registry``: classes by name (one tuple of names per class), adopted into the
         dataset's classes (known names keep their uid, new ones get new uids) as the current
         vocabulary.  The result is :attr:`registry`.
+    activity
+        What this owner does, for the message others get (e.g. ``"review"``: it does not end by
+        itself).
 
     Classes keep their training ids; those of new classes come after the existing ones.  The
     vocabulary version (recorded in the manifest and with every sample written) is 1 for a new
@@ -584,6 +587,7 @@ class DatasetWriter:
         ratios: dict[str, float] | None = None,
         *,
         vocabulary: Sequence[tuple[str, ...]] | None = None,
+        activity: str | None = None,
     ):
         self.root = Path(root).expanduser()
         self.previous: dict[str, Any] | None = None  # the manifest as last written or read
@@ -599,7 +603,7 @@ class DatasetWriter:
             self._refuse_foreign_folder()
             self._made = make_folders(self.root)
             try:
-                self._lock = DatasetLock(self.root)
+                self._lock = DatasetLock(self.root, activity)
                 self._release = weakref.finalize(self, self._lock.release)
                 self._open(registry, vocabulary, ratios)
             except BaseException:
@@ -828,6 +832,18 @@ class DatasetWriter:
                 raise
             self.record(target, meta)
             return target.image_id
+
+    def rewrite(self, image_id: str, sample: Sample) -> None:
+        """Write the stored sample ``image_id`` again (a person's edits to it): under its own id
+        and split whatever its image's identity (two samples may hold the same pixels), all its
+        files or none."""
+        with reporting_os_errors(self.root):
+            self._lock.check()
+            entry = self._samples.get(image_id)
+            if entry is None:
+                raise DatasetError(f"no sample {image_id!r} in {self.root}")
+            target = Target(image_id, entry.split, dict(self.train_ids), self.vocabulary_version, self.owner_token)
+            self.record(target, _write_files(self.root, target, sample))
 
     def forget(self, target: Target) -> None:
         """Give up a planned id whose sample was not written."""

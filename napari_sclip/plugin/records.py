@@ -34,7 +34,12 @@ class LabelsRecords:
     """The records of the labels layers of every viewer in this process."""
 
     def __init__(self) -> None:
+        from napari.utils.events import EmitterGroup
+
         self._records: dict[Hashable, LabelsRecord] = {}
+        #: ``changed(value=unique_id)``: a layer got a new state, or its review mark changed; the
+        #: widget and a review session showing that layer follow it.
+        self.events = EmitterGroup(source=self, changed=None)
 
     def __contains__(self, layer) -> bool:
         return layer.unique_id in self._records
@@ -55,7 +60,12 @@ class LabelsRecords:
         record.state = state
         record.tracker.mask = state.edited
         record.store(labels)
+        self.events.changed(value=labels.unique_id)
         return record
+
+    def changed(self, labels) -> None:
+        """Tell whoever shows ``labels`` that its state changed (e.g. its review mark)."""
+        self.events.changed(value=labels.unique_id)
 
     def forget(self, layer) -> None:
         """Drop the record of a layer removed from its viewer (if it has one)."""

@@ -70,7 +70,9 @@ def dataset_root(path: str | Path) -> Path:
 def hold_dataset(root: Path) -> DatasetWriter:
     """Take the dataset as its owner and read its index: the part of opening whose time grows with
     the dataset, safe to run in a worker thread."""
-    return DatasetWriter(root)
+    from napari_sclip.dataset.lock import REVIEW
+
+    return DatasetWriter(root, activity=REVIEW)
 
 
 class ReviewSession:
@@ -105,6 +107,7 @@ class ReviewSession:
         for key, action in KEYS.items():
             viewer.bind_key(key, self._key_action(action), overwrite=True)
         viewer.layers.events.removed.connect(self._on_removed)
+        RECORDS.events.changed.connect(self._on_record_changed)
         #: Why the first sample could not be shown (a damaged file), or ``None``: the rest of the
         #: dataset opens all the same.
         self.open_error: str | None = None
@@ -159,7 +162,7 @@ class ReviewSession:
         return self._sample.id if self._sample is not None else None
 
     def counts(self) -> Counts:
-        """Reviewed, edited and untouched samples of the whole dataset (counted once on opening,
+        """Reviewed, edited and unreviewed samples of the whole dataset (counted once on opening,
         then kept up to date as samples are saved)."""
         if self._counts is None:
             self._counts = counts(self._writer.entries())
@@ -229,7 +232,8 @@ class ReviewSession:
         viewer = self.viewer
         registry = ClassRegistry.from_json(self._writer.registry.to_json())  # the layer's own copy
         review_status = REVIEWED if sample.meta.get("review_status") == REVIEWED else UNREVIEWED
-        state = LabelsState(registry, sample.edited, {(): sample.meta}, review_status)
+        # The layers get copies: the sample stays what is stored, to tell what a person changed.
+        state = LabelsState(registry, sample.edited.copy(), {(): sample.meta}, review_status)
         rgb = colour_last(sample.image.shape)
         image = self._layer("image")
         self._replacing = True
@@ -256,25 +260,25 @@ class ReviewSession:
             image.metadata["dataset_image"] = str(self.root / sample.split / sample.meta["image"])
             if sample.confidence is not None:
                 if confidence is None:
-                    confidence = viewer.add_image(sample.confidence, name=confidence_name(sample.id), colormap="magma",
+                    confidence = viewer.add_image(sample.confidence.copy(), name=confidence_name(sample.id), colormap="magma",
                                                   contrast_limits=(0.0, 1.0), opacity=0.6, visible=False)
                     if labels is not None:  # the labels stay on top, where one paints
                         viewer.layers.move(viewer.layers.index(confidence), viewer.layers.index(labels))
                 else:
-                    confidence.data = sample.confidence
+                    confidence.data = sample.confidence.copy()
             elif confidence is not None:
                 viewer.layers.remove(confidence)
                 confidence = None
             if labels is None:
                 metadata: dict = {}
                 state.store(metadata)
-                labels = viewer.add_labels(sample.labels, name=labels_name(sample.id), metadata=metadata)
+                labels = viewer.add_labels(sample.labels.copy(), name=labels_name(sample.id), metadata=metadata)
                 labels.events.paint.connect(self._on_paint)
                 labels.events.data.connect(self._on_paint)
                 self._bind_layer(labels)
             else:
                 with locked(labels):  # a new undo history: undo stays within one sample
-                    labels.data = sample.labels
+                    labels.data = sample.labels.copy()
             labels.colormap = class_colormap(registry, ignore=IGNORE_COLOR)
             labels.features = class_features(registry)
             self.clear_preview()
@@ -303,6 +307,20 @@ class ReviewSession:
     def _on_removed(self, event) -> None:
         RECORDS.forget(event.value)
 
+    def _on_record_changed(self, event) -> None:
+        """The widget marked the sample (or a re-run unmarked it): save the mark now, as the
+        panel's box does."""
+        from napari.utils.notifications import show_error
+
+        labels = self._layer("labels")
+        if self._replacing or labels is None or event.value != labels.unique_id:
+            return
+        try:
+            self.save()
+        except DatasetError as exc:
+            show_error(f"SCLIP review: {exc}")
+        self.events.changed()
+
     # -- saving ------------------------------------------------------------------------------------
 
     @property
@@ -312,7 +330,14 @@ class ReviewSession:
         if self._sample is None or self._state is None:
             return False
         stored = REVIEWED if self._sample.meta.get("review_status") == REVIEWED else UNREVIEWED
-        return self._dirty or self._state.review_status != stored
+        if self._state.review_status != stored:
+            return True
+        if not self._dirty:
+            return False
+        # Strokes undone, or painted with the value already there, change nothing to save.
+        labels, confidence = self._layers["labels"], self._layers["confidence"]
+        return not np.array_equal(labels.data, self._sample.labels) or (
+            confidence is not None and not np.array_equal(confidence.data, self._sample.confidence))
 
     def mark_reviewed(self, reviewed: bool = True) -> None:
         """Mark the sample shown as checked by a person (or not), and save it."""
@@ -338,25 +363,28 @@ class ReviewSession:
         stored_image = self.root / sample.split / sample.meta["image"]
         # A re-run may have brought new classes, a brush a value no class has: the dataset names
         # them before the mask is written (else they would be stored as ignore).
-        self._writer.adopt_classes(export_classes(state.classes, np.asarray(labels.data)))
-        written = self._writer.write(Sample(
+        data = np.array(labels.data)
+        self._writer.adopt_classes(export_classes(state.classes, data))
+        # A person's edits: those stored, and the pixels they changed since (not strokes undone).
+        state.edited[...] = sample.edited | (state.edited & (data != sample.labels))
+        scores = np.array(confidence.data) if confidence is not None else None
+        self._writer.rewrite(sample.id, Sample(
             stem=sample.id,
-            labels=np.asarray(labels.data),
+            labels=data,
+            image=sample.image,  # stored as PNG where its file cannot be copied as is
             source=stored_image,
-            confidence=np.asarray(confidence.data) if confidence is not None else None,
+            confidence=scores,
             edited=state.edited,
             meta={**state.slices.get((), sample.meta), "review_status": state.review_status},
         ))
-        if written != sample.id:  # the writer keeps an image's id; anything else is a bug to see
-            raise DatasetError(f"sample {sample.id!r} was saved as {written!r}")
         self._counts = None if before is None else before.moved(status_before, self.status(sample.id))
         meta = read_meta(self.root / sample.split / "meta" / f"{sample.id}.json")
         state.slices[()] = meta
         state.store(labels.metadata)
-        self._sample = StoredSample(sample.id, sample.split, sample.image, sample.labels, sample.confidence,
-                                    sample.edited, meta)
+        self._sample = StoredSample(sample.id, sample.split, sample.image, data, scores, state.edited.copy(), meta)
         self._dirty = False
         self.events.changed()
+        RECORDS.changed(labels)  # the widget's reviewed box follows
         return True
 
     def close(self) -> None:
@@ -370,6 +398,7 @@ class ReviewSession:
             for key in KEYS:
                 self.viewer.bind_key(key, None)
             self.viewer.layers.events.removed.disconnect(self._on_removed)
+            RECORDS.events.changed.disconnect(self._on_record_changed)
             for future in self._loading.values():
                 future.cancel()
             self._loader.shutdown(wait=True)

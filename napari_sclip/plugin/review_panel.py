@@ -94,7 +94,8 @@ class ReviewPanel(QWidget):
         self._threshold.setDecimals(1)
         self._threshold.setValue(0.5)
         self._threshold.setToolTip("'most uncertain pixels first' counts the pixels below this confidence")
-        self._status_filter = _combo(STATUS_FILTERS, "Show only samples with this review status")
+        self._status_filter = _combo(STATUS_FILTERS, "Show only samples with this review status: 'not reviewed' "
+                                     "is unreviewed and edited ones; 'unreviewed', those nobody touched")
         self._split = _combo(("all", *SPLIT_NAMES), "Show only one split")
         self._class = _combo(["any class"], "Show only samples whose labels hold this class")
         self._model = QStringListModel()
@@ -208,11 +209,6 @@ class ReviewPanel(QWidget):
             writer.close()
             raise
         self.session = session
-        classes = session.dataset_classes()
-        self._class_ids = [None, *(train_id for train_id, _ in classes)]
-        self._class.blockSignals(True)
-        self._class.addItems([name for _, name in classes])
-        self._class.blockSignals(False)
         session.events.changed.connect(self._refresh)
         session.events.edited.connect(self._on_edited)
         session.region_chooser = self._choose_region
@@ -255,12 +251,26 @@ class ReviewPanel(QWidget):
 
     # -- showing -----------------------------------------------------------------------------------
 
+    def _fill_classes(self) -> None:
+        """The class filter's entries: the dataset's classes (a save may have added some)."""
+        classes = self.session.dataset_classes()
+        if len(classes) + 1 == self._class.count():
+            return
+        chosen = self._class_ids[self._class.currentIndex()]
+        self._class_ids = [None, *(train_id for train_id, _ in classes)]
+        self._class.blockSignals(True)
+        self._class.clear()
+        self._class.addItems(["any class", *(name for _, name in classes)])
+        self._class.setCurrentIndex(self._class_ids.index(chosen) if chosen in self._class_ids else 0)
+        self._class.blockSignals(False)
+
     def _refresh(self, event=None) -> None:
         session = self.session
         if session is None:  # closed
             return
+        self._fill_classes()
         counts = session.counts()
-        self._counts.setText(f"{counts.reviewed} reviewed · {counts.edited} edited · {counts.untouched} untouched "
+        self._counts.setText(f"{counts.reviewed} reviewed · {counts.edited} edited · {counts.unreviewed} unreviewed "
                              f"of {counts.total}")
         self._progress.setRange(0, max(counts.total, 1))
         self._progress.setValue(counts.reviewed)

@@ -208,6 +208,7 @@ class SclipWidget(QWidget):
 
         self._build_layout()
         self._connect_viewer()
+        RECORDS.events.changed.connect(self._on_record_changed)
         self._vocabulary_edit.textChanged.connect(self._on_text_changed)
         self._image_combo.currentIndexChanged.connect(self._on_picked)
         method.currentIndexChanged.connect(self._apply_method_defaults)
@@ -512,6 +513,14 @@ class SclipWidget(QWidget):
             record = self._record(labels)
             record.state.review_status = REVIEWED if checked else UNREVIEWED
             record.state.store(labels.metadata)
+            RECORDS.changed(labels)  # a review showing it saves the mark
+
+    def _on_record_changed(self, event) -> None:
+        """A review put another sample into a labels layer, or marked it: show its state."""
+        labels = self._selected_labels()
+        if labels is not None and labels.unique_id == event.value:
+            self._refresh_reviewed()
+            self._refresh_class_list()
 
     # -- devices (found in the background: it imports the engine) ---------------------------------
 
@@ -772,6 +781,7 @@ class SclipWidget(QWidget):
             state.record_run(item.region[:-2], item.params)
         state.review_status = UNREVIEWED  # the model changed the labels: a review no longer holds
         state.store(labels.metadata)
+        RECORDS.changed(labels)
         style_labels_layer(labels, state.classes)
         layers = self.viewer.layers
         if labels in layers and image in layers:  # neither was removed while the labels were written
