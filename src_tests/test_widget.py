@@ -977,3 +977,26 @@ def test_advanced_opens_without_squeezing_the_rows(widget, qtbot):
     assert model.height() >= model.minimumSizeHint().height()
     assert widget.findChild(QScrollArea).verticalScrollBar().maximum() > 0
     assert not widget._run_button.visibleRegion().isEmpty()  # Segment stays in view
+
+
+def test_a_review_that_moves_on_during_a_run_drops_its_results(widget, qtbot, tmp_path, answers, monkeypatch):
+    """The review puts the next sample into the same image layer: a run on the last one must not
+    write its labels onto it."""
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog",)))
+    with DatasetWriter(tmp_path / "ds", registry, {"train": 1.0}) as writer:
+        for k, name in enumerate(("a", "b")):
+            writer.write(Sample(name, np.ones((60, 80), np.uint8), image=np.roll(natural_image(60, 80), k, axis=0)))
+    answers["folder"] = str(tmp_path / "ds")
+    click(qtbot, widget._open_button)
+    panel = review_panel(widget, qtbot)
+    started = slow_runs(monkeypatch)
+    click(qtbot, widget._run_button)
+    qtbot.waitUntil(lambda: len(started) >= 2, timeout=60_000)
+    click(qtbot, panel._next)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget._status.text() == "the image changed during the run; results dropped"
+    assert panel.session.current_id == "b"
+    assert (widget.viewer.layers["b labels"].data == 1).all() and not panel.session.unsaved

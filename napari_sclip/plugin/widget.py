@@ -609,7 +609,7 @@ class SclipWidget(QWidget):
         self._progress = progress(total=1000, desc=f"SCLIP: {image.name}")
         self._status.setText("starting…")
         self._start_worker(self._segment_job, (options, job),
-                           lambda results: self._apply(image_id, vocabulary, uids, options, agreed, results))
+                           lambda results: self._apply(image_id, data, vocabulary, uids, options, agreed, results))
 
     def _start_worker(self, job: Callable, args: tuple, returned: Callable[[Any], None]) -> None:
         """Run the generator ``job(*args)`` in a worker thread; the Segment button cancels it.
@@ -716,14 +716,17 @@ class SclipWidget(QWidget):
         )
         return agreed | set(present) if answer == QMessageBox.StandardButton.Yes else None
 
-    def _apply(self, image_id, vocabulary: Vocabulary, uids: list[int], options: SegmentOptions, agreed: set[int],
-               results: list[SliceResult]) -> None:
+    def _apply(self, image_id, segmented, vocabulary: Vocabulary, uids: list[int], options: SegmentOptions,
+               agreed: set[int], results: list[SliceResult]) -> None:
         """Write the worker's results into the image's labels layer (GUI thread)."""
         image = self._layer(image_id)
         if image is None:
             self._status.setText("the image layer was removed; results dropped")
             return
         data = _full_resolution(image)
+        if data is not segmented:  # e.g. a review moved on to its next sample meanwhile
+            self._status.setText("the image changed during the run; results dropped")
+            return
         shape = spatial_shape(data.shape, image.rgb)
         labels = self._labels_layer(image)
         if labels is not None and labels.data.shape != shape:
