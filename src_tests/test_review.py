@@ -14,6 +14,7 @@ import pytest
 from qtpy.QtCore import Qt
 
 from napari_sclip.classes import ClassRegistry
+from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.reader import read_sample, sample_ids
 from napari_sclip.dataset.review import QueueOptions
 from napari_sclip.dataset.writer import DatasetWriter, Sample
@@ -472,3 +473,78 @@ def test_a_hand_made_sample_with_a_tiff_image_and_no_source_is_saved(viewer, tmp
     assert saved["image"] == "images/s000.png" and saved["review_status"] == "edited"
     assert sorted(p.name for p in (tmp_path / "ds" / "train" / "images").iterdir()) == ["s000.png"]
     assert sorted(i for _, i in sample_ids(tmp_path / "ds")) == ["s000"]
+
+
+def test_a_save_that_fails_keeps_the_edits_the_sample_and_the_review_open(viewer, qtbot, tmp_path, monkeypatch):
+    """A full disk: moving on, marking and Close review each say so in one line and keep
+    everything; once there is room again, the edits are saved."""
+    from test_widget import click
+
+    from napari_sclip.dataset.writer import DatasetWriter as Writer
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 2)
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    real = Writer.rewrite
+
+    def full(self, image_id, sample):
+        raise DatasetError(f"{self.root}: no space left on device")
+
+    monkeypatch.setattr(Writer, "rewrite", full)
+    viewer.layers["s000 labels"].paint((4, 4), 3, refresh=True)
+    click(qtbot, panel._next)
+    assert panel.session.current_id == "s000" and panel._message.text().endswith("no space left on device")
+    click(qtbot, panel._reviewed)
+    assert not panel._reviewed.isChecked() and panel.session.status("s000") == "unreviewed"
+    click(qtbot, panel._close)
+    assert panel.session is not None and "SCLIP review" in viewer.window.dock_widgets
+    assert panel._message.text().startswith("not closed, the edits are not saved")
+    monkeypatch.setattr(Writer, "rewrite", real)
+    click(qtbot, panel._close)
+    assert "SCLIP review" not in viewer.window.dock_widgets
+    stored = json.loads((tmp_path / "ds" / "train" / "meta" / "s000.json").read_text())
+    assert stored["review_status"] == "edited"  # the strokes, not the mark that failed
+
+
+def test_an_unreadable_first_image_is_one_line_and_the_rest_opens(viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 2)
+    (tmp_path / "ds" / "train" / "images" / "s000.png").write_bytes(b"")
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    assert panel._message.text().startswith("error: ") and "s000.png" in panel._message.text()
+    assert panel.session.current_id is None and panel.session.position == -1
+    panel.session.goto("s001")
+    assert panel.session.current_id == "s001"
+    panel.close_review()
+
+
+def test_an_empty_filter_leaves_the_sample_shown_and_the_keys_harmless(viewer, qtbot, tmp_path):
+    from test_widget import choose
+
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 3)
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    choose(panel._status_filter, "reviewed")  # none yet
+    assert panel.session.ids == [] and panel.session.position == -1 and panel.session.current_id == "s000"
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.keyClick(canvas, Qt.Key.Key_PageUp)
+    qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+    assert panel.session.current_id == "s000"
+    panel.close_review()
+
+
+def test_opening_the_same_dataset_again_while_it_opens_waits_for_the_first(viewer, qtbot, tmp_path, monkeypatch):
+    import time
+
+    from napari_sclip.plugin import review
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 2)
+    real = review.hold_dataset
+    monkeypatch.setattr(review, "hold_dataset", lambda root: (time.sleep(0.5), real(root))[1])
+    show_review(viewer, tmp_path / "ds")  # still opening when the second comes
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    assert panel.session.current_id == "s000"
+    panel.close_review()

@@ -28,6 +28,7 @@ from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.reader import StoredSample, find_dataset_root, read_sample
 from napari_sclip.dataset.review import REVIEWED, UNREVIEWED, Counts, QueueOptions, counts, queue
 from napari_sclip.dataset.writer import DatasetWriter, Sample, read_meta
+from napari_sclip.engine.errors import SclipError
 from napari_sclip.plugin.corrections import IGNORE, below_confidence, region_at, set_pixels
 from napari_sclip.plugin.io import export_classes
 from napari_sclip.plugin.layers import (
@@ -53,7 +54,12 @@ def open_review(viewer, path: str | Path, options: QueueOptions | None = None) -
 
     Raises :class:`DatasetError` (one line) when ``path`` is no dataset, or another process holds it.
     """
-    return ReviewSession(viewer, hold_dataset(dataset_root(path)), options or QueueOptions())
+    writer = hold_dataset(dataset_root(path))
+    try:
+        return ReviewSession(viewer, writer, options or QueueOptions())
+    except BaseException:
+        writer.close()
+        raise
 
 
 def dataset_root(path: str | Path) -> Path:
@@ -113,7 +119,7 @@ class ReviewSession:
         self.open_error: str | None = None
         try:
             self.set_options(options)
-        except DatasetError as exc:
+        except SclipError as exc:  # a damaged first sample (DatasetError, ImageError)
             self.open_error = str(exc)
             self.events.changed()
 
@@ -130,14 +136,13 @@ class ReviewSession:
         self._ids = queue(self._writer.entries(), options)
         self.queue_version += 1
         current = self.current_id
-        if current in self._ids:
-            self._position = self._ids.index(current)
-            self._prefetch()
-            self.events.changed()
-        elif self._ids:
+        # -1: the sample shown is not in this queue (it stays shown if the next cannot be).
+        self._position = self._ids.index(current) if current in self._ids else -1
+        if self._position < 0 and self._ids:
             entries = self._writer.entries()
             self._go(next((k for k, i in enumerate(self._ids) if entries[i].review_status != REVIEWED), 0))
         else:
+            self._prefetch()
             self.events.changed()
 
     @property
@@ -317,7 +322,7 @@ class ReviewSession:
             return
         try:
             self.save()
-        except DatasetError as exc:
+        except SclipError as exc:
             show_error(f"SCLIP review: {exc}")
         self.events.changed()
 
@@ -343,10 +348,16 @@ class ReviewSession:
         """Mark the sample shown as checked by a person (or not), and save it."""
         if self._state is None:
             return
+        before = self._state.review_status
         self._state.review_status = REVIEWED if reviewed else UNREVIEWED
         labels = self._layers["labels"]
-        self._state.store(labels.metadata)
-        self.save()
+        try:
+            self.save()
+        except SclipError:
+            self._state.review_status = before  # not marked: the box shows what is stored
+            raise
+        finally:
+            self._state.store(labels.metadata)
 
     def save(self) -> bool:
         """Write the sample shown if it changed: its labels, the pixels a person edited, its review
@@ -387,22 +398,37 @@ class ReviewSession:
         RECORDS.changed(labels)  # the widget's reviewed box follows
         return True
 
-    def close(self) -> None:
-        """Save the sample shown, and give the dataset up (the layers stay in the viewer)."""
+    def close(self, *, give_up: bool = False) -> None:
+        """Save the sample shown, and give the dataset up (the layers stay in the viewer).
+
+        When the save fails (a full disk), the error is raised and the review stays open, so that
+        a retry may save the edits; with ``give_up`` (the window is closing) the dataset is given
+        up all the same, and the save's error raised afterwards.
+        """
         if self._closed:
             return
+        failed: SclipError | None = None
         try:
             self.save()
-        finally:
-            self._closed = True
-            for key in KEYS:
-                self.viewer.bind_key(key, None)
-            self.viewer.layers.events.removed.disconnect(self._on_removed)
-            RECORDS.events.changed.disconnect(self._on_record_changed)
-            for future in self._loading.values():
-                future.cancel()
-            self._loader.shutdown(wait=True)
+        except SclipError as exc:
+            if not give_up:
+                raise
+            failed = exc
+        self._closed = True
+        for key in KEYS:
+            self.viewer.bind_key(key, None)
+        self.viewer.layers.events.removed.disconnect(self._on_removed)
+        RECORDS.events.changed.disconnect(self._on_record_changed)
+        for future in self._loading.values():
+            future.cancel()
+        self._loader.shutdown(wait=True)
+        try:
             self._writer.close()
+        except SclipError:
+            if failed is None:
+                raise
+        if failed is not None:  # the first error says what was lost
+            raise failed
 
     # -- corrections -------------------------------------------------------------------------------
 
@@ -520,8 +546,8 @@ class ReviewSession:
 
             try:
                 getattr(self, name)(*args)
-            except DatasetError as exc:
-                show_error(f"SCLIP review: {exc}")
+            except SclipError as exc:
+                show_error(f"SCLIP review: {' '.join(str(exc).split())}")
 
         action.__doc__ = f"napari-sclip review: {name.replace('_', ' ')} {' '.join(map(str, args))}".strip()
         return action

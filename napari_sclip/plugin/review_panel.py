@@ -6,6 +6,7 @@ The panel only shows and forwards: ordering, filtering, moving and saving are th
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,15 +31,16 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sclip.colors import label_color
-from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.review import ORDERS, REVIEWED, STATUS_FILTERS, QueueOptions
 from napari_sclip.dataset.splits import SPLIT_NAMES
+from napari_sclip.engine.errors import SclipError
 from napari_sclip.plugin.corrections import IGNORE, class_pixel_counts
 
 if TYPE_CHECKING:
     from napari_sclip.plugin.review import ReviewSession
 
 PANEL_NAME = "SCLIP review"
+_log = logging.getLogger(__name__)
 
 
 def show_review(viewer, path: str | Path) -> ReviewPanel:
@@ -55,12 +57,18 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
     root = dataset_root(path)
     window = viewer.window
     previous = window.dock_widgets.get(PANEL_NAME)
+    opening = None
     if isinstance(previous, ReviewPanel):
-        previous.close_review()
+        opening = previous._worker  # still reading its index: it gives its dataset back when done
+        if not previous.close_review():
+            raise DatasetError(f"the review of {previous.root} is still open: its edits could not be saved")
     panel = ReviewPanel(viewer, root)
     window.add_dock_widget(panel, name=PANEL_NAME, area="right")
     panel.follow_window()
-    panel.start()
+    if opening is not None:  # the same dataset again: wait until the last review gave it back
+        opening.finished.connect(panel.start)
+    else:
+        panel.start()
     return panel
 
 
@@ -179,7 +187,7 @@ class ReviewPanel(QWidget):
         self._threshold.valueChanged.connect(self._apply_options)
         app = QApplication.instance()
         if app is not None:
-            app.aboutToQuit.connect(self.close_review)
+            app.aboutToQuit.connect(lambda: self.close_review(give_up=True))
         self._set_enabled(False)
 
     # -- opening -----------------------------------------------------------------------------------
@@ -205,9 +213,10 @@ class ReviewPanel(QWidget):
             return
         try:
             session = ReviewSession(self.viewer, writer, self.queue_options())
-        except BaseException:
+        except Exception as exc:
             writer.close()
-            raise
+            self._failed(exc)
+            return
         self.session = session
         session.events.changed.connect(self._refresh)
         session.events.edited.connect(self._on_edited)
@@ -221,7 +230,9 @@ class ReviewPanel(QWidget):
         from napari.utils.notifications import show_error
 
         self._worker = None
-        message = " ".join(str(error).split()) if isinstance(error, DatasetError) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, SclipError):
+            _log.error("opening a review failed", exc_info=error)  # a bug: keep the traceback
+        message = " ".join(str(error).split()) if isinstance(error, SclipError) else f"{type(error).__name__}: {error}"
         self._message.setText(f"error: {message}")
         show_error(f"SCLIP review: {message}")
 
@@ -359,7 +370,7 @@ class ReviewPanel(QWidget):
             return
         try:
             action()
-        except DatasetError as exc:
+        except SclipError as exc:
             self._refresh()
             self._message.setText(f"error: {exc}")
             show_error(f"SCLIP review: {exc}")
@@ -375,31 +386,40 @@ class ReviewPanel(QWidget):
 
     def eventFilter(self, watched, event) -> bool:
         if watched is self._watched and event.type() == QEvent.Type.Close:
-            self.close_review()
+            self.close_review(give_up=True)
         return False
 
-    def close_review(self) -> None:
-        """Save the sample shown, give the dataset up and remove the panel (once)."""
+    def close_review(self, *, give_up: bool = False) -> bool:
+        """Save the sample shown, give the dataset up and remove the panel (once); returns
+        whether it closed.  When the save fails the review stays open (the edits are still in
+        the layers: free space and close again), unless ``give_up`` (the window is closing)."""
         from napari.utils.notifications import show_error
 
         if self._closed:
-            return
-        self._closed = True  # a dataset still opening is given back when its worker returns
-        if self._watched is not None:
-            self._watched.removeEventFilter(self)
-            self._watched = None
-        session, self.session = self.session, None
+            return True
+        session = self.session
         if session is not None:
+            try:
+                session.close(give_up=give_up)
+            except SclipError as exc:
+                message = " ".join(str(exc).split())
+                if not give_up:
+                    self._message.setText(f"not closed, the edits are not saved: {message}")
+                    show_error(f"SCLIP review: not closed, the edits are not saved: {message}")
+                    return False
+                show_error(f"SCLIP review: the last edits were not saved: {message}")
             session.events.changed.disconnect(self._refresh)
             session.events.edited.disconnect(self._on_edited)
             session.region_chooser = None
-            try:
-                session.close()
-            except DatasetError as exc:
-                show_error(f"SCLIP review: the last edits were not saved: {exc}")
+        self._closed = True  # a dataset still opening is given back when its worker returns
+        self.session = None
+        if self._watched is not None:
+            self._watched.removeEventFilter(self)
+            self._watched = None
         window = self.viewer.window
         if window.dock_widgets.get(PANEL_NAME) is self:
             window.remove_dock_widget(self)
+        return True
 
 
 def _combo(items, tip: str) -> QComboBox:
