@@ -43,6 +43,7 @@ def test_the_region_is_the_4_connected_pixels_of_the_clicked_value(seed):
     diagonal = np.eye(4, dtype=np.uint8)  # touching at corners only: four regions
     assert region_at(diagonal, (0, 0)).sum() == 1
     assert not region_at(labels, (30, 0)).any() and not region_at(labels, (-1, 5)).any()
+    assert not region_at(labels, (float("nan"), 5)).any()  # the cursor off the canvas
     assert region_at(labels, (2.4, 3.6)).sum() == _flood(labels, (2, 4)).sum()  # rounded
 
 

@@ -499,6 +499,8 @@ def test_a_save_that_fails_keeps_the_edits_the_sample_and_the_review_open(viewer
     click(qtbot, panel._close)
     assert panel.session is not None and "SCLIP review" in viewer.window.dock_widgets
     assert panel._message.text().startswith("not closed, the edits are not saved")
+    with pytest.raises(DatasetError, match="still open"):  # another dataset waits for this one
+        show_review(viewer, tmp_path / "ds")
     monkeypatch.setattr(Writer, "rewrite", real)
     click(qtbot, panel._close)
     assert "SCLIP review" not in viewer.window.dock_widgets

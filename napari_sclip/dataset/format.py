@@ -92,6 +92,15 @@ def row_bands(shape: tuple[int, ...], elements: int = 1 << 22) -> list[slice]:
     return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
+def value_counts(values: np.ndarray, length: int) -> np.ndarray:
+    """Occurrences of each value 0 .. ``length - 1`` of an 8- or 16-bit array, in bands of rows
+    (``np.bincount`` makes a 64-bit copy of what it counts: 8 bytes a pixel of a huge mask)."""
+    counts = np.zeros(length, np.int64)
+    for rows in row_bands(np.shape(values)):
+        counts += np.bincount(np.asarray(values[rows]).ravel(), minlength=length)[:length]
+    return counts
+
+
 def mask_to_labels(mask: np.ndarray, train_ids: TrainIds) -> np.ndarray:
     """Training-id mask -> napari label values (ignore and unknown ids become 0)."""
     mask = np.asarray(mask)

@@ -205,12 +205,12 @@ class Summary:
     @classmethod
     def of(cls, mask: np.ndarray, levels: np.ndarray | None) -> Summary:
         """The summary of a training-id mask and its confidence levels (``round(255 p)``)."""
-        counts = _histogram(mask, fmt.ignore_value(mask.dtype) + 1)
+        counts = fmt.value_counts(mask, fmt.ignore_value(mask.dtype) + 1)
         counts[fmt.ignore_value(mask.dtype):] = 0
         classes = tuple(int(v) for v in np.flatnonzero(counts))
         if levels is None or not levels.size:
             return cls(classes)
-        histogram = _histogram(levels, 256)
+        histogram = fmt.value_counts(levels, 256)
         below = np.cumsum(histogram) / levels.size
         # level / 255 < k / 10  <=>  level <= ceil(255 k / 10) - 1, in integers
         steps = tuple(round(float(below[-(-255 * k // 10) - 1]), 4) for k in range(1, 10))
@@ -326,15 +326,6 @@ def _names_own_image(image: str, image_id: str) -> bool:
 def _files_of(entry: Entry, image_id: str) -> list[tuple[str, str]]:
     """``(folder, name)`` of a sample's image and mask."""
     return [tuple(entry.image.split("/", 1)), ("masks", f"{image_id}.png")]
-
-
-def _histogram(values: np.ndarray, length: int) -> np.ndarray:
-    """Occurrences of each value of an 8- or 16-bit array, in bands of rows (``np.bincount``
-    makes a 64-bit copy of what it counts: a whole huge mask would cost 8 bytes a pixel)."""
-    counts = np.zeros(length, np.int64)
-    for rows in fmt.row_bands(values.shape):
-        counts += np.bincount(values[rows].ravel(), minlength=length)[:length]
-    return counts
 
 
 def _frozen(value: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_sclip.dataset.format import value_counts
 from napari_sclip.plugin.layers import label_values
 
 IGNORE = 0
@@ -18,15 +19,17 @@ IGNORE = 0
 def region_at(labels: np.ndarray, point: tuple[int, int]) -> np.ndarray:
     """The connected region (4-connected pixels of one value) of the 2D ``labels`` that holds
     ``point``, as a boolean mask; empty when ``point`` is outside."""
-    from scipy import ndimage
+    from skimage.segmentation import flood
 
     labels = np.asarray(labels)
+    if not all(np.isfinite(point)):  # the cursor off the canvas
+        return np.zeros(labels.shape, bool)
     row, col = (int(round(c)) for c in point)
     if not (0 <= row < labels.shape[0] and 0 <= col < labels.shape[1]):
         return np.zeros(labels.shape, bool)
-    same = labels == labels[row, col]
-    components, _ = ndimage.label(same)  # 4-connectivity: napari's fill bucket's, too
-    return components == components[row, col]
+    # A flood fill (4-connectivity, as napari's fill bucket): a byte a pixel, where labelling
+    # every component of a huge image would cost eight.
+    return flood(labels, (row, col), connectivity=1)
 
 
 def below_confidence(labels: np.ndarray, confidence: np.ndarray, threshold: float) -> np.ndarray:
@@ -50,10 +53,10 @@ def set_pixels(layer, mask: np.ndarray, value: int) -> int:
 def class_pixel_counts(labels: np.ndarray) -> dict[int, int]:
     """Pixels per label value present (ignore included), for the class list."""
     labels = np.asarray(labels)
-    counts = {value: 0 for value in (IGNORE, *label_values(labels))}
     if labels.dtype in (np.uint8, np.uint16):
-        histogram = np.bincount(labels.ravel(), minlength=1)
-        return {value: int(histogram[value]) if value < len(histogram) else 0 for value in counts}
+        histogram = value_counts(labels, np.iinfo(labels.dtype).max + 1)
+        return {IGNORE: int(histogram[IGNORE]), **{int(v): int(histogram[v]) for v in np.flatnonzero(histogram) if v}}
+    counts = {value: 0 for value in (IGNORE, *label_values(labels))}
     values, numbers = np.unique(labels, return_counts=True)
     found = dict(zip(values.tolist(), numbers.tolist()))
     return {value: int(found.get(value, 0)) for value in counts}

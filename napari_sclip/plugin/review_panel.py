@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sclip.colors import label_color
+from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.review import ORDERS, REVIEWED, STATUS_FILTERS, QueueOptions
 from napari_sclip.dataset.splits import SPLIT_NAMES
 from napari_sclip.engine.errors import SclipError
