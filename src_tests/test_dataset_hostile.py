@@ -288,3 +288,23 @@ def test_class_positions_and_plans_agree_with_plain_list_lookups_for_many_classe
     for entry in registry.to_json():
         expected = registry.active.index(entry["uid"]) if entry["uid"] in registry.active else None
         assert entry["position"] == expected
+
+
+def test_postscript_named_png_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """Pillow picks its decoder from the content: a ".png" holding PostScript would go to
+    Ghostscript (EPS).  Images, and a dataset's masks, are opened without that decoder."""
+    from PIL import EpsImagePlugin
+
+    from napari_sclip.dataset.reader import read_png
+    from napari_sclip.engine.errors import ImageError
+    from napari_sclip.io.images import exif_orientation, read_image
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
+    fake = tmp_path / "photo.png"
+    fake.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageError, match="not an image format"):
+        read_image(fake)
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_png(fake)
+    assert exif_orientation(fake) == 1 and called == []

@@ -52,8 +52,10 @@ def _with_image(path: Path, use):
     :class:`DatasetError` naming it."""
     from PIL import Image
 
+    from napari_sclip.io.images import pillow_formats
+
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=pillow_formats()) as image:
             return use(image)
     except FileNotFoundError:
         raise DatasetError(f"missing file {path}") from None

@@ -11,6 +11,7 @@ file is refused with one line, before its pixels are decoded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -60,7 +61,7 @@ def exif_orientation(path: str | Path) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read
-            with Image.open(path) as image:
+            with Image.open(path, formats=pillow_formats()) as image:
                 return orientation_of(image)
     except Exception:
         return 1
@@ -249,6 +250,17 @@ def _tifffile_errors() -> Iterator[list[str]]:
         logger.removeFilter(collect)
 
 
+@functools.cache
+def pillow_formats() -> tuple[str, ...]:
+    """The formats Pillow may open for us: every one it reads but those it hands to another
+    program (EPS to Ghostscript, WMF to the system).  Pillow picks a decoder from a file's
+    content, not its name, so a ``.png`` from someone else could be PostScript."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(name for name in Image.OPEN if name not in ("EPS", "WMF"))
+
+
 def _read_with_pillow(path: Path) -> tuple[np.ndarray, Layout]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -257,7 +269,7 @@ def _read_with_pillow(path: Path) -> tuple[np.ndarray, Layout]:
         # lock: warning filters are the process's, and batch readers open images in threads.
         with _PILLOW_WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path, formats=pillow_formats())
     except Image.DecompressionBombError:
         raise _too_large(path, None) from None
     except UnidentifiedImageError:
