@@ -383,7 +383,6 @@ def open_review_gui(dataset: str):
     from napari_sclip.plugin.review_panel import show_review
 
     viewer = napari.Viewer(title="napari-sclip review")
-    viewer.window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")
     try:
         panel = show_review(viewer, dataset)
     except BaseException:
@@ -393,12 +392,9 @@ def open_review_gui(dataset: str):
 
 
 def _review(args: argparse.Namespace) -> int:
-    from napari_sclip.dataset.format import MANIFEST
-    from napari_sclip.dataset.paths import DatasetError
-    from napari_sclip.dataset.reader import find_dataset_root
+    from napari_sclip.plugin.review import dataset_root
 
-    if find_dataset_root(args.dataset) is None:  # before napari starts: one line, at once
-        raise DatasetError(f"{args.dataset} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
+    dataset_root(args.dataset)  # before napari starts: a wrong path is one line, at once
     _check_display()
     import napari
 

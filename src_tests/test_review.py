@@ -198,6 +198,7 @@ def test_file_open_of_the_manifest_docks_the_review_panel_and_its_buttons_work(v
     assert viewer.open(str(tmp_path / "ds" / "dataset.json"), plugin=None) == []
     panel = _panel(viewer, qtbot)
     assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
+    assert any(name.startswith("SCLIP segmentation") for name in viewer.window.dock_widgets)  # to segment again
     assert panel._counts.text() == "0 reviewed · 0 edited · 12 unreviewed of 12"
     click(qtbot, panel._next)
     assert panel.session.current_id == "s001" and panel._message.text() == "s001: 2 of 12 in the queue"
@@ -249,10 +250,13 @@ def test_the_review_command_says_what_is_wrong_in_one_line(tmp_path):
     import sys
 
     (tmp_path / "plain").mkdir()
-    result = subprocess.run([sys.executable, "-m", "napari_sclip.cli", "review", str(tmp_path / "plain")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.strip().count("\n") == 0 and "is not a napari-sclip dataset" in result.stderr
+    make_dataset(tmp_path / "ds", 1)
+    for path, message in ((tmp_path / "plain", "is not a napari-sclip dataset"), (tmp_path / "typo", "does not exist"),
+                          (tmp_path / "ds" / "train", f"it is inside the dataset {tmp_path / 'ds'}: open that")):
+        result = subprocess.run([sys.executable, "-m", "napari_sclip.cli", "review", str(path)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
 
 
 def test_a_damaged_sample_is_one_line_and_the_review_stays_where_it_was(viewer, qtbot, tmp_path):

@@ -68,9 +68,14 @@ def dataset_root(path: str | Path) -> Path:
     from napari_sclip.dataset.format import MANIFEST
 
     root = find_dataset_root(path)
-    if root is None:
-        raise DatasetError(f"{path} is not a napari-sclip dataset (it has no {MANIFEST} of this format)")
-    return root
+    if root is not None:
+        return root
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist")
+    above = next((parent for parent in path.resolve().parents if find_dataset_root(parent) is not None), None)
+    hint = f"; it is inside the dataset {above}: open that" if above is not None else ""
+    raise DatasetError(f"{path} is not a napari-sclip dataset (it has no {MANIFEST} of this format){hint}")
 
 
 def hold_dataset(root: Path) -> DatasetWriter:

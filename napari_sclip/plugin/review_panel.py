@@ -54,6 +54,7 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
     another process, damaged) is one line in the panel and in napari's notifications.
     """
     from napari_sclip.plugin.review import dataset_root
+    from napari_sclip.plugin.widget import SclipWidget
 
     root = dataset_root(path)
     window = viewer.window
@@ -63,6 +64,8 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
         opening = previous._worker  # still reading its index: it gives its dataset back when done
         if not previous.close_review():
             raise DatasetError(f"the review of {previous.root} is still open: its edits could not be saved")
+    if not any(isinstance(widget, SclipWidget) for widget in window.dock_widgets.values()):
+        window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")  # to segment a sample again
     panel = ReviewPanel(viewer, root)
     window.add_dock_widget(panel, name=PANEL_NAME, area="right")
     panel.follow_window()
