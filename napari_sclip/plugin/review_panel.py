@@ -114,6 +114,7 @@ class ReviewPanel(QWidget):
         self._list = QListView()
         self._list.setModel(self._model)
         self._list.setEditTriggers(QListView.EditTrigger.NoEditTriggers)
+        self._list.setUniformItemSizes(True)  # laying out 20,000 rows must not measure each one
         self._list.setToolTip("The queue; click a sample to open it")
         self._list.clicked.connect(lambda index: self._run(lambda: self.session.goto(self.session.ids[index.row()])))
         self._previous = _button("◀ Previous", "Save and show the previous sample (PageUp)",
