@@ -550,7 +550,8 @@ def test_opening_the_same_dataset_again_while_it_opens_waits_for_the_first(viewe
     make_dataset(tmp_path / "ds", 2)
     real = review.hold_dataset
     monkeypatch.setattr(review, "hold_dataset", lambda root: (time.sleep(0.5), real(root))[1])
-    show_review(viewer, tmp_path / "ds")  # still opening when the second comes
+    first = show_review(viewer, tmp_path / "ds")  # still opening when the second comes
+    assert first._message.text() == f"reading the index of 2 samples in {tmp_path / 'ds'}…"
     panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
     assert panel.session.current_id == "s000"
     panel.close_review()

@@ -203,7 +203,7 @@ class ReviewPanel(QWidget):
 
         from napari_sclip.plugin.review import hold_dataset
 
-        self._message.setText(f"opening {self.root}…")
+        self._message.setText(f"reading the index of {_sample_count(self.root)} in {self.root}…")
         self._worker = create_worker(hold_dataset, self.root, _start_thread=False, _ignore_errors=True)
         self._worker.returned.connect(self._opened)
         self._worker.errored.connect(self._failed)
@@ -425,6 +425,18 @@ class ReviewPanel(QWidget):
         if window.dock_widgets.get(PANEL_NAME) is self:
             window.remove_dock_widget(self)
         return True
+
+
+def _sample_count(root: Path) -> str:
+    """"N samples", as the manifest last counted them (cheap), for the message while opening."""
+    from napari_sclip.dataset.format import MANIFEST
+    from napari_sclip.dataset.paths import read_json
+
+    try:
+        counts = read_json(root / MANIFEST)["splits"]["counts"]
+        return f"{sum(int(n) for n in counts.values())} samples"
+    except (SclipError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return "the samples"  # a damaged manifest: the owner's scan says what is wrong
 
 
 def _combo(items, tip: str) -> QComboBox:
