@@ -395,7 +395,7 @@ def _review(args: argparse.Namespace) -> int:
     from napari_sclip.plugin.review import dataset_root
 
     dataset_root(args.dataset)  # before napari starts: a wrong path is one line, at once
-    _check_display()
+    _check_display("review")
     import napari
 
     open_review_gui(args.dataset)
@@ -403,7 +403,7 @@ def _review(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_display() -> None:
+def _check_display(command: str = "gui") -> None:
     """Qt aborts the process (several lines, exit 134) when Linux has no display: say it in one."""
     import os
 
@@ -412,7 +412,7 @@ def _check_display() -> None:
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise SclipError(
             "no display to open napari on (DISPLAY is not set): run it on a desktop, through "
-            "'ssh -X', or under a virtual display with 'xvfb-run -a napari-sclip gui'; to label "
+            f"'ssh -X', or under a virtual display with 'xvfb-run -a napari-sclip {command} ...'; to label "
             "images without a window, use 'napari-sclip segment'"
         )
 

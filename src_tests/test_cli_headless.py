@@ -25,3 +25,19 @@ def test_gui_without_a_display_says_what_to_do_in_one_line():
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert probe.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the X/Wayland display check is Linux's")
+def test_review_without_a_display_names_its_own_command(tmp_path):
+    import numpy as np
+
+    from napari_sclip.classes import ClassRegistry
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+    with DatasetWriter(tmp_path / "ds", ClassRegistry({1: ("cat",)}, [1])) as writer:
+        writer.write(Sample("a", np.ones((20, 20), np.uint8), image=np.zeros((20, 20), np.uint8)))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    done = subprocess.run([sys.executable, "-m", "napari_sclip.cli", "review", str(tmp_path / "ds")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "xvfb-run -a napari-sclip review" in lines[0], done.stderr

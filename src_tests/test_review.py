@@ -555,3 +555,48 @@ def test_opening_the_same_dataset_again_while_it_opens_waits_for_the_first(viewe
     panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
     assert panel.session.current_id == "s000"
     panel.close_review()
+
+
+def test_opening_a_dataset_twice_or_three_times_at_once_opens_the_last(viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 2)
+    show_review(viewer, tmp_path / "ds")
+    show_review(viewer, tmp_path / "ds")
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    assert panel.session.current_id == "s000" and panel._message.text() == "s000: 1 of 2 in the queue"
+    assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
+    panel.close_review()
+
+
+def test_no_move_while_a_run_writes_into_the_labels(viewer, qtbot, tmp_path):
+    """The widget locks the labels layer while it writes a run in bands: moving on then would
+    put the rest of the run into the next sample."""
+    from test_widget import click
+
+    from napari_sclip.plugin.layers import locked
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 2)
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    labels = viewer.layers["s000 labels"]
+    with locked(labels):
+        click(qtbot, panel._next)
+        assert panel.session.current_id == "s000"
+        assert panel._message.text().startswith("error: the labels are being written by a Segment run")
+    click(qtbot, panel._next)
+    assert panel.session.current_id == "s001"
+    panel.close_review()
+
+
+def test_a_sample_whose_confidence_has_another_shape_is_one_line(viewer, tmp_path):
+    from PIL import Image
+
+    from napari_sclip.plugin.review import open_review
+
+    make_dataset(tmp_path / "ds", 2)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "ds" / "train" / "confidence" / "s000.png")
+    review = open_review(viewer, tmp_path / "ds")
+    assert "confidence/s000.png does not match the shape of its mask" in review.open_error
+    review.goto("s001")
+    review.close()

@@ -83,8 +83,10 @@ def read_sample(root: Path, split: str, image_id: str, train_ids: fmt.TrainIds) 
     provenance_path = resolve_inside(root, f"{split}/provenance/{image_id}.png")
     provenance = read_png(provenance_path) if provenance_path.is_file() else np.zeros(labels.shape, np.uint8)
     edited = np.isin(provenance, (PAINTED, IGNORED_BY_PERSON))
-    if provenance.shape != labels.shape:
-        raise DatasetError(f"{provenance_path} does not match the shape of its mask")
+    for path, shape in ((provenance_path, provenance.shape), (confidence_path, np.shape(confidence)),
+                        (meta_path.parent.parent / image_name, image.shape[:2])):
+        if shape and tuple(shape[:2]) != labels.shape:
+            raise DatasetError(f"{path} does not match the shape of its mask")
     return StoredSample(image_id, split, image, labels, confidence, edited, meta)
 
 

@@ -82,22 +82,37 @@ def dataset_root(path: str | Path) -> Path:
 def hold_dataset(root: Path) -> DatasetWriter:
     """Take the dataset as its owner and read its index: the part of opening whose time grows with
     the dataset, safe to run in a worker thread."""
-    from napari_sclip.dataset.lock import REVIEW
+    import os
+    import time
 
-    return DatasetWriter(root, activity=REVIEW)
+    from napari_sclip.dataset.lock import LOCK_NAME, REVIEW, read_lock
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return DatasetWriter(root, activity=REVIEW)
+        except DatasetError:
+            # A review of it in this process that was just closed gives it back from the GUI
+            # thread (once its own opening ends): wait for that, not for other programs.
+            held = read_lock(root / LOCK_NAME)
+            if held is None or held[0] is None or held[0].pid != os.getpid() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class ReviewSession:
     """One dataset under review in one viewer (see the module's documentation).
 
     ``events.changed`` is emitted whenever the sample shown, the queue, the counts, the review
-    mark or the region tool change; ``events.edited`` whenever the labels shown change.
+    mark or the region tool change; ``events.edited`` whenever the labels shown change;
+    ``events.error(value=message)`` when something done outside the panel (the widget's reviewed
+    box) could not be saved.
     """
 
     def __init__(self, viewer, writer: DatasetWriter, options: QueueOptions) -> None:
         self.viewer = viewer
         self.root = writer.root
-        self.events = EmitterGroup(source=self, changed=None, edited=None)
+        self.events = EmitterGroup(source=self, changed=None, edited=None, error=None)
         self._writer = writer
         self._options = options
         self._ids: list[str] = []
@@ -210,7 +225,15 @@ class ReviewSession:
             raise DatasetError(f"no sample {image_id!r} in the review queue of {self.root}")
         self._go(self._ids.index(image_id))
 
+    def _check_not_written(self) -> None:
+        """Refuse while a Segment run writes into the labels shown (the layer is locked meanwhile):
+        moving on would put the rest of its labels into the next sample."""
+        labels = self._layer("labels")
+        if labels is not None and not labels.editable:
+            raise DatasetError("the labels are being written by a Segment run: move on once it is done")
+
     def _go(self, position: int) -> None:
+        self._check_not_written()
         self.save()  # raises (and stays) if the edits cannot be written
         image_id = self._ids[position]
         sample = self._load(image_id)
@@ -329,7 +352,14 @@ class ReviewSession:
         try:
             self.save()
         except SclipError as exc:
-            show_error(f"SCLIP review: {exc}")
+            message = " ".join(str(exc).split())
+            stored = REVIEWED if self._sample.meta.get("review_status") == REVIEWED else UNREVIEWED
+            if self._state.review_status != stored:  # the mark is not taken: every box shows so
+                self._state.review_status = stored
+                self._state.store(labels.metadata)
+                RECORDS.changed(labels)
+            self.events.error(value=message)
+            show_error(f"SCLIP review: {message}")
         self.events.changed()
 
     # -- saving ------------------------------------------------------------------------------------
@@ -374,6 +404,7 @@ class ReviewSession:
         before it closes the review)."""
         if not self.unsaved:
             return False
+        self._check_not_written()
         sample, state = self._sample, self._state
         labels, confidence = self._layers["labels"], self._layers["confidence"]
         before, status_before = self._counts, self.status(sample.id)
@@ -405,7 +436,7 @@ class ReviewSession:
         return True
 
     def close(self, *, give_up: bool = False) -> None:
-        """Save the sample shown, and give the dataset up (the layers stay in the viewer).
+        """Save the sample shown and give the dataset up (its layers stay in the viewer).
 
         When the save fails (a full disk), the error is raised and the review stays open, so that
         a retry may save the edits; with ``give_up`` (the window is closing) the dataset is given
@@ -428,6 +459,7 @@ class ReviewSession:
         for future in self._loading.values():
             future.cancel()
         self._loader.shutdown(wait=True)
+        self.clear_preview()
         try:
             self._writer.close()
         except SclipError:

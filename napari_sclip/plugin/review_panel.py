@@ -59,20 +59,14 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
     root = dataset_root(path)
     window = viewer.window
     previous = window.dock_widgets.get(PANEL_NAME)
-    opening = None
-    if isinstance(previous, ReviewPanel):
-        opening = previous._worker  # still reading its index: it gives its dataset back when done
-        if not previous.close_review():
-            raise DatasetError(f"the review of {previous.root} is still open: its edits could not be saved")
+    if isinstance(previous, ReviewPanel) and not previous.close_review():
+        raise DatasetError(f"the review of {previous.root} is still open: its edits could not be saved")
     if not any(isinstance(widget, SclipWidget) for widget in window.dock_widgets.values()):
         window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")  # to segment a sample again
     panel = ReviewPanel(viewer, root)
     window.add_dock_widget(panel, name=PANEL_NAME, area="right")
     panel.follow_window()
-    if opening is not None:  # the same dataset again: wait until the last review gave it back
-        opening.finished.connect(panel.start)
-    else:
-        panel.start()
+    panel.start()  # a review of it still opening gives it back first (hold_dataset waits)
     return panel
 
 
@@ -225,6 +219,7 @@ class ReviewPanel(QWidget):
         self.session = session
         session.events.changed.connect(self._refresh)
         session.events.edited.connect(self._on_edited)
+        session.events.error.connect(self._on_error)
         session.region_chooser = self._choose_region
         self._set_enabled(True)
         self._refresh()
@@ -321,6 +316,9 @@ class ReviewPanel(QWidget):
             self._preview.setChecked(False)
         self._refresh_classes()
 
+    def _on_error(self, event) -> None:
+        self._message.setText(f"error: {event.value}")
+
     def _on_edited(self, event=None) -> None:
         self._pixels.start()
 
@@ -415,6 +413,7 @@ class ReviewPanel(QWidget):
                 show_error(f"SCLIP review: the last edits were not saved: {message}")
             session.events.changed.disconnect(self._refresh)
             session.events.edited.disconnect(self._on_edited)
+            session.events.error.disconnect(self._on_error)
             session.region_chooser = None
         self._closed = True  # a dataset still opening is given back when its worker returns
         self.session = None
