@@ -567,6 +567,11 @@ def test_opening_a_dataset_twice_or_three_times_at_once_opens_the_last(viewer, q
     assert panel.session.current_id == "s000" and panel._message.text() == "s000: 1 of 2 in the queue"
     assert [layer.name for layer in viewer.layers] == ["s000", "s000 confidence", "s000 labels"]
     panel.close_review()
+    closed = ["s000 (review closed)", "s000 (review closed) confidence", "s000 (review closed) labels"]
+    assert [layer.name for layer in viewer.layers] == closed  # kept, out of the way of the next review
+    panel = opened(qtbot, show_review(viewer, tmp_path / "ds"))
+    assert [layer.name for layer in viewer.layers] == [*closed, "s000", "s000 confidence", "s000 labels"]
+    panel.close_review()
 
 
 def test_no_move_while_a_run_writes_into_the_labels(viewer, qtbot, tmp_path):

@@ -1000,3 +1000,24 @@ def test_a_review_that_moves_on_during_a_run_drops_its_results(widget, qtbot, tm
     assert widget._status.text() == "the image changed during the run; results dropped"
     assert panel.session.current_id == "b"
     assert (widget.viewer.layers["b labels"].data == 1).all() and not panel.session.unsaved
+
+
+def test_a_stroke_undone_during_a_review_is_not_kept_by_a_rerun(widget, qtbot, tmp_path, answers):
+    """napari's undo does not report its pixels: the review settles the edits before a run keeps
+    them, so the undone stroke's pixels get the model's labels like the rest."""
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+    registry = ClassRegistry()
+    registry.update((("cat",), ("dog",)))
+    with DatasetWriter(tmp_path / "ds", registry, {"train": 1.0}) as writer:
+        writer.write(Sample("a", np.ones((40, 50), np.uint8), image=natural_image(40, 50)))
+    answers["folder"] = str(tmp_path / "ds")
+    click(qtbot, widget._open_button)
+    review_panel(widget, qtbot)
+    labels = widget.viewer.layers["a labels"]
+    labels.paint((20, 20), 2, refresh=True)
+    labels.undo()
+    type_classes(qtbot, widget, ["dog"])  # one class: the run labels every pixel dog
+    answers["question"] = QMessageBox.StandardButton.Yes  # cat may go (a kept cat pixel would become 0)
+    segment(qtbot, widget)
+    assert (labels.data == 2).all()

@@ -39,7 +39,9 @@ class LabelsRecords:
         self._records: dict[Hashable, LabelsRecord] = {}
         #: ``changed(value=unique_id)``: a layer got a new state, or its review mark changed; the
         #: widget and a review session showing that layer follow it.
-        self.events = EmitterGroup(source=self, changed=None)
+        #: ``settle(value=unique_id)``: a run is about to write around a layer's edits; whoever
+        #: can tell strokes undone from edits (a review) settles them first.
+        self.events = EmitterGroup(source=self, changed=None, settle=None)
 
     def __contains__(self, layer) -> bool:
         return layer.unique_id in self._records
@@ -62,6 +64,10 @@ class LabelsRecords:
         record.store(labels)
         self.events.changed(value=labels.unique_id)
         return record
+
+    def settle(self, labels) -> None:
+        """Ask whoever shows ``labels`` to bring its edit mask up to date (before a run keeps it)."""
+        self.events.settle(value=labels.unique_id)
 
     def changed(self, labels) -> None:
         """Tell whoever shows ``labels`` that its state changed (e.g. its review mark)."""

@@ -135,6 +135,7 @@ class ReviewSession:
             viewer.bind_key(key, self._key_action(action), overwrite=True)
         viewer.layers.events.removed.connect(self._on_removed)
         RECORDS.events.changed.connect(self._on_record_changed)
+        RECORDS.events.settle.connect(self._on_settle)
         #: Why the first sample could not be shown (a damaged file), or ``None``: the rest of the
         #: dataset opens all the same.
         self.open_error: str | None = None
@@ -341,6 +342,17 @@ class ReviewSession:
     def _on_removed(self, event) -> None:
         RECORDS.forget(event.value)
 
+    def _settle_edits(self, data: np.ndarray) -> None:
+        """A person's edits: those stored, and the pixels they changed since (not strokes undone,
+        which napari's undo does not report)."""
+        state, sample = self._state, self._sample
+        state.edited[...] = sample.edited | (state.edited & (data != sample.labels))
+
+    def _on_settle(self, event) -> None:
+        labels = self._layer("labels")
+        if labels is not None and event.value == labels.unique_id and self._state is not None:
+            self._settle_edits(np.asarray(labels.data))
+
     def _on_record_changed(self, event) -> None:
         """The widget marked the sample (or a re-run unmarked it): save the mark now, as the
         panel's box does."""
@@ -413,8 +425,7 @@ class ReviewSession:
         # them before the mask is written (else they would be stored as ignore).
         data = np.array(labels.data)
         self._writer.adopt_classes(export_classes(state.classes, data))
-        # A person's edits: those stored, and the pixels they changed since (not strokes undone).
-        state.edited[...] = sample.edited | (state.edited & (data != sample.labels))
+        self._settle_edits(data)
         scores = np.array(confidence.data) if confidence is not None else None
         self._writer.rewrite(sample.id, Sample(
             stem=sample.id,
@@ -436,7 +447,8 @@ class ReviewSession:
         return True
 
     def close(self, *, give_up: bool = False) -> None:
-        """Save the sample shown and give the dataset up (its layers stay in the viewer).
+        """Save the sample shown and give the dataset up (its layers stay in the viewer, named
+        "<id> (review closed)").
 
         When the save fails (a full disk), the error is raised and the review stays open, so that
         a retry may save the edits; with ``give_up`` (the window is closing) the dataset is given
@@ -456,10 +468,12 @@ class ReviewSession:
             self.viewer.bind_key(key, None)
         self.viewer.layers.events.removed.disconnect(self._on_removed)
         RECORDS.events.changed.disconnect(self._on_record_changed)
+        RECORDS.events.settle.disconnect(self._on_settle)
         for future in self._loading.values():
             future.cancel()
         self._loader.shutdown(wait=True)
         self.clear_preview()
+        self._detach_layers()
         try:
             self._writer.close()
         except SclipError:
@@ -467,6 +481,18 @@ class ReviewSession:
                 raise
         if failed is not None:  # the first error says what was lost
             raise failed
+
+    def _detach_layers(self) -> None:
+        """Rename the layers of a closed review (they stay, saved), so that a later review of the
+        dataset in this viewer gets the plain names (derived names first: the widget pairs by name)."""
+        if self._sample is None:
+            return
+        detached = f"{self._sample.id} (review closed)"
+        for kind, name in (("labels", labels_name(detached)), ("confidence", confidence_name(detached)),
+                           ("image", detached)):
+            layer = self._layer(kind)
+            if layer is not None:
+                layer.name = name
 
     # -- corrections -------------------------------------------------------------------------------
 

@@ -759,6 +759,7 @@ class SclipWidget(QWidget):
         dtype = label_dtype(max(record.state.classes.names))
         if np.iinfo(labels.data.dtype).max < np.iinfo(dtype).max:
             labels.data = labels.data.astype(dtype)
+        RECORDS.settle(labels)  # a review drops strokes undone from the edits the run keeps
         steps = update_labels(labels, record, results, retired, options.overwrite)
         self._writing = True
         self._show_busy()
