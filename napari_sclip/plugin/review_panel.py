@@ -94,12 +94,8 @@ class ReviewPanel(QWidget):
         self._progress = QProgressBar()
         self._progress.setToolTip("Samples reviewed, out of all")
         self._order = _combo(ORDERS, "The order of the queue")
-        self._threshold = QDoubleSpinBox()
-        self._threshold.setRange(0.1, 0.9)
-        self._threshold.setSingleStep(0.1)
-        self._threshold.setDecimals(1)
-        self._threshold.setValue(0.5)
-        self._threshold.setToolTip("'most uncertain pixels first' counts the pixels below this confidence")
+        self._threshold = _confidence_box(0.1, 0.9, 0.1, "'most uncertain pixels first' counts the pixels below "
+                                          "this confidence")
         self._status_filter = _combo(STATUS_FILTERS, "Show only samples with this review status: 'not reviewed' "
                                      "is unreviewed and edited ones; 'unreviewed', those nobody touched")
         self._split = _combo(("all", *SPLIT_NAMES), "Show only one split")
@@ -132,12 +128,8 @@ class ReviewPanel(QWidget):
         self._region.setToolTip("Click a region of the labels to choose its class from a menu; Ctrl+number sets "
                                 "the region under the cursor at once")
         self._region.toggled.connect(lambda _: self._run(lambda: self.session.toggle_region_tool()))
-        self._accept_threshold = QDoubleSpinBox()
-        self._accept_threshold.setRange(0.0, 1.0)
-        self._accept_threshold.setSingleStep(0.05)
-        self._accept_threshold.setDecimals(2)
-        self._accept_threshold.setValue(0.5)
-        self._accept_threshold.setToolTip("Accept the labels where confidence is at least this; the rest become ignore")
+        self._accept_threshold = _confidence_box(0.0, 1.0, 0.05, "Accept the labels where confidence is at least "
+                                                 "this; the rest become ignore")
         self._preview = QCheckBox("preview")
         self._preview.setToolTip("Show in red the pixels that would become ignore")
         self._preview.toggled.connect(lambda _: self._run(self._show_preview))
@@ -436,6 +428,17 @@ def _sample_count(root: Path) -> str:
         return f"{sum(int(n) for n in counts.values())} samples"
     except (SclipError, OSError, KeyError, TypeError, ValueError, AttributeError):
         return "the samples"  # a damaged manifest: the owner's scan says what is wrong
+
+
+def _confidence_box(low: float, high: float, step: float, tip: str) -> QDoubleSpinBox:
+    """A confidence threshold from ``low`` to ``high`` in steps of ``step``, starting at 0.5."""
+    box = QDoubleSpinBox()
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setDecimals(len(f"{step:g}".split(".")[-1]))
+    box.setValue(0.5)
+    box.setToolTip(tip)
+    return box
 
 
 def _combo(items, tip: str) -> QComboBox:
