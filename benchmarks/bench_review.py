@@ -8,8 +8,9 @@ Run from the repository root under a display (napari needs OpenGL):
 Each dataset (``--size``x``--size`` px samples with labels and confidence, written once by
 :class:`DatasetWriter` into ``--cache``) is opened in a fresh interpreter, as a user opens it:
 a shown napari window, then :func:`show_review` (what File > Open of the manifest does).  The
-figures: seconds until the panel is docked (the GUI thread's part) and until the first sample
-shows (the owner's scan of the index in a worker, the queue, the first sample's layers), the
+figures: seconds until the panel is docked (the GUI thread's part), until the first sample
+shows (found in the journal's first rows and read in a worker while the owner scans the index),
+and until the queue is ready (the owner's scan of the index, the queue), the
 process's RSS after opening minus before (the SCLIP widget docks too, and imports the engine in
 the background: the moves start 8 s later), and the median seconds of ``next()`` over
 ``--moves`` moves, each after the GUI has been idle for ``--pause`` s (the prefetch's chance).
@@ -64,7 +65,11 @@ def measure(root: str, moves: int, pause: float) -> dict:
     start = time.perf_counter()
     panel = show_review(viewer, root)
     docked = time.perf_counter() - start  # the GUI thread's share: the index is read in a worker
-    while panel.session is None:
+    while panel.session is None or panel.session.current_id is None:
+        app.processEvents()
+        time.sleep(0.002)
+    shown = time.perf_counter() - start
+    while panel.session.opening:
         app.processEvents()
         time.sleep(0.002)
     opened = time.perf_counter() - start
@@ -87,7 +92,7 @@ def measure(root: str, moves: int, pause: float) -> dict:
     panel.close_review()
     viewer.close()
     times.sort()
-    return {"samples": samples, "docked_s": docked, "open_s": opened, "rss_growth_mb": grown / 2**20,
+    return {"samples": samples, "docked_s": docked, "first_sample_s": shown, "queue_ready_s": opened, "rss_growth_mb": grown / 2**20,
             "next_median_s": times[len(times) // 2], "next_max_s": times[-1]}
 
 
@@ -115,7 +120,8 @@ def main() -> None:
                                  "--pause", str(args.pause)], capture_output=True, text=True, check=True, cwd=ROOT)
         row = {"dataset_samples": count, **json.loads(result.stdout.strip().splitlines()[-1])}
         rows.append(row)
-        print(f"{count:>7} samples: panel docked {row['docked_s']:.3f} s, first sample {row['open_s']:.3f} s, "
+        print(f"{count:>7} samples: panel docked {row['docked_s']:.3f} s, first sample {row['first_sample_s']:.3f} s, "
+              f"queue ready {row['queue_ready_s']:.3f} s, "
               f"RSS +{row['rss_growth_mb']:.0f} MB, "
               f"next {row['next_median_s'] * 1000:.1f} ms (max {row['next_max_s'] * 1000:.1f} ms)")
     if args.json:

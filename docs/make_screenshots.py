@@ -80,7 +80,7 @@ def review(out: Path) -> None:
     viewer, panel = open_review_gui(str(dataset))
     window = viewer.window._qt_window
     window.resize(1400, 960)
-    while panel.session is None:  # the index is read in a worker
+    while panel.session is None or panel.session.opening:  # the index is read in a worker
         pump(0.1)
     viewer.layers[-1].opacity = 0.6
     pump(2)

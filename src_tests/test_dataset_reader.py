@@ -53,7 +53,7 @@ def test_the_reader_opens_a_review_whose_layers_hold_the_stored_sample(dataset, 
     assert get_reader([str(root / "dataset.json")]) is reader  # napari passes a one-path list too
     assert viewer.open(str(root / "dataset.json"), plugin=None) == []  # the review's layers, not napari's
     panel = viewer.window.dock_widgets[PANEL_NAME]
-    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)  # the index is read in a worker
+    qtbot.waitUntil(lambda: panel.session is not None and not panel.session.opening, timeout=20_000)
     session = panel.session
     assert session.ids == ["other", "astronaut"]  # unreviewed first, then edited
     session.goto("astronaut")

@@ -287,3 +287,53 @@ def test_each_sample_records_its_classes_and_confidence_summary(tmp_path, regist
         assert entry.summary.to_json() == meta["summary"]
     finally:
         reopened.close()
+
+
+@pytest.mark.parametrize("statuses", ["all unreviewed", "reviewed then edited then unreviewed", "no unreviewed",
+                                      "all reviewed"])
+def test_a_review_finds_where_it_opens_in_the_journals_first_rows(tmp_path, registry, monkeypatch, statuses):
+    from napari_sclip.dataset.review import REVIEWED, QueueOptions, first_to_review, queue
+
+    count = 240
+
+    def status_of(k: int) -> str:
+        if statuses == "all unreviewed":
+            return "unreviewed"
+        if statuses == "all reviewed":
+            return "reviewed"
+        if statuses == "no unreviewed":
+            return "edited" if k % 7 == 3 else "reviewed"
+        return "reviewed" if k < 200 else "edited" if k < 220 or k % 2 else "unreviewed"
+
+    root = tmp_path / "ds"
+    with DatasetWriter(root, registry, {"train": 0.5, "val": 0.3, "test": 0.2}) as writer:
+        for k in range(count):
+            labels = np.full((4, 4), k % 4, np.uint8)
+            writer.write(Sample(f"s{(k * 37) % count:03d}", labels, image=np.full((4, 4, 3), k % 256, np.uint8),
+                                meta={"review_status": status_of(k)}))
+    rows = [json.loads(line) for line in (root / writer_module.JOURNAL).read_text().splitlines()]
+    from napari_sclip.dataset.splits import SPLIT_NAMES
+
+    order = [(SPLIT_NAMES.index(row["split"]), row["id"]) for row in rows]
+    assert order == sorted(order) and len(rows) == count  # consolidated in the queue's tie order
+
+    parsed = []
+    real = writer_module._journal_row
+    monkeypatch.setattr(writer_module, "_journal_row", lambda line: parsed.append(line) or real(line))
+    found = first_to_review(root)
+    monkeypatch.setattr(writer_module, "_journal_row", real)
+    with DatasetWriter(root) as owner:  # the reference: the queue the review builds from the index
+        entries = dict(owner.entries())
+    ids = queue(entries, QueueOptions())
+    first = next((i for i in ids if entries[i].review_status != REVIEWED), ids[0])
+    assert found == (entries[first].split, first)
+    assert len(parsed) <= 3  # one row parsed per status: the rest are skipped unparsed
+
+    (root / writer_module.JOURNAL).unlink()
+    assert first_to_review(root) is None
+    (root / writer_module.JOURNAL).write_bytes(b'{"id": "s001", "review_status": "unreviewed", bro\n\x00\xff\n')
+    assert first_to_review(root) is None  # damaged rows are no answer
+    row = json.loads(json.dumps(rows[0]))
+    row.update(id="../../outside", image="images/../../outside.png")
+    (root / writer_module.JOURNAL).write_text(json.dumps(row) + "\n")
+    assert first_to_review(root) is None  # nor are rows naming a path

@@ -181,7 +181,7 @@ def test_a_dataset_under_review_is_held(viewer, tmp_path):
 
 def opened(qtbot, panel):
     """``panel`` once its dataset is open (the index is read in a worker)."""
-    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    qtbot.waitUntil(lambda: panel.session is not None and not panel.session.opening, timeout=20_000)
     return panel
 
 
@@ -605,3 +605,94 @@ def test_a_sample_whose_confidence_has_another_shape_is_one_line(viewer, tmp_pat
     assert "confidence/s000.png does not match the shape of its mask" in review.open_error
     review.goto("s001")
     review.close()
+
+
+def _mark_reviewed(root, ids) -> None:
+    from napari_sclip.dataset.format import read_manifest
+
+    _, _, train_ids = read_manifest(root)
+    with DatasetWriter(root) as writer:
+        for image_id in ids:
+            stored = read_sample(root, "train", image_id, train_ids)
+            writer.rewrite(image_id, Sample(image_id, stored.labels, image=stored.image, confidence=stored.confidence,
+                                            meta={**stored.meta, "review_status": "reviewed"}))
+
+
+def _held_back(monkeypatch):
+    """Hold the panel's reading of the index until the returned event is set."""
+    import threading
+
+    from napari_sclip.plugin import review
+
+    gate = threading.Event()
+    real = review.hold_dataset
+    monkeypatch.setattr(review, "hold_dataset", lambda root: (gate.wait(30), real(root))[1])
+    return gate
+
+
+def test_the_first_sample_shows_and_can_be_edited_while_the_index_is_read(viewer, qtbot, tmp_path, monkeypatch):
+    from test_widget import click
+
+    from napari_sclip.plugin.review_panel import PANEL_NAME
+
+    made = make_dataset(tmp_path / "ds", 6)
+    _mark_reviewed(tmp_path / "ds", ["s000", "s001"])
+    gate = _held_back(monkeypatch)
+    assert viewer.open(str(tmp_path / "ds" / "dataset.json"), plugin=None) == []
+    panel = viewer.window.dock_widgets[PANEL_NAME]
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    session = panel.session
+    assert session.opening and session.current_id == "s002"  # where the review will open
+    assert [layer.name for layer in viewer.layers] == ["s002", "s002 confidence", "s002 labels"]
+    np.testing.assert_array_equal(viewer.layers["s002 labels"].data, made["s002"]["labels"])
+    assert "s002: reading the index of 6 samples" in panel._message.text()
+    assert not panel._next.isEnabled() and not panel._reviewed.isEnabled()
+    labels = viewer.layers["s002 labels"]
+    labels.paint((5, 5), 3, refresh=True)  # editing need not wait
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.keyClick(canvas, Qt.Key.Key_PageDown)  # moving does
+    with pytest.raises(DatasetError, match="still opening"):
+        session.save()
+    assert session.current_id == "s002"
+    gate.set()
+    opened(qtbot, panel)
+    assert panel.session is session and session.current_id == "s002" and session.position == 0
+    assert viewer.layers["s002 labels"] is labels and session.unsaved  # the same layer, its edits kept
+    assert panel._counts.text() == "2 reviewed · 0 edited · 4 unreviewed of 6"
+    click(qtbot, panel._next)
+    assert session.current_id == "s003" and session.status("s002") == "edited"
+    panel.close_review()
+    assert [layer.name for layer in viewer.layers] == ["s003 (review closed)", "s003 (review closed) confidence",
+                                                       "s003 (review closed) labels"]
+
+
+def test_a_first_look_that_is_not_where_the_review_opens_is_replaced(viewer, qtbot, tmp_path, monkeypatch):
+    from napari_sclip.plugin import review
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 4)
+    _mark_reviewed(tmp_path / "ds", ["s000"])
+    monkeypatch.setattr(review, "first_to_review", lambda root: ("train", "s000"))  # a journal out of date
+    gate = _held_back(monkeypatch)
+    panel = show_review(viewer, tmp_path / "ds")
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    assert panel.session.current_id == "s000"
+    gate.set()
+    opened(qtbot, panel)
+    assert panel.session.current_id == "s001" and panel.session.position == 0
+    assert [layer.name for layer in viewer.layers] == ["s001", "s001 confidence", "s001 labels"]
+    panel.close_review()
+
+
+def test_no_first_look_while_another_program_holds_the_dataset(tmp_path):
+    import dataclasses
+
+    from napari_sclip.dataset.lock import LOCK_NAME, Owner
+    from napari_sclip.plugin.review import first_look
+
+    make_dataset(tmp_path / "ds", 2)
+    look = first_look(tmp_path / "ds")
+    assert look is not None and look.sample.id == "s000"
+    other = dataclasses.replace(Owner.this_process(), pid=Owner.this_process().pid + 1)
+    (tmp_path / "ds" / LOCK_NAME).write_bytes(other.to_bytes())
+    assert first_look(tmp_path / "ds") is None  # it may be writing that very sample

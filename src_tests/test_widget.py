@@ -141,7 +141,7 @@ def review_panel(widget, qtbot):
 
     panel = widget.viewer.window.dock_widgets[PANEL_NAME]
     panel = getattr(panel, "__wrapped__", panel)
-    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    qtbot.waitUntil(lambda: panel.session is not None and not panel.session.opening, timeout=20_000)
     return panel
 
 

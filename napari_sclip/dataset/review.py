@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from napari_sclip.dataset.splits import SPLIT_NAMES
-from napari_sclip.dataset.writer import CONFIDENCE_STEPS, Entry
+from napari_sclip.dataset.writer import CONFIDENCE_STEPS, Entry, journal_firsts
 
 #: Review statuses, as meta files and indexes record them.
 UNREVIEWED, EDITED, REVIEWED = "unreviewed", "edited", "reviewed"
@@ -96,6 +97,18 @@ def queue(entries: Mapping[str, Entry], options: QueueOptions) -> list[str]:
     step = min(range(len(CONFIDENCE_STEPS)), key=lambda k: abs(CONFIDENCE_STEPS[k] - options.threshold))
     kept.sort(key=lambda item: (*key(item[0], item[1], step), SPLIT_NAMES.index(item[1].split), item[0]))
     return [image_id for image_id, _ in kept]
+
+
+def first_to_review(root: Path) -> tuple[str, str] | None:
+    """``(split, id)`` of the sample a review with the default options most likely opens at (the
+    queue's first sample not reviewed), from the first rows of the dataset's journal alone;
+    ``None`` without a journal.  Opening shows it while the owner reads the whole index."""
+    firsts = journal_firsts(root, UNREVIEWED)
+    if not firsts:
+        return None
+    entry_id, entry = min(firsts.values(), key=lambda item: (
+        *_ORDER_KEYS[QueueOptions().order](item[0], item[1], 0), SPLIT_NAMES.index(item[1].split), item[0]))
+    return entry.split, entry_id
 
 
 def _status(entry: Entry) -> str:

@@ -5,6 +5,9 @@ meanwhile) and shows one sample in three layers, an image, its labels and its co
 data change as the reviewer moves on.  Opening reads the owner's index only (no image, mask or
 meta file: about 35 µs a sample, which :func:`hold_dataset` lets a worker do), and the queue is
 ordered from it; the next sample in the queue is read in the background while one is shown.
+While the index is read, the sample the review most likely opens at can already be shown
+(:func:`first_look`, found in the journal's first rows): opening a dataset of any size shows a
+sample in the same time.
 
 Edits are saved as the dataset's own sample (atomically, with its provenance) when the reviewer
 moves on, marks a sample reviewed, saves, or closes the session.  Undo works within the open
@@ -17,8 +20,10 @@ sample: moving on starts a new history.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +32,16 @@ from napari.utils.events import EmitterGroup
 from napari_sclip.classes import ClassRegistry
 from napari_sclip.dataset.paths import DatasetError
 from napari_sclip.dataset.reader import StoredSample, find_dataset_root, read_sample
-from napari_sclip.dataset.review import REVIEWED, UNREVIEWED, Counts, QueueOptions, counts, queue
-from napari_sclip.dataset.writer import DatasetWriter, Sample, read_meta
+from napari_sclip.dataset.review import (
+    REVIEWED,
+    UNREVIEWED,
+    Counts,
+    QueueOptions,
+    counts,
+    first_to_review,
+    queue,
+)
+from napari_sclip.dataset.writer import DatasetWriter, Entry, Sample, read_meta
 from napari_sclip.engine.errors import SclipError
 from napari_sclip.plugin.corrections import IGNORE, below_confidence, region_at, set_pixels
 from napari_sclip.plugin.io import export_classes
@@ -55,12 +68,15 @@ def open_review(viewer, path: str | Path, options: QueueOptions | None = None) -
 
     Raises :class:`DatasetError` (one line) when ``path`` is no dataset, or another process holds it.
     """
-    writer = hold_dataset(dataset_root(path))
+    root = dataset_root(path)
+    writer = hold_dataset(root)
+    session = ReviewSession(viewer, root, options or QueueOptions())
     try:
-        return ReviewSession(viewer, writer, options or QueueOptions())
+        session.attach(writer)
     except BaseException:
-        writer.close()
+        session.close(give_up=True)
         raise
+    return session
 
 
 def dataset_root(path: str | Path) -> Path:
@@ -100,8 +116,54 @@ def hold_dataset(root: Path) -> DatasetWriter:
             time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class FirstLook:
+    """A sample read before the dataset is held, to show while the owner reads the index, and
+    the classes it was read with (the manifest's)."""
+
+    sample: StoredSample
+    registry: ClassRegistry
+    train_ids: dict[int, int]
+
+
+def first_look(root: Path) -> FirstLook | None:
+    """The sample a review of ``root`` most likely opens at, read without holding the dataset (in
+    milliseconds whatever its size; safe in a worker).  ``None`` when the dataset has no journal
+    to find it in, another program holds it, or anything is amiss: the owner's scan says what."""
+    from napari_sclip.dataset import format as fmt
+    from napari_sclip.dataset.lock import LOCK_NAME, Owner, read_lock
+
+    try:
+        held = read_lock(root / LOCK_NAME)
+        me = Owner.this_process()
+        if held is not None and (held[0] is None or (held[0].host, held[0].pid) != (me.host, me.pid)):
+            return None  # it may be writing that very sample
+        where = first_to_review(root)
+        if where is None:
+            return None
+        _, registry, train_ids = fmt.read_manifest(root)
+        return FirstLook(read_sample(root, *where, train_ids), registry, train_ids)
+    except (SclipError, OSError, ValueError):
+        return None
+
+
+def open_in_steps(root: Path, shown: threading.Event) -> Iterator[FirstLook]:
+    """A worker's opening of ``root``: yields a :func:`first_look` where there is one, then
+    returns the held dataset (:func:`hold_dataset`).  The owner's scan waits for ``shown`` (the
+    look on screen, for at most a few seconds): it holds the interpreter most of its time, and
+    would slow the GUI thread's showing of the look down."""
+    look = first_look(root)
+    if look is not None:
+        yield look
+        shown.wait(5)
+    return hold_dataset(root)
+
+
 class ReviewSession:
     """One dataset under review in one viewer (see the module's documentation).
+
+    A session starts *opening*: it may show a :class:`FirstLook` (which can be edited), and it
+    cannot save or move until :meth:`attach` gives it the held dataset.
 
     ``events.changed`` is emitted whenever the sample shown, the queue, the counts, the review
     mark or the region tool change; ``events.edited`` whenever the labels shown change;
@@ -109,11 +171,12 @@ class ReviewSession:
     box) could not be saved.
     """
 
-    def __init__(self, viewer, writer: DatasetWriter, options: QueueOptions) -> None:
+    def __init__(self, viewer, root: Path, options: QueueOptions) -> None:
         self.viewer = viewer
-        self.root = writer.root
+        self.root = root
         self.events = EmitterGroup(source=self, changed=None, edited=None, error=None)
-        self._writer = writer
+        self._writer: DatasetWriter | None = None  # set by attach
+        self._look: FirstLook | None = None
         self._options = options
         self._ids: list[str] = []
         self.queue_version = 0  # goes up whenever the queue is ordered or filtered anew
@@ -139,11 +202,58 @@ class ReviewSession:
         #: Why the first sample could not be shown (a damaged file), or ``None``: the rest of the
         #: dataset opens all the same.
         self.open_error: str | None = None
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @property
+    def opening(self) -> bool:
+        """Whether the dataset is not held yet (:meth:`attach` not called)."""
+        return self._writer is None
+
+    def show_first_look(self, look: FirstLook) -> None:
+        """Show ``look``'s sample while the dataset opens."""
+        self._look = look
+        self._show(look.sample)
+        self.events.changed()
+
+    def attach(self, writer: DatasetWriter) -> None:
+        """Hold the dataset through ``writer`` (its index read): the queue, the counts and saving
+        work from now on.  The review goes to the first sample of the queue not reviewed; a first
+        look stays shown if it is that sample as stored, or if it was edited meanwhile."""
+        self._writer = writer
+        self._ids = queue(writer.entries(), self._options)
+        self.queue_version += 1
+        shown = self._sample
+        first = self._first_not_reviewed()
+        if shown is not None and (self.unsaved or (self._ids[first:first + 1] == [shown.id] and self._as_stored(shown))):
+            self._position = self._ids.index(shown.id) if shown.id in self._ids else -1
+            self._prefetch()
+            self.events.changed()
+            return
         try:
-            self.set_options(options)
+            if self._ids:
+                self._go(first)
+            else:
+                self.events.changed()
         except SclipError as exc:  # a damaged first sample (DatasetError, ImageError)
             self.open_error = str(exc)
             self.events.changed()
+
+    def _as_stored(self, sample: StoredSample) -> bool:
+        """Whether ``sample`` (read before the dataset was held) is what the owner knows."""
+        writer, look = self._writer, self._look
+        return (look is not None and writer.entries().get(sample.id) == Entry.of(sample.split, sample.meta)
+                and writer.registry.to_json() == look.registry.to_json() and writer.train_ids == look.train_ids)
+
+    def _owner(self) -> DatasetWriter:
+        if self._writer is None:
+            raise DatasetError(f"{self.root} is still opening (its index is being read): try again in a moment")
+        return self._writer
+
+    def _first_not_reviewed(self) -> int:
+        """The position of the queue's first sample not reviewed (0 if all are)."""
+        entries = self._writer.entries()
+        return next((k for k, i in enumerate(self._ids) if entries[i].review_status != REVIEWED), 0)
 
     # -- the queue ---------------------------------------------------------------------------------
 
@@ -155,14 +265,13 @@ class ReviewSession:
         """Order and filter the queue anew; the sample shown stays if the queue keeps it, else the
         first one not reviewed is shown."""
         self._options = options
-        self._ids = queue(self._writer.entries(), options)
+        self._ids = queue(self._owner().entries(), options)
         self.queue_version += 1
         current = self.current_id
         # -1: the sample shown is not in this queue (it stays shown if the next cannot be).
         self._position = self._ids.index(current) if current in self._ids else -1
         if self._position < 0 and self._ids:
-            entries = self._writer.entries()
-            self._go(next((k for k, i in enumerate(self._ids) if entries[i].review_status != REVIEWED), 0))
+            self._go(self._first_not_reviewed())
         else:
             self._prefetch()
             self.events.changed()
@@ -192,12 +301,12 @@ class ReviewSession:
         """Reviewed, edited and unreviewed samples of the whole dataset (counted once on opening,
         then kept up to date as samples are saved)."""
         if self._counts is None:
-            self._counts = counts(self._writer.entries())
+            self._counts = counts(self._owner().entries())
         return self._counts
 
     def dataset_classes(self) -> list[tuple[int, str]]:
         """``(training id, name)`` of every class of the dataset, by training id."""
-        writer = self._writer
+        writer = self._owner()
         return sorted((train_id, writer.registry.display_name(uid)) for uid, train_id in writer.train_ids.items())
 
     @property
@@ -207,7 +316,7 @@ class ReviewSession:
 
     def status(self, image_id: str) -> str:
         """A sample's review status as stored (``unreviewed``, ``edited`` or ``reviewed``)."""
-        return self._writer.entries()[image_id].review_status
+        return self._owner().entries()[image_id].review_status
 
     # -- moving ------------------------------------------------------------------------------------
 
@@ -265,7 +374,8 @@ class ReviewSession:
     def _show(self, sample: StoredSample) -> None:
         """Put ``sample`` into the review's layers (made, or remade where the image's kind changed)."""
         viewer = self.viewer
-        registry = ClassRegistry.from_json(self._writer.registry.to_json())  # the layer's own copy
+        classes = self._writer.registry if self._writer is not None else self._look.registry
+        registry = ClassRegistry.from_json(classes.to_json())  # the layer's own copy
         review_status = REVIEWED if sample.meta.get("review_status") == REVIEWED else UNREVIEWED
         # The layers get copies: the sample stays what is stored, to tell what a person changed.
         state = LabelsState(registry, sample.edited.copy(), {(): sample.meta}, review_status)
@@ -417,6 +527,7 @@ class ReviewSession:
         if not self.unsaved:
             return False
         self._check_not_written()
+        writer = self._owner()
         sample, state = self._sample, self._state
         labels, confidence = self._layers["labels"], self._layers["confidence"]
         before, status_before = self._counts, self.status(sample.id)
@@ -424,10 +535,10 @@ class ReviewSession:
         # A re-run may have brought new classes, a brush a value no class has: the dataset names
         # them before the mask is written (else they would be stored as ignore).
         data = np.array(labels.data)
-        self._writer.adopt_classes(export_classes(state.classes, data))
+        writer.adopt_classes(export_classes(state.classes, data))
         self._settle_edits(data)
         scores = np.array(confidence.data) if confidence is not None else None
-        self._writer.rewrite(sample.id, Sample(
+        writer.rewrite(sample.id, Sample(
             stem=sample.id,
             labels=data,
             image=sample.image,  # stored as PNG where its file cannot be copied as is
@@ -475,7 +586,8 @@ class ReviewSession:
         self.clear_preview()
         self._detach_layers()
         try:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
         except SclipError:
             if failed is None:
                 raise

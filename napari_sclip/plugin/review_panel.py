@@ -7,6 +7,7 @@ The panel only shows and forwards: ordering, filtering, moving and saving are th
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,8 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
     viewer's previous review, which is saved and closed first).
 
     The panel docks at once; the dataset's index is read in a worker thread (its time grows with
-    the dataset), then the first sample is shown and :attr:`ReviewPanel.session` is set.  A path
+    the dataset), meanwhile the sample the review most likely opens at is shown, and
+    :attr:`ReviewPanel.session` is set (:attr:`ReviewSession.opening` until the index is read).  A path
     that is no dataset is a :class:`DatasetError` here; a dataset that cannot be opened (held by
     another process, damaged) is one line in the panel and in napari's notifications.
     """
@@ -81,9 +83,11 @@ class ReviewPanel(QWidget):
     def __init__(self, viewer, root: Path, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.root = viewer, root
-        #: The review, once the dataset is open (``None`` while opening, after closing or failing).
+        #: The review, from its first look or once the dataset is open (``None`` before, after
+        #: closing or failing).
         self.session: ReviewSession | None = None
         self._worker = None
+        self._look_shown = threading.Event()  # the first look is on screen: the index may be read
         self._closed = False
         self._class_ids: list[int | None] = [None]
 
@@ -184,44 +188,65 @@ class ReviewPanel(QWidget):
     # -- opening -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Read the dataset's index in a worker; then show its first sample."""
+        """Read the dataset's index in a worker, showing the first sample meanwhile where the
+        journal tells which it is."""
         from napari.qt.threading import create_worker
 
-        from napari_sclip.plugin.review import hold_dataset
+        from napari_sclip.plugin.review import open_in_steps
 
         self._message.setText(f"reading the index of {_sample_count(self.root)} in {self.root}…")
-        self._worker = create_worker(hold_dataset, self.root, _start_thread=False, _ignore_errors=True)
+        self._worker = create_worker(open_in_steps, self.root, self._look_shown, _start_thread=False,
+                                     _ignore_errors=True)
+        self._worker.yielded.connect(self._first_look)
         self._worker.returned.connect(self._opened)
         self._worker.errored.connect(self._failed)
         self._worker.start()
 
-    def _opened(self, writer) -> None:
+    def _new_session(self) -> ReviewSession:
         from napari_sclip.plugin.review import ReviewSession
 
+        session = ReviewSession(self.viewer, self.root, self.queue_options())
+        session.events.changed.connect(self._refresh)
+        session.events.edited.connect(self._on_edited)
+        session.events.error.connect(self._on_error)
+        session.region_chooser = self._choose_region
+        self.session = session
+        # The panel took room from the canvas: show the whole image in what is left.
+        QTimer.singleShot(0, self.viewer.reset_view)
+        return session
+
+    def _first_look(self, look) -> None:
+        try:
+            if not self._closed:
+                self._new_session().show_first_look(look)
+        except Exception as exc:
+            _log.warning("the first look at %s failed: %s", self.root, exc)
+        finally:
+            QTimer.singleShot(0, self._look_shown.set)  # once the events it posted (drawing) are done
+
+    def _opened(self, writer) -> None:
         self._worker = None
         if self._closed:  # closed while opening: give the dataset straight back
             writer.close()
             return
         try:
-            session = ReviewSession(self.viewer, writer, self.queue_options())
+            (self._new_session() if self.session is None else self.session).attach(writer)
         except Exception as exc:
-            writer.close()
-            self._failed(exc)
+            self._failed(exc, writer)
             return
-        self.session = session
-        session.events.changed.connect(self._refresh)
-        session.events.edited.connect(self._on_edited)
-        session.events.error.connect(self._on_error)
-        session.region_chooser = self._choose_region
         self._set_enabled(True)
         self._refresh()
-        # The panel took room from the canvas: show the whole image in what is left.
-        QTimer.singleShot(0, self.viewer.reset_view)
 
-    def _failed(self, error) -> None:
+    def _failed(self, error, writer=None) -> None:
+        """Say why the dataset did not open, and give up what it had (``writer``: held)."""
         from napari.utils.notifications import show_error
 
         self._worker = None
+        session, self.session = self.session, None
+        if session is not None:
+            self._forget(session, give_up=True)
+        if writer is not None:
+            writer.close()  # idempotent: the session may have closed it
         if not isinstance(error, SclipError):
             _log.error("opening a review failed", exc_info=error)  # a bug: keep the traceback
         message = " ".join(str(error).split()) if isinstance(error, SclipError) else f"{type(error).__name__}: {error}"
@@ -270,6 +295,11 @@ class ReviewPanel(QWidget):
     def _refresh(self, event=None) -> None:
         session = self.session
         if session is None:  # closed
+            return
+        if session.opening:
+            if session.current_id:
+                self._message.setText(f"{session.current_id}: reading the index of {_sample_count(self.root)}… "
+                                      "(moving on and saving wait for it)")
             return
         self._fill_classes()
         counts = session.counts()
@@ -388,26 +418,14 @@ class ReviewPanel(QWidget):
         """Save the sample shown, give the dataset up and remove the panel (once); returns
         whether it closed.  When the save fails the review stays open (the edits are still in
         the layers: free space and close again), unless ``give_up`` (the window is closing)."""
-        from napari.utils.notifications import show_error
 
         if self._closed:
             return True
         session = self.session
-        if session is not None:
-            try:
-                session.close(give_up=give_up)
-            except SclipError as exc:
-                message = " ".join(str(exc).split())
-                if not give_up:
-                    self._message.setText(f"not closed, the edits are not saved: {message}")
-                    show_error(f"SCLIP review: not closed, the edits are not saved: {message}")
-                    return False
-                show_error(f"SCLIP review: the last edits were not saved: {message}")
-            session.events.changed.disconnect(self._refresh)
-            session.events.edited.disconnect(self._on_edited)
-            session.events.error.disconnect(self._on_error)
-            session.region_chooser = None
+        if session is not None and not self._forget(session, give_up=give_up):
+            return False
         self._closed = True  # a dataset still opening is given back when its worker returns
+        self._look_shown.set()
         self.session = None
         if self._watched is not None:
             self._watched.removeEventFilter(self)
@@ -415,6 +433,27 @@ class ReviewPanel(QWidget):
         window = self.viewer.window
         if window.dock_widgets.get(PANEL_NAME) is self:
             window.remove_dock_widget(self)
+        return True
+
+
+    def _forget(self, session: ReviewSession, *, give_up: bool) -> bool:
+        """Close ``session`` and stop following it; returns whether it closed (see
+        :meth:`close_review`)."""
+        from napari.utils.notifications import show_error
+
+        try:
+            session.close(give_up=give_up)
+        except SclipError as exc:
+            message = " ".join(str(exc).split())
+            if not give_up:
+                self._message.setText(f"not closed, the edits are not saved: {message}")
+                show_error(f"SCLIP review: not closed, the edits are not saved: {message}")
+                return False
+            show_error(f"SCLIP review: the last edits were not saved: {message}")
+        session.events.changed.disconnect(self._refresh)
+        session.events.edited.disconnect(self._on_edited)
+        session.events.error.disconnect(self._on_error)
+        session.region_chooser = None
         return True
 
 
