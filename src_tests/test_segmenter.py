@@ -112,6 +112,69 @@ def test_threshold_sets_label_zero_below_it(segmenter):
     np.testing.assert_array_equal(cut.confidence, free.confidence)
 
 
+def _authors_postprocess(probs: np.ndarray, prob_threshold: float, area_threshold: float | None = None) -> np.ndarray:
+    """The SCLIP authors' post-processing, plainly, on ``(C, H, W)`` class probabilities with
+    class 0 as background: class indices, not label values."""
+    probs = probs.copy()
+    if area_threshold is not None:
+        counts = np.array([(probs.argmax(0) == c).sum() for c in range(len(probs))])
+        for c in range(1, len(probs)):
+            if counts[c] <= area_threshold * counts[1:].sum():
+                probs[c] = 0
+    indices = probs.argmax(0)
+    indices[probs.max(0) < prob_threshold] = 0
+    return indices
+
+
+def _between(values: np.ndarray) -> float:
+    """A threshold halfway between the two middle ones of ``values``, far from every value."""
+    ordered = np.unique(values)
+    k = len(ordered) // 2
+    return float(ordered[k - 1] + ordered[k]) / 2
+
+
+def test_below_the_threshold_pixels_get_the_background_class_as_the_authors_do(segmenter):
+    rgb = natural_image(90, 120)
+    free = segmenter.segment(rgb, CLASSES, return_probs=True)
+    threshold = _between(free.confidence)
+    for background in (0, 2):
+        result = segmenter.segment(rgb, CLASSES, prob_threshold=threshold, background_class=background)
+        order = [*range(background, len(CLASSES)), *range(background)]  # the background class first
+        expected = np.array(order)[_authors_postprocess(free.probs[order], threshold)] + 1
+        assert ((expected == background + 1) & (free.labels != background + 1)).any()  # sent there
+        np.testing.assert_array_equal(result.labels, expected)
+        np.testing.assert_array_equal(result.confidence, free.confidence)
+        assert result.params["background_class"] == background and "area_threshold" not in result.params
+
+
+def test_the_area_threshold_drops_small_classes_as_the_authors_do(segmenter, monkeypatch):
+    rgb = natural_image(150, 170)
+    free = segmenter.segment(rgb, CLASSES, return_probs=True)
+    counts = np.bincount(free.probs.argmax(0).ravel(), minlength=len(CLASSES))
+    fractions = counts[1:] / counts[1:].sum()
+    area = _between(fractions)  # drops some foreground classes, keeps others
+    threshold = _between(free.confidence)
+    expected = _authors_postprocess(free.probs, threshold, area) + 1
+    kept = {c for c in range(1, len(CLASSES)) if fractions[c - 1] > area}
+    assert kept and len(kept) < len(CLASSES) - 1
+    assert set(np.unique(expected)) - {1} <= {c + 1 for c in kept}
+    monkeypatch.setattr(segmenter_module, "_BAND_ELEMENTS", 5 * 170 * 7)  # bands of 5 rows: counts span bands
+    steps = []
+    result = segmenter.segment(rgb, CLASSES, prob_threshold=threshold, background_class=0, area_threshold=area,
+                               return_probs=True, progress=steps.append)
+    np.testing.assert_array_equal(result.labels, expected)
+    dropped = [c for c in range(1, len(CLASSES)) if c not in kept]
+    assert (result.probs[dropped] == 0).all()
+    np.testing.assert_allclose(result.probs[[0, *sorted(kept)]], free.probs[[0, *sorted(kept)]], rtol=1e-6)
+    assert result.params["area_threshold"] == area
+    resize = [step for step in steps if step.stage == "resize"]
+    bands = len(segmenter_module._tiles((150, 170), 6, None))  # six names
+    assert bands > 1 and resize[-1].done == resize[-1].total == 2 * bands  # two passes over the bands
+    # No threshold at all: the area threshold alone changes the labels of dropped classes only.
+    alone = segmenter.segment(rgb, CLASSES, background_class=0, area_threshold=area)
+    np.testing.assert_array_equal(alone.labels, _authors_postprocess(free.probs, 0.0, area) + 1)
+
+
 def test_logit_scale_sharpens(segmenter):
     rgb = natural_image(90, 120)
     soft = segmenter.segment(rgb, CLASSES, logit_scale=10.0)
@@ -266,11 +329,16 @@ def test_bad_vocabularies_get_a_clear_error(segmenter, classes, message):
         ({"logit_scale": float("nan")}, "logit_scale"),
         ({"logit_scale": -1.0}, "logit_scale"),
         ({"prob_threshold": 1.5}, "between 0 and 1"),
+        ({"background_class": 1}, "index of one of the 1 classes"),
+        ({"background_class": True}, "background_class"),
+        ({"area_threshold": 0.1}, "needs background_class"),
+        ({"background_class": 0, "area_threshold": 2.0}, "area_threshold must be between 0 and 1"),
     ],
 )
 def test_bad_parameters_get_a_clear_error(segmenter, params, message):
-    with pytest.raises(ParameterError, match=message):
+    with pytest.raises(ParameterError, match=message) as error:
         segmenter.segment(natural_image(32, 32), ["a"], **params)
+    assert "\n" not in str(error.value)
 
 
 def test_bad_batch_size():
@@ -345,3 +413,17 @@ def test_out_of_memory_with_one_window_gives_up_clearly(segmenter, monkeypatch):
 
     with pytest.raises(ModelError, match="device ran out of memory even with one window"):
         segmenter.segment(natural_image(64, 64), ["a", "b"])
+
+
+def test_a_name_repeated_in_two_classes_as_in_the_authors_files_goes_to_the_earlier(segmenter):
+    from napari_sclip.engine.vocabulary import parse_vocabulary
+
+    with pytest.raises(VocabularyError, match="'bed' appears in classes 1 and 3"):
+        parse_vocabulary(["wall, bed", "person", "bed"])
+    repeated = parse_vocabulary(["wall, bed", "person", "bed"], unique=False)
+    rgb = natural_image(90, 120)
+    result = segmenter.segment(rgb, repeated, return_probs=True)
+    single = segmenter.segment(rgb, ["bed", "person"])
+    assert (single.labels == 1).any()  # "bed" does win pixels
+    assert not (result.labels == 3).any()  # but there, class 1's "bed" ties and wins
+    np.testing.assert_allclose(result.probs[2], np.minimum(result.probs[2], result.probs[0]))

@@ -14,7 +14,9 @@ methods share):
 4. the canvas is resized bilinearly to the input size, one band of rows at a time (with PAMR
    refinement: one tile at a time, refined with the resized image), and each band gets
    ``softmax(logit_scale * logits)`` over all names, the maximum over each class's names, the
-   argmax and the probability threshold.
+   argmax and the probability threshold (pixels below it get label 0, or the background class
+   when one is named).  With an area threshold the classes that win too few pixels are dropped
+   first (a second pass over the bands; see :func:`_suppressed_classes`).
 
 Steps 1-2 are :meth:`Segmenter.prepare` (CPU only), step 3 :meth:`Segmenter.run_windows` (the
 device; its batches may hold the windows of several images) and step 4 :meth:`Segmenter.finish`,
@@ -72,14 +74,15 @@ class SegmentationResult:
     ----------
     labels
         ``(H, W)`` label values: ``1 + index`` of the winning class, 0 where its probability is
-        below the threshold.  The smallest unsigned dtype that holds them (``uint8`` up to 255
-        classes).
+        below the threshold (``1 + background_class`` when one is given).  The smallest unsigned
+        dtype that holds them (``uint8`` up to 255 classes).
     confidence
-        ``(H, W)`` float32: the winning class's probability.
+        ``(H, W)`` float32: the winning class's probability (before the threshold).
     class_names
         The display name of each class; label value ``i + 1`` is ``class_names[i]``.
     probs
-        ``(C, H, W)`` float32 per-class probabilities, or ``None`` unless asked for.
+        ``(C, H, W)`` float32 per-class probabilities, or ``None`` unless asked for (0 for the
+        classes an area threshold dropped).
     params
         How the result was made: model, weights, device, method and its parameters.
     """
@@ -107,7 +110,8 @@ class PreparedImage:
         The windows over ``pixels``, in the order they are run.
     size
         ``(H, W)`` of the input image: the shape of the result.
-    vocabulary, short_side, window, stride, logit_scale, prob_threshold, refinement, return_probs
+    vocabulary, short_side, window, stride, logit_scale, prob_threshold, refinement, return_probs,
+    background_class, area_threshold
         The settings, as :meth:`Segmenter.segment` takes them (``refinement`` is ``None``
         without PAMR).
     cache_key
@@ -134,6 +138,8 @@ class PreparedImage:
     return_probs: bool
     cache_key: tuple | None
     digest: str
+    background_class: int | None = None
+    area_threshold: float | None = None
     tag: Any = None
     features_reused: bool = False
 
@@ -209,6 +215,24 @@ def _check_params(short_side, window, stride, logit_scale, prob_threshold, patch
         raise ParameterError(f"logit_scale must be a positive number, got {logit_scale!r}")
     if not (isinstance(prob_threshold, (int, float)) and 0.0 <= prob_threshold <= 1.0):
         raise ParameterError(f"prob_threshold must be between 0 and 1, got {prob_threshold!r}")
+
+
+def _check_background(background_class, area_threshold, num_classes: int) -> None:
+    if background_class is not None and (
+        isinstance(background_class, bool) or not isinstance(background_class, (int, np.integer))
+        or not 0 <= background_class < num_classes
+    ):
+        raise ParameterError(
+            f"background_class must be the index of one of the {num_classes} classes (0 to {num_classes - 1}), "
+            f"got {background_class!r}"
+        )
+    if area_threshold is None:
+        return
+    if isinstance(area_threshold, bool) or not (isinstance(area_threshold, (int, float)) and 0.0 <= area_threshold <= 1.0):
+        raise ParameterError(f"area_threshold must be between 0 and 1, got {area_threshold!r}")
+    if background_class is None:
+        raise ParameterError("area_threshold needs background_class: the class it never drops (class 0 in the "
+                             "authors' benchmarks)")
 
 
 def _check_size(height: int, width: int, patch_size: int) -> None:
@@ -336,6 +360,8 @@ class Segmenter:
         stride: int | None = None,
         logit_scale: float | None = None,
         prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        background_class: int | None = None,
+        area_threshold: float | None = None,
         pamr: bool | None = None,
         contrast_limits: Sequence[float] | None = None,
         return_probs: bool = False,
@@ -365,7 +391,17 @@ class Segmenter:
             Multiplies the cosine similarities before the softmax over all names; default the
             method's (40; ClearCLIP 50).
         prob_threshold
-            Pixels whose winning class has a lower probability get label 0.
+            Pixels whose winning class has a lower probability get label 0 (or the background
+            class's).
+        background_class
+            The index of the class that pixels below ``prob_threshold`` get, as in the SCLIP
+            authors' benchmarks with a background class (VOC21, Context60, COCO-Object: 0);
+            ``None``: they get label 0, unlabelled.
+        area_threshold
+            Drop each class but the background class that wins at most this fraction of the pixels
+            the background class does not win (their probabilities become 0, the argmax and the
+            threshold are taken again), as the authors do on VOC21 (0.1).  Needs
+            ``background_class``; ``None``: off.
         pamr
             Refine the logits with PAMR (10 iterations, dilations 8 and 16) before the softmax;
             default the method's (on for NACLIP only).
@@ -385,6 +421,8 @@ class Segmenter:
             stride=stride,
             logit_scale=logit_scale,
             prob_threshold=prob_threshold,
+            background_class=background_class,
+            area_threshold=area_threshold,
             pamr=pamr,
             contrast_limits=contrast_limits,
             return_probs=return_probs,
@@ -403,6 +441,8 @@ class Segmenter:
         stride: int | None = None,
         logit_scale: float | None = None,
         prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        background_class: int | None = None,
+        area_threshold: float | None = None,
         pamr: bool | None = None,
         contrast_limits: Sequence[float] | None = None,
         return_probs: bool = False,
@@ -424,6 +464,8 @@ class Segmenter:
             stride=stride,
             logit_scale=logit_scale,
             prob_threshold=prob_threshold,
+            background_class=background_class,
+            area_threshold=area_threshold,
             pamr=pamr,
             contrast_limits=contrast_limits,
             return_probs=return_probs,
@@ -454,6 +496,8 @@ class Segmenter:
         stride: int | None = None,
         logit_scale: float | None = None,
         prob_threshold: float = config.DEFAULT_PROB_THRESHOLD,
+        background_class: int | None = None,
+        area_threshold: float | None = None,
         pamr: bool | None = None,
         contrast_limits: Sequence[float] | None = None,
         return_probs: bool = False,
@@ -478,6 +522,7 @@ class Segmenter:
         rgb = to_rgb_uint8(image, contrast_limits)
         model = self.load(load_progress)
         _check_params(short_side, window, stride, logit_scale, prob_threshold, model.patch_size)
+        _check_background(background_class, area_threshold, len(vocabulary))
         _check_size(*rgb.shape[:2], model.patch_size)
 
         pixels, digest = self._preprocess(rgb, short_side, model)  # (3, h, w) on the CPU
@@ -502,6 +547,8 @@ class Segmenter:
             return_probs=return_probs,
             cache_key=key,
             digest=digest,
+            background_class=None if background_class is None else int(background_class),
+            area_threshold=None if area_threshold is None else float(area_threshold),
             tag=tag,
         )
 
@@ -703,10 +750,7 @@ class Segmenter:
         model = self.load()
         refinement = prepared.refinement
         refine = (prepared.pixels.to(canvas.device), refinement) if refinement else None
-        labels, confidence, probs = yield from self._postprocess(
-            canvas, prepared.size, prepared.vocabulary, prepared.logit_scale, prepared.prob_threshold,
-            prepared.return_probs, refine,
-        )
+        labels, confidence, probs = yield from self._postprocess(canvas, prepared, refine)
         params = {
             "method": prepared.method.name,
             "model": model.name,
@@ -719,6 +763,8 @@ class Segmenter:
             "stride": prepared.stride,
             "logit_scale": float(prepared.logit_scale),
             "prob_threshold": float(prepared.prob_threshold),
+            **({"background_class": prepared.background_class} if prepared.background_class is not None else {}),
+            **({"area_threshold": prepared.area_threshold} if prepared.area_threshold is not None else {}),
             "pamr": refinement is not None,
             **({"pamr_iterations": refinement.iterations, "pamr_dilations": list(refinement.dilations)}
                if refinement else {}),
@@ -731,41 +777,52 @@ class Segmenter:
     def _postprocess(
         self,
         canvas: torch.Tensor,
-        size: tuple[int, int],
-        vocabulary: Vocabulary,
-        logit_scale: float,
-        prob_threshold: float,
-        return_probs: bool,
+        prepared: PreparedImage,
         refine: tuple[torch.Tensor, Refinement] | None,
     ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """Resize logits to ``size`` tile by tile (PAMR-refined when ``refine`` gives the
-        normalised image and the settings); softmax, max over synonyms, argmax."""
+        """Resize logits to the image's size tile by tile (PAMR-refined when ``refine`` gives the
+        normalised image and the settings); softmax, max over synonyms, argmax, threshold.  An
+        area threshold needs the whole image's argmax first: one more pass over the tiles."""
+        size, vocabulary = prepared.size, prepared.vocabulary
         height, width = size
         num_names = canvas.shape[0]
         num_classes = len(vocabulary)
         labels = np.empty((height, width), _label_dtype(num_classes))
         confidence = np.empty((height, width), np.float32)
-        probs = np.empty((num_classes, height, width), np.float32) if return_probs else None
-        name_labels = torch.tensor(vocabulary.name_class_index, device=canvas.device) + 1
+        probs = np.empty((num_classes, height, width), np.float32) if prepared.return_probs else None
+        name_class = torch.tensor(vocabulary.name_class_index, device=canvas.device)  # (N,)
+        name_labels = name_class + 1
         # Names are stored class by class, so each class's names are one contiguous span.
         spans, start = [], 0
         for names in vocabulary.classes:
             spans.append((start, start + len(names)))
             start += len(names)
+        background = 0 if prepared.background_class is None else prepared.background_class + 1
 
         tiles = _tiles(size, num_names, refine[1] if refine else None)
-        yield Progress("resize", 0, len(tiles))
+        passes = 2 if prepared.area_threshold is not None else 1
+        yield Progress("resize", 0, passes * len(tiles))
+        dropped = None
+        if prepared.area_threshold is not None:
+            wins = torch.zeros(num_classes, dtype=torch.int64)  # pixels each class wins
+            for i, (rows, cols) in enumerate(tiles):
+                logits = _tile_logits(canvas, size, rows, cols, refine)  # (N, r, c)
+                wins += _wins(logits, name_class, prepared.logit_scale, num_classes)
+                yield Progress("resize", i + 1, passes * len(tiles))
+            dropped = _suppressed_classes(wins, prepared.background_class, prepared.area_threshold)[name_class]
+        done = (passes - 1) * len(tiles)
         for i, (rows, cols) in enumerate(tiles):
             logits = _tile_logits(canvas, size, rows, cols, refine)  # (N, r, c)
             tile_labels, best, class_probs = _classify(
-                logits, name_labels, logit_scale, prob_threshold, spans if return_probs else None
+                logits, name_labels, prepared.logit_scale, prepared.prob_threshold,
+                spans if prepared.return_probs else None, background, dropped,
             )
             (r0, r1), (c0, c1) = rows, cols
             labels[r0:r1, c0:c1] = tile_labels.numpy()
             confidence[r0:r1, c0:c1] = best.numpy()
             if probs is not None:
                 probs[:, r0:r1, c0:c1] = class_probs.numpy()
-            yield Progress("resize", i + 1, len(tiles))
+            yield Progress("resize", done + i + 1, passes * len(tiles))
         return labels, confidence, probs
 
 
@@ -841,29 +898,59 @@ def _release_cached_memory(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def _wins(logits: torch.Tensor, name_class: torch.Tensor, logit_scale: float, num_classes: int) -> torch.Tensor:
+    """``(C,)`` pixels of a tile of ``(N, r, c)`` logits that each class wins (on the CPU)."""
+    best_name = logits.mul_(logit_scale).argmax(dim=0)  # scaled as in _classify: the same ties
+    return torch.bincount(name_class[best_name].flatten(), minlength=num_classes).cpu()
+
+
+def _suppressed_classes(wins: torch.Tensor, background_class: int, area_threshold: float) -> torch.Tensor:
+    """``(C,)`` bool: the classes an area threshold drops, from the pixels each class wins
+    (``wins``, ``(C,)``).  As the authors: every class but the background class whose count is
+    not above ``area_threshold`` times the count of pixels the background class does not win,
+    including classes that win none."""
+    foreground = wins.clone()
+    foreground[background_class] = 0
+    dropped = foreground <= area_threshold * foreground.sum()
+    dropped[background_class] = False
+    return dropped
+
+
+@torch.inference_mode()
 def _classify(
     logits: torch.Tensor,
     name_labels: torch.Tensor,
     logit_scale: float,
     prob_threshold: float,
     spans: list[tuple[int, int]] | None,
+    background: int = 0,
+    dropped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Labels, winning probabilities and (with ``spans``) class probabilities of a tile of
-    ``(N, r, c)`` logits, on the CPU (``logits`` is overwritten).
+    ``(N, r, c)`` logits, on the CPU (``logits`` is overwritten).  Pixels below
+    ``prob_threshold`` get the label ``background``; names of ``dropped`` (``(N,)`` bool) classes
+    cannot win, and their probabilities are 0.
 
     The softmax over names peaks at the best name, and a class's probability is the maximum over
     its names, so the winning class is the best name's class and its probability is the softmax
-    at that name, ``1 / sum(exp(l - l_best))``: no per-class tensor is needed unless asked for.
-    Ties go to the earlier class, as with an argmax over class probabilities.
+    at that name, ``exp(l_best - l_max) / sum(exp(l - l_max))``: no per-class tensor is needed
+    unless asked for.  Ties go to the earlier class, as with an argmax over class probabilities.
     """
     scaled = logits.mul_(logit_scale)  # (N, r, c)
-    best_logit, best_name = scaled.max(dim=0)
-    relative = scaled.sub_(best_logit).exp_()  # exp(l - l_best), in place
-    best = relative.sum(dim=0).reciprocal_()  # (r, c)
+    if dropped is None:
+        top_logit, best_name = scaled.max(dim=0)  # (r, c)
+    else:  # the softmax still runs over every name: dropped classes only cannot win
+        top_logit = scaled.amax(dim=0)
+        best_logit, best_name = scaled.masked_fill(dropped[:, None, None], -torch.inf).max(dim=0)
+    relative = scaled.sub_(top_logit).exp_()  # exp(l - l_max), in place
+    inverse = relative.sum(dim=0).reciprocal_()  # (r, c)
+    best = inverse if dropped is None else best_logit.sub_(top_logit).exp_().mul_(inverse)
     labels = name_labels[best_name]
-    labels[best < prob_threshold] = 0
+    labels[best < prob_threshold] = background
     class_probs = None
     if spans is not None:
-        name_probs = relative.mul_(best)  # the softmax over names
+        name_probs = relative.mul_(inverse)  # the softmax over names
+        if dropped is not None:
+            name_probs[dropped] = 0
         class_probs = torch.stack([name_probs[b:e].amax(dim=0) for b, e in spans]).cpu()  # (C, r, c)
     return labels.cpu(), best.cpu(), class_probs

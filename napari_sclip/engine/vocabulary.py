@@ -71,12 +71,15 @@ def _split_names(item: ClassSpec, position: int) -> tuple[str, ...]:
     return names
 
 
-def parse_vocabulary(classes: Vocabulary | Sequence[ClassSpec]) -> Vocabulary:
+def parse_vocabulary(classes: Vocabulary | Sequence[ClassSpec], *, unique: bool = True) -> Vocabulary:
     """Validate and normalise a class list.
 
     Each item is a string (``"person"`` or ``"person, man, woman"``) or a list of strings.
     White space inside names is collapsed.  Raises :class:`VocabularyError` for an empty list,
-    blank classes or names, and for a name used twice (names compare case-insensitively).
+    blank classes or names, and for a name used twice (names compare case-insensitively) unless
+    ``unique`` is false: the SCLIP authors' name files repeat names (COCO-Object's "bed" is one of
+    background's names and a class), and reproducing their figures means keeping them; a repeated
+    name scores the same in each of its classes, and a tie goes to the earlier class.
     """
     if isinstance(classes, Vocabulary):
         return classes
@@ -89,7 +92,7 @@ def parse_vocabulary(classes: Vocabulary | Sequence[ClassSpec]) -> Vocabulary:
     if not parsed:
         raise VocabularyError("the vocabulary is empty; give at least one class name")
     seen: dict[str, int] = {}
-    for i, names in enumerate(parsed, start=1):
+    for i, names in enumerate(parsed if unique else (), start=1):
         for name in names:
             key = name.casefold()
             if key in seen:
