@@ -1,0 +1,1 @@
+"""Scoring pseudo-labels against ground truth (no napari)."""
