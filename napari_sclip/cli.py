@@ -72,20 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--out", required=True, metavar="DATASET", help="dataset folder (new, empty, or a dataset to add to)"
     )
-    seg.add_argument("--model", default=None, help=f"open_clip model (default: {config.default_model()})")
-    seg.add_argument(
-        "--pretrained",
-        default=None,
-        help=f"open_clip tag or checkpoint path (default: {config.default_pretrained()})",
-    )
-    seg.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N, mps (default: {config.default_device()})")
-    seg.add_argument(
-        "--quick-gelu",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="build the MLPs with QuickGELU, as OpenAI's weights need (default: decided from the weights, "
-        "with a warning where they cannot tell)",
-    )
+    _add_model_options(seg)
     seg.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -177,8 +164,82 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     review.add_argument("dataset", metavar="DATASET", help="a napari-sclip dataset folder (or its dataset.json)")
 
+    _add_evaluate(commands)
     commands.add_parser("info", help="show versions, devices, defaults and cache folders")
     return parser
+
+
+def _add_model_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default=None, help=f"open_clip model (default: {config.default_model()})")
+    command.add_argument(
+        "--pretrained",
+        default=None,
+        help=f"open_clip tag or checkpoint path (default: {config.default_pretrained()})",
+    )
+    command.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N, mps (default: {config.default_device()})")
+    command.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the MLPs with QuickGELU, as OpenAI's weights need (default: decided from the weights, "
+        "with a warning where they cannot tell)",
+    )
+
+
+def _add_evaluate(commands) -> None:
+    from napari_sclip.evaluate.benchmarks import BENCHMARKS
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score methods and settings against ground truth (mIoU, as mmseg)",
+        description=(
+            "Score the methods, and every combination of the swept settings, against ground truth:\n"
+            "a benchmark in its standard layout, a folder of images with index-PNG masks, or a\n"
+            "dataset's reviewed samples. Prints per-setting mIoU / mAcc / aAcc (mmseg's IoUMetric)\n"
+            "and the best setting's per-class table. Lists take commas: --prob-threshold 0,0.1,0.2."
+        ),
+        epilog="benchmarks (SCLIP's Table 1; settings as the authors' configs):\n" + "\n".join(
+            f"  {b.name:<12} {b.title:<12} short side {b.short_side}, logit scale {b.logit_scale:g}, "
+            f"prob. threshold {b.prob_threshold:g}"
+            + (f", area threshold {b.area_threshold:g}" if b.area_threshold is not None else "")
+            + f"; SCLIP {b.paper_miou:.1f}" for b in BENCHMARKS.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--benchmark", metavar="NAME", help="one of the benchmarks below (with --data-root)")
+    source.add_argument("--images", metavar="DIR", help="a folder of images (with --masks and --classes-file)")
+    source.add_argument("--dataset", metavar="DATASET", help="a napari-sclip dataset: its reviewed samples")
+    evaluate.add_argument("--data-root", metavar="DIR", help="the benchmark's folder, e.g. VOCdevkit/VOC2012")
+    evaluate.add_argument("--masks", metavar="DIR", help="index PNGs named as the images (value i = class i, 255 ignore)")
+    evaluate.add_argument("--classes-file", metavar="FILE", help="one class per line (synonyms after commas), "
+                          "in the masks' order")
+    evaluate.add_argument("--status", default="reviewed", choices=("reviewed", "edited", "reviewed,edited"),
+                          help="which of the dataset's samples are ground truth (default: reviewed)")
+    evaluate.add_argument("--background-class", type=int, default=None, metavar="I",
+                          help="pixels below the probability threshold get class I (benchmarks: the authors' choice)")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--methods", default=DEFAULT_METHOD, metavar="LIST",
+                          help=f"methods to compare, e.g. sclip,naclip (default: {DEFAULT_METHOD}; "
+                          f"any of {', '.join(METHODS)})")
+    evaluate.add_argument("--logit-scale", default="default", metavar="LIST",
+                          help="logit scales to sweep (default: the benchmark's, else the method's)")
+    evaluate.add_argument("--prob-threshold", default=None, metavar="LIST",
+                          help="probability thresholds to sweep (default: the benchmark's, else 0)")
+    evaluate.add_argument("--area-threshold", default=None, metavar="LIST",
+                          help="area thresholds to sweep, 'none' for off (default: the benchmark's, else none; "
+                          "needs a background class)")
+    evaluate.add_argument("--short-side", type=int, default=None, metavar="PX",
+                          help="default: the benchmark's, else the method's")
+    evaluate.add_argument("--window", type=int, default=None, metavar="PX", help="default: the method's")
+    evaluate.add_argument("--stride", type=int, default=None, metavar="PX", help="default: the method's")
+    evaluate.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                          help="refine with PAMR; default: the method's (naclip only)")
+    evaluate.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
+    evaluate.add_argument("--limit", type=_positive, default=None, metavar="N", help="score the first N images only")
+    evaluate.add_argument("--json", metavar="REPORT.json", help="write every figure, the settings and the versions")
+    evaluate.add_argument("--save-predictions", metavar="DIR",
+                          help="write each image's predicted classes as PNG: DIR/<setting>/<image>.png")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _load_vocabulary(args: argparse.Namespace):
@@ -469,6 +530,95 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from napari_sclip.engine.segmenter import Segmenter
+    from napari_sclip.engine.vocabulary import read_vocabulary_file
+    from napari_sclip.evaluate.run import (
+        benchmark_truth,
+        dataset_truth,
+        evaluate,
+        folder_truth,
+        sweep,
+    )
+
+    if args.benchmark:
+        if not args.data_root:
+            raise SclipError("--benchmark needs --data-root, the folder that holds its images and labels")
+        truth = benchmark_truth(args.benchmark, args.data_root)
+        if args.background_class is not None:
+            truth = replace(truth, background_class=args.background_class)
+    elif args.images:
+        if not (args.masks and args.classes_file):
+            raise SclipError("--images needs --masks and --classes-file")
+        truth = folder_truth(args.images, args.masks, read_vocabulary_file(args.classes_file), args.background_class)
+    else:
+        truth = dataset_truth(args.dataset, tuple(args.status.split(",")), args.background_class)
+    if args.limit:
+        truth = replace(truth, pairs=truth.pairs[: args.limit])
+    methods = _list(args.methods, str, "--methods")
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise SclipError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    preset = truth.preset
+    settings = sweep(
+        methods,
+        _list(args.logit_scale, float, "--logit-scale"),
+        _list(args.prob_threshold, float, "--prob-threshold") if args.prob_threshold else [preset.get("prob_threshold", 0.0)],
+        _list(args.area_threshold, float, "--area-threshold") if args.area_threshold else [preset.get("area_threshold")],
+    )
+    if truth.background_class is None and any(setting.area_threshold is not None for setting in settings):
+        raise SclipError("--area-threshold needs a background class (--background-class I)")
+    segmenter = Segmenter(args.model, args.pretrained, args.device, quick_gelu=args.quick_gelu,
+                          batch_size=args.batch_size, feature_cache=False)
+    predictions = Path(args.save_predictions).expanduser() if args.save_predictions else None
+    with _progress_bar(args.quiet, total=len(truth.pairs) * len(methods), unit="image") as bar:
+        def advance(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        report = evaluate(truth, segmenter, settings, short_side=args.short_side, window=args.window,
+                          stride=args.stride, pamr=args.pamr, predictions=predictions, progress=advance)
+    best, best_scores = report.best
+    print(f"{report.truth}: {report.images} images")
+    print(report.table())
+    print(f"\nbest: {best.describe()}")
+    print(best_scores.table())
+    if args.json:
+        import json
+
+        from napari_sclip._files import atomic_write_bytes
+
+        document = {**report.to_json(), "versions": _versions()}
+        atomic_write_bytes(Path(args.json).expanduser(), (json.dumps(document, indent=2) + "\n").encode())
+    return 0
+
+
+def _list(text: str, convert, option: str) -> list:
+    """``"0,0.1"`` -> ``[0.0, 0.1]``; ``none`` or ``default`` give ``None`` (the default)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [None if item.lower() in ("none", "default") else convert(item) for item in items]
+    except ValueError:
+        raise SclipError(f"{option} takes a comma-separated list, got {text!r}") from None
+    if not values:
+        raise SclipError(f"{option} is empty")
+    return values
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("napari-sclip", "torch", "open_clip_torch", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A Python warning as one stderr line, like an error: no source location or code line, and
     on a line of its own above a progress bar (``tqdm.write``)."""
@@ -482,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     command = {"segment": _segment, "export-coco": _export, "export-voc": _export, "gui": _gui, "review": _review,
-               "info": _info}[args.command]
+               "evaluate": _evaluate, "info": _info}[args.command]
     try:
         with warnings.catch_warnings():  # restores showwarning
             warnings.showwarning = _show_warning

@@ -1,0 +1,188 @@
+"""``napari-sclip evaluate``: scores of methods and sweeps against ground truth, with the tiny
+random model (nothing is downloaded).  The metric itself is checked in test_evaluate_metrics.py,
+the benchmark layouts in test_evaluate_benchmarks.py; here, that a run scores what the segmenter
+really predicts, that a sweep equals separate runs, and the command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_sclip.engine.vocabulary import parse_vocabulary
+from napari_sclip.evaluate.metrics import image_areas
+from napari_sclip.evaluate.run import (
+    Setting,
+    benchmark_truth,
+    dataset_truth,
+    evaluate,
+    folder_truth,
+)
+
+from conftest import natural_image
+from dataset_helpers import cli_command, run
+
+CLASSES = ["grass, lawn", "sky", "tree", "person"]
+
+
+def _folder(tmp_path: Path, count: int = 3) -> tuple[Path, Path]:
+    """Images and masks (values 0-3, 255 ignore) of different sizes."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        height, width = 60 + 10 * k, 80 - 5 * k
+        Image.fromarray(np.roll(natural_image(height, width), 7 * k, axis=1)).save(images / f"im{k}.png")
+        mask = rng.integers(0, 4, (height, width)).astype(np.uint8)
+        mask[:5] = 255
+        Image.fromarray(mask).save(masks / f"im{k}.png")
+    return images, masks
+
+
+def _voc21(root: Path) -> None:
+    """A tiny VOC2012 layout: two validation images (palette masks) and one outside the split."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    palette = [v for k in range(256) for v in (k, 255 - k, (7 * k) % 256)]
+    for k, name in enumerate(["2007_000033", "2007_000042", "2007_000061"]):
+        Image.fromarray(np.roll(natural_image(64, 72), 9 * k, axis=1)).save(root / "JPEGImages" / f"{name}.jpg")
+        mask = Image.fromarray(np.where(np.arange(72)[None] < 30, 0, 15 + k).repeat(64, 0).astype(np.uint8), "P")
+        mask.putpalette(palette)
+        mask.save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n2007_000042\n")
+
+
+def test_the_scores_are_those_of_what_the_segmenter_predicts(segmenter, tmp_path):
+    images, masks = _folder(tmp_path)
+    truth = folder_truth(images, masks, parse_vocabulary(CLASSES))
+    setting = Setting("sclip", logit_scale=50.0, prob_threshold=0.3)
+    report = evaluate(truth, segmenter, [setting])
+    expected = None
+    for pair in truth.pairs:
+        result = segmenter.segment(np.asarray(Image.open(pair.image)), CLASSES, logit_scale=50.0, prob_threshold=0.3)
+        predicted = result.labels.astype(np.int64) - 1
+        predicted[result.labels == 0] = 255  # unlabelled: no class
+        areas = image_areas(predicted, np.asarray(Image.open(pair.label)), len(CLASSES))
+        expected = areas if expected is None else expected + areas
+    (only, scores), = report.results
+    assert only == setting and report.images == 3 and scores.areas == expected
+    assert scores.areas.pred.sum() < scores.areas.label.sum()  # the threshold left pixels unlabelled
+
+
+def test_a_sweep_gives_the_figures_of_separate_runs(segmenter, tmp_path):
+    images, masks = _folder(tmp_path, 2)
+    truth = folder_truth(images, masks, parse_vocabulary(CLASSES), background_class=0)
+    settings = [Setting("sclip", scale, threshold, area)
+                for scale in (None, 65.0) for threshold in (0.0, 0.4) for area in (None, 0.2)]
+    settings.append(Setting("maskclip"))
+    steps = []
+    swept = evaluate(truth, segmenter, settings, progress=lambda done, total: steps.append((done, total)))
+    assert steps[-1] == (4, 4)  # two images, two methods: the model ran once per method
+    for setting, scores in swept.results:
+        (alone, separate), = evaluate(truth, segmenter, [setting]).results
+        assert alone == setting and separate.areas == scores.areas
+    figures = {setting: scores.miou for setting, scores in swept.results}
+    assert len(set(figures.values())) > 3  # the settings do change the labels
+    assert swept.best[1].miou == max(figures.values())
+
+
+def test_a_mask_of_another_size_is_one_line(segmenter, tmp_path):
+    from napari_sclip.engine.errors import ImageError
+
+    images, masks = _folder(tmp_path, 1)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "im0.png")
+    with pytest.raises(ImageError, match="im0.png is 10x10 but its image .* is 80x60"):
+        evaluate(folder_truth(images, masks, parse_vocabulary(CLASSES)), segmenter, [Setting("sclip")])
+
+
+def test_a_benchmark_is_scored_with_its_authors_settings(segmenter, tmp_path):
+    _voc21(tmp_path / "VOC2012")
+    truth = benchmark_truth("voc21", tmp_path / "VOC2012")
+    assert [pair.name for pair in truth.pairs] == ["2007_000033", "2007_000042"]
+    assert truth.background_class == 0 and truth.class_names[0] == "background" and len(truth.class_names) == 21
+    assert truth.preset == {"short_side": 336, "logit_scale": 65, "prob_threshold": 0.1, "area_threshold": 0.1}
+    report = evaluate(truth, segmenter, [Setting("sclip", prob_threshold=0.1, area_threshold=0.1)])
+    (_, scores), = report.results
+    assert report.params["sclip"]["short_side"] == 336
+    assert scores.areas.label.sum() == 2 * 64 * 72  # palette indices read, nothing ignored
+    assert set(np.flatnonzero(scores.areas.label)) == {0, 15, 16}
+    assert scores.areas.pred.sum() == 2 * 64 * 72  # below the threshold is background, never unlabelled
+
+
+def test_a_datasets_reviewed_samples_are_the_ground_truth(tmp_path):
+    from test_review import CLASSES as REVIEW_CLASSES
+    from test_review import make_dataset
+
+    from napari_sclip.dataset.paths import DatasetError
+    from napari_sclip.dataset.writer import DatasetWriter, Sample
+
+    make_dataset(tmp_path / "ds", 3)
+    with pytest.raises(DatasetError, match="no reviewed samples to score against: review some first"):
+        dataset_truth(tmp_path / "ds")
+    from napari_sclip.dataset.format import read_manifest
+    from napari_sclip.dataset.reader import read_sample
+
+    _, _, train_ids = read_manifest(tmp_path / "ds")
+    stored = read_sample(tmp_path / "ds", "train", "s001", train_ids)
+    with DatasetWriter(tmp_path / "ds") as writer:
+        writer.rewrite("s001", Sample("s001", stored.labels, image=stored.image, confidence=stored.confidence,
+                                      meta={**stored.meta, "review_status": "reviewed"}))
+    truth = dataset_truth(tmp_path / "ds")
+    assert [pair.name for pair in truth.pairs] == ["train/s001"]
+    assert [names[0] for names in truth.vocabulary.classes] == [names[0] for names in REVIEW_CLASSES.values()]
+
+
+def _cli(tiny_dir, tiny_checkpoint, *argv):
+    return run(cli_command(tiny_dir, tiny_checkpoint, "evaluate", *argv))
+
+
+def test_the_command_prints_the_table_and_writes_the_report(tiny_dir, tiny_checkpoint, tmp_path):
+    images, masks = _folder(tmp_path, 2)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES))
+    done = _cli(tiny_dir, tiny_checkpoint, "--images", str(images), "--masks", str(masks), "--classes-file",
+                str(classes), "--methods", "sclip,maskclip", "--prob-threshold", "0,0.3", "--json",
+                str(tmp_path / "report.json"), "--save-predictions", str(tmp_path / "predicted"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith(": 2 images") and sum(line.startswith("*") for line in lines) == 1
+    assert "best: " in done.stdout and "mIoU" in done.stdout and "lawn" not in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["results"]) == 4 and sum(result["best"] for result in report["results"]) == 1
+    assert set(report["results"][0]["classes"]) == {"grass", "sky", "tree", "person"}
+    assert report["versions"]["torch"] and report["params"]["sclip"]["model"]
+    saved = sorted(path.relative_to(tmp_path / "predicted").as_posix() for path in (tmp_path / "predicted").rglob("*.png"))
+    assert len(saved) == 8 and "sclip_scale-default_prob-0.3_area-none/im1.png" in saved
+    predicted = np.asarray(Image.open(tmp_path / "predicted" / "sclip_scale-default_prob-0.3_area-none" / "im1.png"))
+    assert predicted.shape == (70, 75) and set(np.unique(predicted)) <= {0, 1, 2, 3, 255}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark", "voc21"], "--benchmark needs --data-root"),
+    (["--benchmark", "voc99", "--data-root", "."], "voc99"),
+    (["--images", "in"], "--images needs --masks and --classes-file"),
+    (["--benchmark", "voc21", "--data-root", "nowhere"], "nowhere"),
+    (["--dataset", "nowhere"], "not a napari-sclip dataset"),
+])
+def test_bad_input_is_one_line(tiny_dir, tiny_checkpoint, tmp_path, argv, message):
+    done = run(cli_command(tiny_dir, tiny_checkpoint, "evaluate", *argv), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_unknown_methods_and_bad_lists_are_one_line(tiny_dir, tiny_checkpoint, tmp_path):
+    images, masks = _folder(tmp_path, 1)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES))
+    base = ["--images", str(images), "--masks", str(masks), "--classes-file", str(classes)]
+    for extra, message in ((["--methods", "sclip,magic"], "unknown method 'magic'"),
+                           (["--prob-threshold", "0,x"], "--prob-threshold takes a comma-separated list"),
+                           (["--area-threshold", "0.1"], "needs a background class")):
+        done = _cli(tiny_dir, tiny_checkpoint, *base, *extra)
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
