@@ -237,6 +237,7 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
     evaluate.add_argument("--limit", type=_positive, default=None, metavar="N", help="score the first N images only")
     evaluate.add_argument("--json", metavar="REPORT.json", help="write every figure, the settings and the versions")
+    evaluate.add_argument("--plot", metavar="REPORT.png", help="draw per-class IoU bars, one per method (its best setting)")
     evaluate.add_argument("--save-predictions", metavar="DIR",
                           help="write each image's predicted classes as PNG: DIR/<setting>/<image>.png")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -592,6 +593,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         document = {**report.to_json(), "versions": _versions()}
         atomic_write_bytes(Path(args.json).expanduser(), (json.dumps(document, indent=2) + "\n").encode())
+    if args.plot:
+        from napari_sclip.evaluate.plot import plot_report
+
+        plot_report(report, Path(args.plot).expanduser())
     return 0
 
 

@@ -147,7 +147,8 @@ def test_the_command_prints_the_table_and_writes_the_report(tiny_dir, tiny_check
     classes.write_text("\n".join(CLASSES))
     done = _cli(tiny_dir, tiny_checkpoint, "--images", str(images), "--masks", str(masks), "--classes-file",
                 str(classes), "--methods", "sclip,maskclip", "--prob-threshold", "0,0.3", "--json",
-                str(tmp_path / "report.json"), "--save-predictions", str(tmp_path / "predicted"))
+                str(tmp_path / "report.json"), "--save-predictions", str(tmp_path / "predicted"),
+                "--plot", str(tmp_path / "report.png"))
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     lines = done.stdout.splitlines()
@@ -161,6 +162,7 @@ def test_the_command_prints_the_table_and_writes_the_report(tiny_dir, tiny_check
     assert len(saved) == 8 and "sclip_scale-default_prob-0.3_area-none/im1.png" in saved
     predicted = np.asarray(Image.open(tmp_path / "predicted" / "sclip_scale-default_prob-0.3_area-none" / "im1.png"))
     assert predicted.shape == (70, 75) and set(np.unique(predicted)) <= {0, 1, 2, 3, 255}
+    assert Image.open(tmp_path / "report.png").format == "PNG"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -186,3 +188,26 @@ def test_unknown_methods_and_bad_lists_are_one_line(tiny_dir, tiny_checkpoint, t
                            (["--area-threshold", "0.1"], "needs a background class")):
         done = _cli(tiny_dir, tiny_checkpoint, *base, *extra)
         assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_the_plot_draws_each_methods_best_iou_per_class(tmp_path):
+    from napari_sclip.evaluate.metrics import Areas, scores
+    from napari_sclip.evaluate.plot import plot_report
+    from napari_sclip.evaluate.run import Report
+
+    def made(ious):  # areas giving these IoUs: intersect / union with union 100
+        intersect = np.array([round(100 * iou) for iou in ious])
+        return scores(Areas(intersect, np.full(3, 100), intersect, np.full(3, 100)), ["cat", "dog", "a long class"])
+
+    report = Report("synthetic", 2, (
+        (Setting("sclip", prob_threshold=0.0), made([0.5, 0.2, 0.0])),
+        (Setting("sclip", prob_threshold=0.1), made([1.0, 0.6, 0.3])),  # sclip's best
+        (Setting("maskclip"), made([0.25, 0.0, 0.0])),
+    ), {})
+    plot_report(report, tmp_path / "plot.png")
+    image = np.asarray(Image.open(tmp_path / "plot.png").convert("RGB"))
+    blue, orange = np.all(image == (31, 119, 180), axis=-1), np.all(image == (255, 127, 14), axis=-1)
+    bars = np.s_[40:341]  # the chart's rows: 300 px for 100 %
+    heights = [blue[bars, x].sum() for x in np.flatnonzero(blue[bars].any(0))]
+    assert sorted(set(heights)) == [91, 181, 301]  # 30 %, 60 %, 100 % of 300 px, plus the axis row
+    assert sorted(set(orange[bars, x].sum() for x in np.flatnonzero(orange[bars].any(0)))) == [1, 76]  # 25 %, and 0 % as a line

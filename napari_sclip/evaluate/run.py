@@ -112,7 +112,16 @@ class Report:
 
     @property
     def best(self) -> tuple[Setting, Scores]:
-        return max(self.results, key=lambda item: -math.inf if math.isnan(item[1].miou) else item[1].miou)
+        return max(self.results, key=lambda item: _rank(item[1].miou))
+
+    def best_by_method(self) -> dict[str, tuple[Setting, Scores]]:
+        """Each method's best setting, in the order of the report."""
+        best: dict[str, tuple[Setting, Scores]] = {}
+        for setting, result in self.results:
+            held = best.get(setting.method)
+            if held is None or _rank(result.miou) > _rank(held[1].miou):
+                best[setting.method] = (setting, result)
+        return best
 
     def table(self) -> str:
         """One row per setting (mIoU, mAcc, aAcc in percent); the best is marked with ``*``."""
@@ -122,7 +131,7 @@ class Report:
         for setting, result in self.results:
             scale = "default" if setting.logit_scale is None else f"{setting.logit_scale:g}"
             area = "-" if setting.area_threshold is None else f"{setting.area_threshold:g}"
-            figures = " ".join(f"{_percent(value):>6}" for value in (result.miou, result.macc, result.aacc))
+            figures = " ".join(f"{percent(value):>6}" for value in (result.miou, result.macc, result.aacc))
             mark = "*" if setting == best else " "
             rows.append(f"{mark} {setting.method:<10} {scale:>11} {setting.prob_threshold:>10g} {area:>9} {figures}")
         return "\n".join(rows)
@@ -138,8 +147,13 @@ class Report:
         }
 
 
-def _percent(value: float) -> str:
+def percent(value: float) -> str:
+    """A fraction as a percentage with one decimal; ``-`` for NaN (undefined)."""
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _rank(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
 
 
 def benchmark_truth(name: str, data_root: str | Path) -> Truth:
