@@ -97,6 +97,15 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="leave pixels unlabelled (ignore, 255) where the winning probability is below P",
     )
+    seg.add_argument(
+        "--background-class", type=int, default=None, metavar="I",
+        help="give pixels below --prob-threshold class I (the I-th class, from 0) instead of leaving them unlabelled",
+    )
+    seg.add_argument(
+        "--area-threshold", type=float, default=None, metavar="A",
+        help="drop classes (but the background class) that win at most a fraction A of the other pixels of an "
+        "image, as SCLIP's authors do on VOC (needs --background-class)",
+    )
     seg.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
     seg.add_argument(
         "--devices",
@@ -358,6 +367,8 @@ def _segment(args: argparse.Namespace) -> int:
         "stride": args.stride,
         "logit_scale": args.logit_scale,
         "prob_threshold": args.prob_threshold,
+        "background_class": args.background_class,
+        "area_threshold": args.area_threshold,
     }
     out = Path(args.out).expanduser()
     counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}

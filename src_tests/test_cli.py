@@ -88,6 +88,20 @@ def test_classes_file_parameters_and_splits(images, model_args, tmp_path):
     assert json.loads((out / "dataset.json").read_text())["splits"]["ratios"] == {"val": 1.0}
 
 
+def test_a_background_class_takes_the_pixels_below_the_threshold(images, model_args, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("person\nsky, clouds\n")
+    out = tmp_path / "out"
+    code = main(["segment", str(images / "a.png"), "--classes-file", str(vocab), "--out", str(out), "--prob-threshold",
+                 "0.99", "--background-class", "1", "--area-threshold", "0.5", "--splits", "val=1", *model_args])
+    assert code == 0
+    mask = np.asarray(Image.open(out / "val" / "masks" / "a.png"))
+    assert (mask == 1).mean() > 0.5 and not (mask == 255).any()  # sky, never ignore
+    meta = json.loads((out / "val" / "meta" / "a.json").read_text())
+    assert (meta["background_class"], meta["area_threshold"]) == (1, 0.5)
+    assert json.loads((out / "dataset.json").read_text())["models"][0]["background_class"] == 1
+
+
 def test_resume_after_a_kill_mid_write(images, model_args, tmp_path, monkeypatch, capsys):
     """A kill while the second image's mask is being written leaves a valid dataset holding the
     first; the next run labels only what is missing, and ends as an uninterrupted run does."""

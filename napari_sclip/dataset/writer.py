@@ -81,7 +81,7 @@ COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: ``models``): the model, its weights and activation, the method and its parameters.
 _MODEL_KEYS = (
     "model", "pretrained", "quick_gelu", "method", "short_side", "window", "stride", "logit_scale",
-    "prob_threshold", "pamr", "pamr_iterations", "pamr_dilations",
+    "prob_threshold", "background_class", "area_threshold", "pamr", "pamr_iterations", "pamr_dilations",
 )
 #: Each split's index: the rows Hugging Face's imagefolder (and the loaders in docs/dataset.md) read.
 INDEX = "metadata.jsonl"
