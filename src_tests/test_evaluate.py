@@ -157,6 +157,9 @@ def test_the_command_prints_the_table_and_writes_the_report(tiny_dir, tiny_check
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["results"]) == 4 and sum(result["best"] for result in report["results"]) == 1
     assert set(report["results"][0]["classes"]) == {"grass", "sky", "tree", "person"}
+    by_threshold = {result["setting"]["prob_threshold"]: result for result in report["results"][:2]}
+    assert by_threshold[0.0]["labelled"] == 1.0 and by_threshold[0.3]["labelled"] < 1.0  # the threshold's trade
+    assert by_threshold[0.3]["precise"] != by_threshold[0.0]["precise"]
     assert report["versions"]["torch"] and report["params"]["sclip"]["model"]
     saved = sorted(path.relative_to(tmp_path / "predicted").as_posix() for path in (tmp_path / "predicted").rglob("*.png"))
     assert len(saved) == 8 and "sclip_scale-default_prob-0.3_area-none/im1.png" in saved

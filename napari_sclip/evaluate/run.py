@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -124,14 +124,19 @@ class Report:
         return best
 
     def table(self) -> str:
-        """One row per setting (mIoU, mAcc, aAcc in percent); the best is marked with ``*``."""
+        """One row per setting, in percent: mIoU, mAcc, aAcc, then *labelled* (the scored pixels
+        the setting gave a class, not left unlabelled by its threshold) and *precise* (the
+        labelled ones that are right): what a pseudo-label's threshold trades.  The best mIoU is
+        marked with ``*``."""
         best = self.best[0]
-        header = f"  {'method':<10} {'logit scale':>11} {'prob. thr.':>10} {'area thr.':>9} {'mIoU':>6} {'mAcc':>6} {'aAcc':>6}"
+        header = (f"  {'method':<10} {'logit scale':>11} {'prob. thr.':>10} {'area thr.':>9} {'mIoU':>6} {'mAcc':>6} "
+                  f"{'aAcc':>6} {'labelled':>8} {'precise':>7}")
         rows = [header]
         for setting, result in self.results:
             scale = "default" if setting.logit_scale is None else f"{setting.logit_scale:g}"
             area = "-" if setting.area_threshold is None else f"{setting.area_threshold:g}"
             figures = " ".join(f"{percent(value):>6}" for value in (result.miou, result.macc, result.aacc))
+            figures += f" {percent(labelled(result)):>8} {percent(precise(result)):>7}"
             mark = "*" if setting == best else " "
             rows.append(f"{mark} {setting.method:<10} {scale:>11} {setting.prob_threshold:>10g} {area:>9} {figures}")
         return "\n".join(rows)
@@ -142,14 +147,31 @@ class Report:
             "truth": self.truth,
             "images": self.images,
             "params": self.params,
-            "results": [{"setting": setting.to_json(), "best": setting == best, **result.to_json()}
+            "results": [{"setting": setting.to_json(), "best": setting == best, **result.to_json(),
+                         "labelled": _fraction(labelled(result)), "precise": _fraction(precise(result))}
                         for setting, result in self.results],
         }
+
+
+def labelled(result: Scores) -> float:
+    """The fraction of scored pixels given a class (not left unlabelled)."""
+    areas = result.areas
+    return float(areas.pred.sum() / areas.label.sum()) if areas.label.sum() else math.nan
+
+
+def precise(result: Scores) -> float:
+    """The fraction of labelled pixels whose class is right."""
+    areas = result.areas
+    return float(areas.intersect.sum() / areas.pred.sum()) if areas.pred.sum() else math.nan
 
 
 def percent(value: float) -> str:
     """A fraction as a percentage with one decimal; ``-`` for NaN (undefined)."""
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _fraction(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def _rank(value: float) -> float:
@@ -221,7 +243,20 @@ def _unique(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(unique)
 
 
-def evaluate(
+def evaluate(truth: Truth, segmenter, settings: Sequence[Setting], *,
+             progress: Callable[[int, int], None] | None = None, **options) -> Report:
+    """:func:`iter_evaluate` run to its end; ``progress(done, total)`` gets its steps."""
+    steps = iter_evaluate(truth, segmenter, settings, **options)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if progress is not None:
+            progress(done, total)
+
+
+def iter_evaluate(
     truth: Truth,
     segmenter,
     settings: Sequence[Setting],
@@ -231,9 +266,9 @@ def evaluate(
     stride: int | None = None,
     pamr: bool | None = None,
     predictions: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> Report:
-    """Score every setting on every image of ``truth``.
+) -> Generator[tuple[int, int], None, Report]:
+    """Score every setting on every image of ``truth``: yields ``(done, total)`` (images times
+    methods) as images are scored and returns the :class:`Report`; closing it stops the run.
 
     Each method runs once per image (its windows batched across images by
     :meth:`~napari_sclip.engine.segmenter.Segmenter.run_windows`); every setting of that method is
@@ -241,18 +276,16 @@ def evaluate(
     are mmseg's (:mod:`~napari_sclip.evaluate.metrics`), summed over the whole set.
     ``short_side`` defaults to the preset's (else the method's).  With ``predictions``, each
     image's predicted class indices (255 where unlabelled) are written as
-    ``<predictions>/<setting>/<name>.png``.  ``progress(done, total)`` counts images times
-    methods.  A mask that does not match its image, or an image that cannot be read, is one
-    :class:`SclipError` naming the file.
+    ``<predictions>/<setting>/<name>.png``.  A mask that does not match its image, or an image
+    that cannot be read, is one :class:`SclipError` naming the file.
     """
     if not settings:
         raise SclipError("nothing to evaluate: give at least one method")
     short_side = short_side or truth.preset.get("short_side")
     methods = list(dict.fromkeys(setting.method for setting in settings))
     totals = {setting: Areas.zeros(len(truth.vocabulary)) for setting in settings}
-    report = progress or (lambda done, total: None)
     total, done = len(truth.pairs) * len(methods), 0
-    report(0, total)
+    yield done, total
     params: dict[str, Any] = {}
     for method in methods:
         mine = [setting for setting in settings if setting.method == method]
@@ -276,7 +309,7 @@ def evaluate(
                                                           "area_threshold", "resized_shape", "windows",
                                                           "features_reused")})
             done += 1
-            report(done, total)
+            yield done, total
     results = tuple((setting, scores(totals[setting], truth.class_names)) for setting in settings)
     return Report(truth.title, len(truth.pairs), results, params)
 

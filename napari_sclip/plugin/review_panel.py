@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QEvent, QObject, QStringListModel, QTimer
+from qtpy.QtCore import QEvent, QObject, QStringListModel, Qt, QTimer
 from qtpy.QtGui import QColor, QCursor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QApplication,
@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QMenu,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -37,6 +38,7 @@ from napari_sclip.dataset.review import ORDERS, REVIEWED, STATUS_FILTERS, QueueO
 from napari_sclip.dataset.splits import SPLIT_NAMES
 from napari_sclip.engine.errors import SclipError
 from napari_sclip.plugin.corrections import IGNORE, class_pixel_counts
+from napari_sclip.plugin.evaluate_section import EvaluateSection
 
 if TYPE_CHECKING:
     from napari_sclip.plugin.review import ReviewSession
@@ -56,14 +58,13 @@ def show_review(viewer, path: str | Path) -> ReviewPanel:
     another process, damaged) is one line in the panel and in napari's notifications.
     """
     from napari_sclip.plugin.review import dataset_root
-    from napari_sclip.plugin.widget import SclipWidget
 
     root = dataset_root(path)
     window = viewer.window
     previous = window.dock_widgets.get(PANEL_NAME)
     if isinstance(previous, ReviewPanel) and not previous.close_review():
         raise DatasetError(f"the review of {previous.root} is still open: its edits could not be saved")
-    if not any(isinstance(widget, SclipWidget) for widget in window.dock_widgets.values()):
+    if _sclip_widget(viewer) is None:
         window.add_plugin_dock_widget("napari-sclip", "SCLIP segmentation")  # to segment a sample again
     panel = ReviewPanel(viewer, root)
     window.add_dock_widget(panel, name=PANEL_NAME, area="right")
@@ -158,7 +159,8 @@ class ReviewPanel(QWidget):
         marks.addWidget(self._reviewed)
         marks.addWidget(self._save)
         marks.addWidget(self._close)
-        layout = QVBoxLayout(self)
+        content = QWidget()  # scrolls: the panel is taller than a laptop's screen once Evaluate unfolds
+        layout = QVBoxLayout(content)
         layout.addWidget(self._title)
         layout.addWidget(self._counts)
         layout.addWidget(self._progress)
@@ -167,7 +169,9 @@ class ReviewPanel(QWidget):
         layout.addLayout(moves)
         layout.addLayout(marks)
         layout.addWidget(self._message)
-        layout.addWidget(QLabel("classes (number keys pick, Ctrl+number sets the region under the cursor)"))
+        keys = QLabel("classes (number keys pick, Ctrl+number sets the region under the cursor)")
+        keys.setWordWrap(True)
+        layout.addWidget(keys)
         layout.addWidget(self._classes)
         layout.addWidget(self._region)
         accept = QHBoxLayout()
@@ -176,6 +180,21 @@ class ReviewPanel(QWidget):
         accept.addWidget(self._preview)
         accept.addWidget(self._accept)
         layout.addLayout(accept)
+        self.evaluate = EvaluateSection(root, lambda: _sclip_widget(self.viewer), self._save_for_evaluation)
+        layout.addWidget(self.evaluate)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setWidget(content)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self._scroll = scroll
+        self._fit_width()
+        self.evaluate.unfold.toggled.connect(lambda _: QTimer.singleShot(0, self._fit_width))
+        # The queue and the class list in view, whatever the widgets above take; more scrolls.
+        scroll.setMinimumHeight(min(content.sizeHint().height(), 560))
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
 
         for combo in (self._order, self._status_filter, self._split, self._class):
             combo.currentIndexChanged.connect(self._apply_options)
@@ -184,6 +203,11 @@ class ReviewPanel(QWidget):
         if app is not None:
             app.aboutToQuit.connect(lambda: self.close_review(give_up=True))
         self._set_enabled(False)
+
+    def _fit_width(self) -> None:
+        """As wide as the widest control shown, and its vertical scroll bar (never sideways)."""
+        scroll = self._scroll
+        scroll.setMinimumWidth(scroll.widget().minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -421,6 +445,7 @@ class ReviewPanel(QWidget):
 
         if self._closed:
             return True
+        self.evaluate.cancel()
         session = self.session
         if session is not None and not self._forget(session, give_up=give_up):
             return False
@@ -435,6 +460,11 @@ class ReviewPanel(QWidget):
             window.remove_dock_widget(self)
         return True
 
+
+    def _save_for_evaluation(self) -> None:
+        """The sample shown counts as it is now (a :class:`SclipError` if it cannot be saved)."""
+        if self.session is not None and not self.session.opening:
+            self.session.save()
 
     def _forget(self, session: ReviewSession, *, give_up: bool) -> bool:
         """Close ``session`` and stop following it; returns whether it closed (see
@@ -455,6 +485,14 @@ class ReviewPanel(QWidget):
         session.events.error.disconnect(self._on_error)
         session.region_chooser = None
         return True
+
+
+def _sclip_widget(viewer):
+    """The SCLIP segmentation widget docked in ``viewer``'s window, if any."""
+    from napari_sclip.plugin.widget import SclipWidget
+
+    docked = (getattr(widget, "__wrapped__", widget) for widget in viewer.window.dock_widgets.values())
+    return next((widget for widget in docked if isinstance(widget, SclipWidget)), None)
 
 
 def _sample_count(root: Path) -> str:
