@@ -630,7 +630,7 @@ def _held_back(monkeypatch):
     return gate
 
 
-def test_the_first_sample_shows_and_can_be_edited_while_the_index_is_read(viewer, qtbot, tmp_path, monkeypatch):
+def test_the_first_sample_shows_read_only_while_the_index_is_read(viewer, qtbot, tmp_path, monkeypatch):
     from test_widget import click
 
     from napari_sclip.plugin.review_panel import PANEL_NAME
@@ -644,26 +644,79 @@ def test_the_first_sample_shows_and_can_be_edited_while_the_index_is_read(viewer
     session = panel.session
     assert session.opening and session.current_id == "s002"  # where the review will open
     assert [layer.name for layer in viewer.layers] == ["s002", "s002 confidence", "s002 labels"]
-    np.testing.assert_array_equal(viewer.layers["s002 labels"].data, made["s002"]["labels"])
+    labels = viewer.layers["s002 labels"]
+    np.testing.assert_array_equal(labels.data, made["s002"]["labels"])
     assert "s002: reading the index of 6 samples" in panel._message.text()
     assert not panel._next.isEnabled() and not panel._reviewed.isEnabled()
-    labels = viewer.layers["s002 labels"]
-    labels.paint((5, 5), 3, refresh=True)  # editing need not wait
+    assert not labels.editable  # read without holding the dataset: nothing to save it into yet
     canvas = viewer.window._qt_viewer.canvas.native
-    qtbot.keyClick(canvas, Qt.Key.Key_PageDown)  # moving does
-    with pytest.raises(DatasetError, match="still opening"):
-        session.save()
-    assert session.current_id == "s002"
+    qtbot.keyClick(canvas, Qt.Key.Key_PageDown)
+    assert session.save() is False  # nothing to save
+    for refused in (lambda: session.reassign_region((5, 5), 3), lambda: session.accept_by_confidence(1)):
+        with pytest.raises(DatasetError, match="still opening"):
+            refused()
+    assert session.current_id == "s002" and not session.unsaved
+    np.testing.assert_array_equal(labels.data, made["s002"]["labels"])
     gate.set()
     opened(qtbot, panel)
     assert panel.session is session and session.current_id == "s002" and session.position == 0
-    assert viewer.layers["s002 labels"] is labels and session.unsaved  # the same layer, its edits kept
+    assert viewer.layers["s002 labels"] is labels and labels.editable  # the same layer, editable now
     assert panel._counts.text() == "2 reviewed · 0 edited · 4 unreviewed of 6"
+    assert session.reassign_region((5, 5), 3) > 0
     click(qtbot, panel._next)
     assert session.current_id == "s003" and session.status("s002") == "edited"
     panel.close_review()
     assert [layer.name for layer in viewer.layers] == ["s003 (review closed)", "s003 (review closed) confidence",
                                                        "s003 (review closed) labels"]
+
+
+def test_a_first_look_rewritten_or_removed_while_the_index_is_read_is_not_kept(viewer, qtbot, tmp_path, monkeypatch):
+    from napari_sclip.dataset.format import read_manifest
+    from napari_sclip.plugin.review_panel import show_review
+
+    root = tmp_path / "ds"
+    make_dataset(root, 4)
+    _, _, train_ids = read_manifest(root)
+    gate = _held_back(monkeypatch)
+    panel = show_review(viewer, root)
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    assert panel.session.current_id == "s000"
+    stored = read_sample(root, "train", "s000", train_ids)
+    changed = stored.labels.copy()
+    changed[:8, :8] = stored.labels.max()  # same classes, same status: only the pixels differ
+    with DatasetWriter(root) as other:  # another program, before the review takes the dataset
+        other.rewrite("s000", Sample("s000", changed, image=stored.image, confidence=stored.confidence,
+                                     meta=stored.meta))
+    gate.set()
+    opened(qtbot, panel)
+    assert panel.session.current_id == "s000"
+    np.testing.assert_array_equal(viewer.layers["s000 labels"].data, changed)  # what is on disk now
+    panel.close_review()
+
+    gate = _held_back(monkeypatch)
+    panel = show_review(viewer, root)
+    qtbot.waitUntil(lambda: panel.session is not None, timeout=20_000)
+    assert panel.session.current_id == "s000"
+    for path in root.glob("train/*/s000.*"):
+        path.unlink()
+    gate.set()
+    opened(qtbot, panel)
+    assert panel.session.current_id == "s001" and len(panel.session) == 3
+    panel.close_review()
+    DatasetWriter(root).close()  # given back
+
+
+def test_a_dataset_another_viewer_reviews_shows_no_first_look(display, make_napari_viewer, qtbot, tmp_path):
+    from napari_sclip.plugin.review_panel import show_review
+
+    make_dataset(tmp_path / "ds", 2)
+    first_viewer, second_viewer = make_napari_viewer(show=True), make_napari_viewer(show=True)
+    first = opened(qtbot, show_review(first_viewer, tmp_path / "ds"))
+    second = show_review(second_viewer, tmp_path / "ds")
+    qtbot.waitUntil(lambda: second._message.text().startswith("error: "), timeout=60_000)
+    assert "in use by a review in napari" in second._message.text() and len(second_viewer.layers) == 0
+    second.close_review()
+    first.close_review()
 
 
 def test_a_first_look_that_is_not_where_the_review_opens_is_replaced(viewer, qtbot, tmp_path, monkeypatch):

@@ -118,33 +118,47 @@ def hold_dataset(root: Path) -> DatasetWriter:
 
 @dataclass(frozen=True)
 class FirstLook:
-    """A sample read before the dataset is held, to show while the owner reads the index, and
-    the classes it was read with (the manifest's)."""
+    """A sample read before the dataset is held, to show (read-only) while the owner reads the
+    index; the classes it was read with (the manifest's), and its meta file's stat key then (a
+    sample rewritten since has a new one: the owner's writes replace the meta file last)."""
 
     sample: StoredSample
     registry: ClassRegistry
     train_ids: dict[int, int]
+    meta_stat: tuple[int, ...]
 
 
 def first_look(root: Path) -> FirstLook | None:
     """The sample a review of ``root`` most likely opens at, read without holding the dataset (in
     milliseconds whatever its size; safe in a worker).  ``None`` when the dataset has no journal
-    to find it in, another program holds it, or anything is amiss: the owner's scan says what."""
+    to find it in, anyone holds it (this process too: another viewer may), the sample changed
+    while it was read, or anything is amiss: the owner's scan says what."""
     from napari_sclip.dataset import format as fmt
-    from napari_sclip.dataset.lock import LOCK_NAME, Owner, read_lock
+    from napari_sclip.dataset.lock import LOCK_NAME, read_lock
 
     try:
-        held = read_lock(root / LOCK_NAME)
-        me = Owner.this_process()
-        if held is not None and (held[0] is None or (held[0].host, held[0].pid) != (me.host, me.pid)):
-            return None  # it may be writing that very sample
+        if read_lock(root / LOCK_NAME) is not None:
+            return None  # its holder may be writing that very sample
         where = first_to_review(root)
         if where is None:
             return None
         _, registry, train_ids = fmt.read_manifest(root)
-        return FirstLook(read_sample(root, *where, train_ids), registry, train_ids)
+        before = _meta_stat(root, *where)
+        sample = read_sample(root, *where, train_ids)
+        if _meta_stat(root, *where) != before:
+            return None
+        return FirstLook(sample, registry, train_ids, before)
     except (SclipError, OSError, ValueError):
         return None
+
+
+def _meta_stat(root: Path, split: str, image_id: str) -> tuple[int, ...]:
+    import os
+
+    from napari_sclip.dataset.paths import resolve_inside
+
+    status = os.stat(resolve_inside(root, f"{split}/meta/{image_id}.json"))
+    return status.st_mtime_ns, status.st_size, status.st_ctime_ns, status.st_ino
 
 
 def open_in_steps(root: Path, shown: threading.Event) -> Iterator[FirstLook]:
@@ -162,8 +176,9 @@ def open_in_steps(root: Path, shown: threading.Event) -> Iterator[FirstLook]:
 class ReviewSession:
     """One dataset under review in one viewer (see the module's documentation).
 
-    A session starts *opening*: it may show a :class:`FirstLook` (which can be edited), and it
-    cannot save or move until :meth:`attach` gives it the held dataset.
+    A session starts *opening*: it may show a :class:`FirstLook` (read-only: it was read without
+    holding the dataset), and it cannot save, move or correct until :meth:`attach` gives it the
+    held dataset.
 
     ``events.changed`` is emitted whenever the sample shown, the queue, the counts, the review
     mark or the region tool change; ``events.edited`` whenever the labels shown change;
@@ -211,22 +226,26 @@ class ReviewSession:
         return self._writer is None
 
     def show_first_look(self, look: FirstLook) -> None:
-        """Show ``look``'s sample while the dataset opens."""
+        """Show ``look``'s sample, read-only, while the dataset opens."""
         self._look = look
         self._show(look.sample)
+        self._layers["labels"].editable = False
         self.events.changed()
 
     def attach(self, writer: DatasetWriter) -> None:
-        """Hold the dataset through ``writer`` (its index read): the queue, the counts and saving
-        work from now on.  The review goes to the first sample of the queue not reviewed; a first
-        look stays shown if it is that sample as stored, or if it was edited meanwhile."""
+        """Hold the dataset through ``writer`` (its index read): the queue, the counts, saving and
+        corrections work from now on.  The review goes to the first sample of the queue not
+        reviewed; a first look stays shown if it is that sample, unchanged on disk since."""
         self._writer = writer
         self._ids = queue(writer.entries(), self._options)
         self.queue_version += 1
+        labels = self._layer("labels")
+        if self._look is not None and labels is not None:
+            labels.editable = True
         shown = self._sample
         first = self._first_not_reviewed()
-        if shown is not None and (self.unsaved or (self._ids[first:first + 1] == [shown.id] and self._as_stored(shown))):
-            self._position = self._ids.index(shown.id) if shown.id in self._ids else -1
+        if shown is not None and self._ids[first:first + 1] == [shown.id] and self._as_stored(shown):
+            self._position = first
             self._prefetch()
             self.events.changed()
             return
@@ -240,9 +259,13 @@ class ReviewSession:
             self.events.changed()
 
     def _as_stored(self, sample: StoredSample) -> bool:
-        """Whether ``sample`` (read before the dataset was held) is what the owner knows."""
+        """Whether ``sample`` (read before the dataset was held) is what is stored now."""
         writer, look = self._writer, self._look
-        return (look is not None and writer.entries().get(sample.id) == Entry.of(sample.split, sample.meta)
+        try:
+            unchanged = look is not None and _meta_stat(self.root, sample.split, sample.id) == look.meta_stat
+        except OSError:
+            return False
+        return (unchanged and writer.entries().get(sample.id) == Entry.of(sample.split, sample.meta)
                 and writer.registry.to_json() == look.registry.to_json() and writer.train_ids == look.train_ids)
 
     def _owner(self) -> DatasetWriter:
@@ -340,6 +363,8 @@ class ReviewSession:
         moving on would put the rest of its labels into the next sample."""
         labels = self._layer("labels")
         if labels is not None and not labels.editable:
+            if self.opening:
+                self._owner()  # says so
             raise DatasetError("the labels are being written by a Segment run: move on once it is done")
 
     def _go(self, position: int) -> None:
@@ -639,6 +664,7 @@ class ReviewSession:
         labels = self._layer("labels")
         if labels is None:
             return 0
+        self._check_not_written()
         return set_pixels(labels, region_at(labels.data, point), uid)
 
     def reassign_under_cursor(self, key: int) -> int:
@@ -692,6 +718,7 @@ class ReviewSession:
         labels, confidence = self._layer("labels"), self._layer("confidence")
         if labels is None or confidence is None:
             raise DatasetError(f"{self.current_id} has no confidence map to accept by")
+        self._check_not_written()
         changed = set_pixels(labels, below_confidence(labels.data, confidence.data, threshold), IGNORE)
         self.clear_preview()
         return changed

@@ -267,10 +267,17 @@ class ReviewPanel(QWidget):
 
         self._worker = None
         session, self.session = self.session, None
-        if session is not None:
-            self._forget(session, give_up=True)
-        if writer is not None:
-            writer.close()  # idempotent: the session may have closed it
+        try:
+            if session is not None:
+                self._forget(session, give_up=True)
+        except Exception:  # a bug: the dataset is given back all the same
+            _log.exception("closing a review that failed to open")
+        finally:
+            try:
+                if writer is not None:
+                    writer.close()  # idempotent: the session may have closed it
+            except SclipError as exc:
+                _log.warning("giving %s back: %s", self.root, exc)
         if not isinstance(error, SclipError):
             _log.error("opening a review failed", exc_info=error)  # a bug: keep the traceback
         message = " ".join(str(error).split()) if isinstance(error, SclipError) else f"{type(error).__name__}: {error}"
