@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from napari_sclip._concurrency import bounded_map
 from napari_sclip._files import describe_os_error
 from napari_sclip.classes import label_dtype
 from napari_sclip.dataset.export import plane_stem
@@ -403,7 +404,7 @@ def _run_on_cluster(
     def chunks() -> Iterator[_Chunk]:
         batch: list[FileJob] = []
         with ThreadPoolExecutor(run.readers, thread_name_prefix="napari-sclip planner") as planners:
-            for planned in _bounded_map(planners, plan, files, 4 * run.readers):
+            for planned in bounded_map(planners, plan, files, 4 * run.readers):
                 if isinstance(planned, BatchItem):
                     settled.append(planned)
                     continue
@@ -454,18 +455,6 @@ def _run_on_cluster(
         yield from settled
     finally:
         results.close()
-
-
-def _bounded_map(pool: ThreadPoolExecutor, function, items: Iterable, ahead: int) -> Iterator:
-    """``function(item)`` for each item, in order, computed by ``pool`` at most ``ahead`` items
-    ahead of the consumer."""
-    pending: list = []
-    for item in items:
-        pending.append(pool.submit(function, item))
-        if len(pending) >= ahead:
-            yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
 
 
 def _default_threads() -> int:
@@ -722,4 +711,3 @@ class _Budget:
     def wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
-
