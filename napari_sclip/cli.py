@@ -230,21 +230,27 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--methods", default=DEFAULT_METHOD, metavar="LIST",
                           help=f"methods to compare, e.g. sclip,naclip (default: {DEFAULT_METHOD}; "
                           f"any of {', '.join(METHODS)})")
-    evaluate.add_argument("--logit-scale", default="default", metavar="LIST",
-                          help="logit scales to sweep (default: the benchmark's, else the method's)")
+    evaluate.add_argument("--logit-scale", default=None, metavar="LIST",
+                          help="logit scales to sweep (default: the method's authors' on a benchmark, else the "
+                          "method's)")
     evaluate.add_argument("--prob-threshold", default=None, metavar="LIST",
-                          help="probability thresholds to sweep (default: the benchmark's, else 0)")
+                          help="probability thresholds to sweep (default: the method's authors' on a benchmark, else 0)")
     evaluate.add_argument("--area-threshold", default=None, metavar="LIST",
-                          help="area thresholds to sweep, 'none' for off (default: the benchmark's, else none; "
-                          "needs a background class)")
+                          help="area thresholds to sweep, 'none' for off (default: the method's authors' on a "
+                          "benchmark, else none; needs a background class)")
     evaluate.add_argument("--short-side", type=int, default=None, metavar="PX",
-                          help="default: the benchmark's, else the method's")
-    evaluate.add_argument("--window", type=int, default=None, metavar="PX", help="default: the method's")
-    evaluate.add_argument("--stride", type=int, default=None, metavar="PX", help="default: the method's")
+                          help="default: the method's authors' on a benchmark, else the method's")
+    evaluate.add_argument("--window", type=int, default=None, metavar="PX", help="default: as --short-side")
+    evaluate.add_argument("--stride", type=int, default=None, metavar="PX", help="default: as --short-side")
     evaluate.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                           help="refine with PAMR; default: the method's (naclip only)")
     evaluate.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward pass")
     evaluate.add_argument("--limit", type=_positive, default=None, metavar="N", help="score the first N images only")
+    evaluate.add_argument("--workers", type=_positive, default=None, metavar="N",
+                          help="score on a Dask cluster of N worker processes on this machine (needs 'distributed')")
+    evaluate.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                          help="score on an existing Dask cluster, e.g. tcp://HOST:8786 (the images must be readable "
+                          "there)")
     evaluate.add_argument("--json", metavar="REPORT.json", help="write every figure, the settings and the versions")
     evaluate.add_argument("--plot", metavar="REPORT.png", help="draw per-class IoU bars, one per method (its best setting)")
     evaluate.add_argument("--save-predictions", metavar="DIR",
@@ -548,10 +554,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from napari_sclip.engine.segmenter import Segmenter
     from napari_sclip.engine.vocabulary import read_vocabulary_file
     from napari_sclip.evaluate.run import (
+        Checkpoint,
+        Tally,
         benchmark_truth,
         dataset_truth,
-        evaluate,
+        fingerprint,
         folder_truth,
+        iter_evaluate,
         sweep,
     )
 
@@ -573,25 +582,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise SclipError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
-    preset = truth.preset
     settings = sweep(
-        methods,
-        _list(args.logit_scale, float, "--logit-scale"),
-        _list(args.prob_threshold, float, "--prob-threshold") if args.prob_threshold else [preset.get("prob_threshold", 0.0)],
-        _list(args.area_threshold, float, "--area-threshold") if args.area_threshold else [preset.get("area_threshold")],
+        truth, methods,
+        _list(args.logit_scale, float, "--logit-scale") if args.logit_scale else None,
+        _list(args.prob_threshold, float, "--prob-threshold") if args.prob_threshold else None,
+        _list(args.area_threshold, float, "--area-threshold") if args.area_threshold else None,
     )
     if truth.background_class is None and any(setting.area_threshold is not None for setting in settings):
         raise SclipError("--area-threshold needs a background class (--background-class I)")
+    if args.workers is not None and args.scheduler:
+        raise SclipError("choose --workers (a cluster on this machine) or --scheduler (an existing one), not both")
     segmenter = Segmenter(args.model, args.pretrained, args.device, quick_gelu=args.quick_gelu,
                           batch_size=args.batch_size, feature_cache=False)
     predictions = Path(args.save_predictions).expanduser() if args.save_predictions else None
-    with _progress_bar(args.quiet, total=len(truth.pairs) * len(methods), unit="image") as bar:
-        def advance(done: int, total: int) -> None:
-            bar.n = done
-            bar.refresh()
+    options = {"short_side": args.short_side, "window": args.window, "stride": args.stride, "pamr": args.pamr,
+               "predictions": str(predictions) if predictions else None}
+    model = {key: value for key, value in segmenter.settings().items() if key in ("model", "pretrained", "device",
+                                                                                   "quick_gelu")}
+    # The same command goes on where an interrupted one stopped: its tally is kept in the cache.
+    run_id = fingerprint(truth, settings, model, options)
+    checkpoint = Checkpoint(config.cache_dir() / "evaluate" / f"{run_id[:32]}.json", run_id)
+    tally = checkpoint.load()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_progress_bar(args.quiet, total=len(truth.pairs) * len(methods), unit="image"))
+        client = None
+        if args.workers is not None or args.scheduler:
+            from napari_sclip.dataset.cluster import open_client
 
-        report = evaluate(truth, segmenter, settings, short_side=args.short_side, window=args.window,
-                          stride=args.stride, pamr=args.pamr, predictions=predictions, progress=advance)
+            bar.set_postfix_str("starting Dask workers" if args.workers else "connecting to the Dask scheduler")
+            client = stack.enter_context(open_client(args.workers, args.scheduler))
+            bar.set_postfix_str("")
+        tally = tally if tally is not None else Tally.empty(settings, len(truth.vocabulary))
+        steps = iter_evaluate(truth, segmenter, settings, short_side=args.short_side, window=args.window,
+                              stride=args.stride, pamr=args.pamr, predictions=predictions, tally=tally, client=client)
+        try:
+            while True:
+                try:
+                    bar.n, _ = next(steps)
+                except StopIteration as finished:
+                    report = finished.value
+                    break
+                bar.refresh()
+                checkpoint.save(tally)
+        except KeyboardInterrupt:
+            checkpoint.save(tally, now=True)
+            raise
+    checkpoint.remove()
     best, best_scores = report.best
     print(f"{report.truth}: {report.images} images")
     print(report.table())
@@ -657,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"napari-sclip: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        resume = "; the dataset is valid: run the same command to go on" if args.command == "segment" else ""
+        resume = {"segment": "; the dataset is valid: run the same command to go on",
+                  "evaluate": "; run the same command to go on"}.get(args.command, "")
         print(f"napari-sclip: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:  # a file or folder the user can fix (full, read-only, vanished, ...)

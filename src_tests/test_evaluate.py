@@ -20,6 +20,7 @@ from napari_sclip.evaluate.run import (
     dataset_truth,
     evaluate,
     folder_truth,
+    sweep,
 )
 
 from conftest import natural_image
@@ -105,10 +106,14 @@ def test_a_benchmark_is_scored_with_its_authors_settings(segmenter, tmp_path):
     truth = benchmark_truth("voc21", tmp_path / "VOC2012")
     assert [pair.name for pair in truth.pairs] == ["2007_000033", "2007_000042"]
     assert truth.background_class == 0 and truth.class_names[0] == "background" and len(truth.class_names) == 21
-    assert truth.preset == {"short_side": 336, "logit_scale": 65, "prob_threshold": 0.1, "area_threshold": 0.1}
-    report = evaluate(truth, segmenter, [Setting("sclip", prob_threshold=0.1, area_threshold=0.1)])
-    (_, scores), = report.results
+    settings = sweep(truth, ["sclip", "clearclip", "naclip"])  # each with its authors' settings
+    assert settings == [Setting("sclip", 65.0, 0.1, 0.1), Setting("clearclip", 50.0, 0.5, None),
+                        Setting("naclip", 40.0, 0.1, None)]
+    assert truth.vocabulary_for("clearclip").classes[0] == ("background",)  # ClearCLIP's own name file
+    report = evaluate(truth, segmenter, settings[:2])
+    (_, scores), _ = report.results
     assert report.params["sclip"]["short_side"] == 336
+    assert (report.params["clearclip"]["short_side"], report.params["clearclip"]["window"]) == (448, 448)
     assert scores.areas.label.sum() == 2 * 64 * 72  # palette indices read, nothing ignored
     assert set(np.flatnonzero(scores.areas.label)) == {0, 15, 16}
     assert scores.areas.pred.sum() == 2 * 64 * 72  # below the threshold is background, never unlabelled
@@ -214,3 +219,52 @@ def test_the_plot_draws_each_methods_best_iou_per_class(tmp_path):
     heights = [blue[bars, x].sum() for x in np.flatnonzero(blue[bars].any(0))]
     assert sorted(set(heights)) == [91, 181, 301]  # 30 %, 60 %, 100 % of 300 px, plus the axis row
     assert sorted(set(orange[bars, x].sum() for x in np.flatnonzero(orange[bars].any(0)))) == [1, 76]  # 25 %, and 0 % as a line
+
+
+def test_an_interrupted_evaluation_goes_on_where_it_stopped(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from napari_sclip.cli import main
+    from napari_sclip.evaluate import run as run_module
+
+    from conftest import TINY_MODEL
+
+    images, masks = _folder(tmp_path, 4)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES))
+    argv = ["evaluate", "--images", str(images), "--masks", str(masks), "--classes-file", str(classes),
+            "--prob-threshold", "0,0.3", "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
+            "--device", "cpu", "--quiet"]
+    assert main([*argv, "--json", str(tmp_path / "whole.json")]) == 0
+    real, scored = run_module._score_image, []
+
+    def interrupted(segmenter, run, method, image, canvas):
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        scored.append(image.tag.name)
+        return real(segmenter, run, method, image, canvas)
+
+    monkeypatch.setattr(run_module, "_score_image", interrupted)
+    capsys.readouterr()
+    assert main([*argv, "--json", str(tmp_path / "resumed.json")]) == 130
+    assert capsys.readouterr().err == "napari-sclip: interrupted; run the same command to go on\n"
+    assert scored == ["im0", "im1"] and not (tmp_path / "resumed.json").exists()
+    monkeypatch.setattr(run_module, "_score_image", lambda *args: scored.append(args[3].tag.name) or real(*args))
+    assert main([*argv, "--json", str(tmp_path / "resumed.json")]) == 0
+    assert scored == ["im0", "im1", "im2", "im3"]  # the first two were not scored again
+    whole, resumed = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "resumed.json"))
+    assert resumed["results"] == whole["results"]
+    assert not list((tmp_path / "cache" / "evaluate").glob("*.json"))  # done: nothing left to resume
+
+
+@pytest.mark.cluster
+def test_a_dask_cluster_gives_the_figures_of_one_process(tiny_dir, tiny_checkpoint, tmp_path):
+    images, masks = _folder(tmp_path, 3)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES))
+    base = ["--images", str(images), "--masks", str(masks), "--classes-file", str(classes), "--prob-threshold", "0,0.3"]
+    here = _cli(tiny_dir, tiny_checkpoint, *base, "--json", str(tmp_path / "here.json"))
+    assert here.returncode == 0, here.stderr
+    there = _cli(tiny_dir, tiny_checkpoint, *base, "--workers", "2", "--json", str(tmp_path / "there.json"))
+    assert there.returncode == 0, there.stderr
+    assert there.stdout == here.stdout
+    results = [json.loads((tmp_path / name).read_text())["results"] for name in ("here.json", "there.json")]
+    assert results[0] == results[1]

@@ -3,6 +3,7 @@ in each dataset's layout, reading index PNGs, and one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from importlib import resources
@@ -79,9 +80,30 @@ def one_line(exc_info) -> str:
 # -- class names and settings ----------------------------------------------------------------
 
 
+#: SHA-256 of shared/benchmarks/cls_*.txt (the authors' files, SCLIP b56bd30): checked against the
+#: shared folder below where it is present, and against the packaged copies everywhere.
+SHARED_SHA256 = {
+    "cls_ade20k.txt": "e53ded02c488bdb903ef000a2d207e4ac4f2bb4502a72572e4aab7c2504aef3a",
+    "cls_city_scapes.txt": "6f6782fc1bf92bfd9f5562192e92045e0e093870e613f387f6c98fc66d4ceba4",
+    "cls_coco_object.txt": "3475d03d61f85ce03812ce62d019de8f2ea51053885374629d29a17fbd3f02a6",
+    "cls_coco_stuff.txt": "fb98709b9ab1baff4fd930bac4a77772a0458c7d534911de545f9a4081e14a3e",
+    "cls_context59.txt": "cd808465f06a16169edc25580073f0eda347e64f06cc1c2e24acd0b237f6497d",
+    "cls_context60.txt": "5e620446a8699f292a4c2e37fa8918a33dd4f14713dc1b3f22884d2be68b45a1",
+    "cls_voc20.txt": "c68f65a2b342397cdfe05ff5289517e1e370b1d574a218ff1a17db27f2576db1",
+    "cls_voc21.txt": "80e643a9a143966800cd4a49324fd0be2f94c0d7bac817ea16a5f66ed706bc38",
+}
+
+
+def test_packaged_name_files_have_the_authors_bytes():
+    package = resources.files("napari_sclip.evaluate").joinpath("names")
+    for name, digest in SHARED_SHA256.items():
+        assert hashlib.sha256(package.joinpath(name).read_bytes()).hexdigest() == digest, name
+
+
 def test_packaged_name_files_equal_the_shared_ones():
     if not SHARED.is_dir():
-        pytest.skip(f"no shared benchmark folder at {SHARED}")
+        pytest.skip(f"no shared benchmark folder at {SHARED} (the digests above still check the copies)")
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in SHARED.glob("cls_*.txt")} == SHARED_SHA256
     shared = sorted(p.name for p in SHARED.glob("cls_*.txt"))
     assert sorted(p.name for p in NAMES.glob("cls_*.txt")) == shared
     assert sorted(b.names_file for b in BENCHMARKS.values()) == shared
@@ -581,3 +603,32 @@ def test_folder_pairs_missing_folders_and_no_images(tmp_path):
     with pytest.raises(LayoutError) as info:
         folder_pairs(empty, masks)
     assert "no images" in one_line(info)
+
+
+def test_each_method_gets_its_authors_settings_and_name_files():
+    from napari_sclip.evaluate.benchmarks import WHOLE
+
+    voc21, coco_object, cityscapes, stuff = (BENCHMARKS[name] for name in ("voc21", "coco-object", "cityscapes",
+                                                                          "coco-stuff"))
+    sclip = voc21.preset("sclip")
+    assert (sclip.short_side, sclip.window, sclip.stride, sclip.logit_scale, sclip.prob_threshold,
+            sclip.area_threshold) == (336, 224, 112, 65.0, 0.1, 0.1)
+    assert voc21.preset("maskclip") == sclip  # its authors give none: SCLIP's
+    naclip = voc21.preset("naclip")
+    assert (naclip.window, naclip.stride, naclip.logit_scale, naclip.area_threshold) == (WHOLE, WHOLE, 40.0, None)
+    assert stuff.preset("naclip").short_side == 336 and stuff.preset("sclip").short_side == 448
+    scclip = coco_object.preset("sc-clip")
+    assert (scclip.logit_scale, scclip.prob_threshold) == (55.0, 0.35)
+    assert voc21.preset("sc-clip").area_threshold == 0.1
+    clear = cityscapes.preset("clearclip")
+    assert (clear.short_side, clear.window, clear.stride, clear.logit_scale) == (448, 224, 224, 50.0)
+    assert all(BENCHMARKS[name].preset(method).source.endswith(BENCHMARKS[name].config)
+               for name in BENCHMARKS for method in ("sclip", "naclip", "sc-clip", "clearclip"))
+    # ClearCLIP's own VOC and COCO-Object files: one "background", no person synonyms, "tvmonitor".
+    names = voc21.class_names("clearclip")
+    assert len(names) == 21 and names[0] == "background" and names[15] == "person" and names[20] == "tvmonitor"
+    assert [n for n in voc21.class_names() if n != names[voc21.class_names().index(n)]] == [
+        voc21.class_names()[0], voc21.class_names()[15], voc21.class_names()[20]]
+    assert coco_object.class_names("clearclip")[:2] == ["background", "person"]
+    assert cityscapes.class_names("clearclip") == cityscapes.class_names()
+    assert voc21.class_names("naclip") == voc21.class_names("sc-clip") == voc21.class_names()

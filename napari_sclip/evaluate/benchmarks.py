@@ -40,6 +40,27 @@ class Pair:
     label: Path
 
 
+#: A window (and stride) larger than any resized image: the whole image in one pass, as NACLIP's
+#: configs run VOC (``slide_crop=0``); the long side is at most 2048 after the resize.
+WHOLE = 2048
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How one method's authors ran it on one benchmark: the resize's short side, the slide
+    windows, the logit scale, the thresholds, and their class-name file (in
+    ``napari_sclip/evaluate/names``).  ``source`` says which configuration it comes from."""
+
+    short_side: int
+    window: int
+    stride: int
+    logit_scale: float
+    prob_threshold: float
+    area_threshold: float | None
+    names_file: str
+    source: str
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One of SCLIP's Table 1 benchmarks: the authors' class names, settings and layout."""
@@ -79,11 +100,26 @@ class Benchmark:
     #: How the label files are made when the download does not ship them (for messages).
     labels_from: str = ""
 
-    def class_names(self) -> list[str]:
-        """The name file's lines, one class each with its synonyms after ", ", as the authors'
-        code reads them: nothing stripped but the line break (Context60's last line is
-        "wood ", whose space the tokenizer drops)."""
-        return list(_name_lines(self.names_file))
+    def class_names(self, method: str = "sclip") -> list[str]:
+        """The name file's lines (``method``'s authors' file), one class each with its synonyms
+        after ", ", as the authors' code reads them: nothing stripped but the line break
+        (Context60's last line is "wood ", whose space the tokenizer drops)."""
+        return list(_name_lines(self.preset(method).names_file))
+
+    def preset(self, method: str) -> Preset:
+        """The settings ``method``'s authors ran it with on this benchmark (their repository's
+        configs); SCLIP's for SCLIP and for MaskCLIP, whose authors give none."""
+        found = _METHOD_PRESETS.get((method, self.name))
+        if found is not None:
+            return found
+        return Preset(self.short_side, 224, 112, self.logit_scale, self.prob_threshold, self.area_threshold,
+                      self.names_file, f"{_SCLIP_COMMIT} configs/{self.config}")
+
+    @property
+    def config(self) -> str:
+        """The authors' config file of this benchmark ("cfg_voc21.py")."""
+        return {"cityscapes": "cfg_city_scapes.py", "coco-stuff": "cfg_coco_stuff164k.py"}.get(
+            self.name, f"cfg_{self.name.replace('-', '_')}.py")
 
     def pairs(self, data_root: str | Path) -> list[Pair]:
         """Every sample of the benchmark under ``data_root``, sorted by name.
@@ -247,6 +283,56 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
     )
 }
+
+
+_SCLIP_COMMIT = "wangf3014/SCLIP@b56bd30"
+_AUTHORS = {"naclip": "sinahmr/NACLIP@0cac3a6", "sc-clip": "SuleBai/SC-CLIP@0417ba9",
+            "clearclip": "mc-lan/ClearCLIP@ad68a40"}
+# method, benchmark: short side, window, stride, logit scale, prob. threshold, area threshold, name
+# file, from the authors' configs/cfg_*.py at the commits above.  NACLIP runs VOC on the whole
+# image; ClearCLIP uses its own VOC and COCO-Object name files ("background", "person",
+# "tvmonitor") and, on Cityscapes, 224 px windows that do not overlap.
+_TABLE = """
+naclip     voc21        336 WHOLE WHOLE 40 0.1  -   cls_voc21.txt
+naclip     context60    336 224   112   40 0.1  -   cls_context60.txt
+naclip     coco-object  336 224   112   40 0.1  -   cls_coco_object.txt
+naclip     voc20        336 WHOLE WHOLE 40 0    -   cls_voc20.txt
+naclip     cityscapes   560 224   112   40 0    -   cls_city_scapes.txt
+naclip     context59    336 224   112   40 0    -   cls_context59.txt
+naclip     ade20k       336 224   112   40 0    -   cls_ade20k.txt
+naclip     coco-stuff   336 224   112   40 0    -   cls_coco_stuff.txt
+sc-clip    voc21        336 224   112   50 0.15 0.1 cls_voc21.txt
+sc-clip    context60    336 224   112   40 0.15 -   cls_context60.txt
+sc-clip    coco-object  336 224   112   55 0.35 -   cls_coco_object.txt
+sc-clip    voc20        336 224   112   40 0    -   cls_voc20.txt
+sc-clip    cityscapes   560 224   112   40 0    -   cls_city_scapes.txt
+sc-clip    context59    336 224   112   40 0    -   cls_context59.txt
+sc-clip    ade20k       336 224   112   40 0    -   cls_ade20k.txt
+sc-clip    coco-stuff   336 224   112   40 0    -   cls_coco_stuff.txt
+clearclip  voc21        448 448   224   50 0.5  -   clearclip/cls_voc21.txt
+clearclip  context60    448 448   224   50 0.15 -   cls_context60.txt
+clearclip  coco-object  448 448   224   50 0.4  -   clearclip/cls_coco_object.txt
+clearclip  voc20        448 448   224   50 0    -   clearclip/cls_voc20.txt
+clearclip  cityscapes   448 224   224   50 0    -   cls_city_scapes.txt
+clearclip  context59    448 448   224   50 0    -   cls_context59.txt
+clearclip  ade20k       448 448   224   50 0    -   cls_ade20k.txt
+clearclip  coco-stuff   448 448   224   50 0    -   cls_coco_stuff.txt
+"""
+
+
+def _method_presets() -> dict[tuple[str, str], Preset]:
+    presets = {}
+    for line in _TABLE.strip().splitlines():
+        method, name, short, window, stride, scale, prob, area, names = line.split()
+        size = {"WHOLE": WHOLE}
+        config = BENCHMARKS[name].config
+        presets[method, name] = Preset(int(short), size.get(window) or int(window), size.get(stride) or int(stride),
+                                       float(scale), float(prob), None if area == "-" else float(area), names,
+                                       f"{_AUTHORS[method]} configs/{config}")
+    return presets
+
+
+_METHOD_PRESETS = _method_presets()
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,14 @@ import numpy as np
 
 from napari_sclip.engine.errors import ImageError, SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary
-from napari_sclip.evaluate.benchmarks import Pair, folder_pairs, get_benchmark, read_label
+from napari_sclip.evaluate.benchmarks import (
+    Benchmark,
+    Pair,
+    Preset,
+    folder_pairs,
+    get_benchmark,
+    read_label,
+)
 from napari_sclip.evaluate.metrics import (
     IGNORE_INDEX,
     Areas,
@@ -54,9 +61,9 @@ class Truth:
     background_class
         The class that pixels below the probability threshold get (``None``: unlabelled, which
         scores as no class).
-    preset
-        The settings its benchmark's authors used (``short_side``, ``logit_scale``,
-        ``prob_threshold``, ``area_threshold``); empty for other ground truth.
+    benchmark
+        The benchmark it is, whose authors' settings and name files each method gets
+        (:meth:`preset`); ``None`` for other ground truth.
     """
 
     title: str
@@ -66,7 +73,18 @@ class Truth:
     reduce_zero_label: bool = False
     ignore_index: int = IGNORE_INDEX
     background_class: int | None = None
-    preset: dict[str, Any] = field(default_factory=dict)
+    benchmark: Benchmark | None = None
+
+    def preset(self, method: str) -> Preset | None:
+        """How ``method``'s authors ran it on this benchmark; ``None`` for other ground truth."""
+        return self.benchmark.preset(method) if self.benchmark is not None else None
+
+    def vocabulary_for(self, method: str) -> Vocabulary:
+        """What ``method`` is given: its authors' name file on a benchmark (same classes, same
+        order; ClearCLIP's differ in names), else :attr:`vocabulary`."""
+        if self.benchmark is None:
+            return self.vocabulary
+        return parse_vocabulary(self.benchmark.class_names(method), unique=False)  # the authors' files repeat names
 
     def label(self, pair: Pair) -> np.ndarray:
         """The mask of ``pair`` as class indices, ``ignore_index`` where not scored."""
@@ -76,8 +94,8 @@ class Truth:
 
 @dataclass(frozen=True)
 class Setting:
-    """One combination of a sweep: a method and its post-processing (``None``: the method's or
-    the preset's logit scale; no area threshold)."""
+    """One combination of a sweep: a method and its post-processing (``logit_scale=None``: the
+    method's; ``area_threshold=None``: none)."""
 
     method: str
     logit_scale: float | None = None
@@ -94,11 +112,20 @@ class Setting:
                 "area_threshold": self.area_threshold}
 
 
-def sweep(methods: Sequence[str], logit_scales: Sequence[float | None], prob_thresholds: Sequence[float],
-          area_thresholds: Sequence[float | None]) -> list[Setting]:
-    """Every combination, method by method (the order of the report)."""
-    return [Setting(*combination)
-            for combination in itertools.product(methods, logit_scales, prob_thresholds, area_thresholds)]
+def sweep(truth: Truth, methods: Sequence[str], logit_scales: Sequence[float | None] | None = None,
+          prob_thresholds: Sequence[float] | None = None,
+          area_thresholds: Sequence[float | None] | None = None) -> list[Setting]:
+    """Every combination, method by method (the order of the report).  A list left ``None``
+    takes each method's value in ``truth``'s preset (its authors' on a benchmark), else the
+    defaults: the method's logit scale, no thresholds."""
+    settings = []
+    for method in methods:
+        preset = truth.preset(method)
+        scales = logit_scales or [preset.logit_scale if preset else None]
+        probs = prob_thresholds or [preset.prob_threshold if preset else 0.0]
+        areas = area_thresholds or [preset.area_threshold if preset else None]
+        settings += [Setting(method, *combination) for combination in itertools.product(scales, probs, areas)]
+    return settings
 
 
 @dataclass(frozen=True)
@@ -188,10 +215,8 @@ def benchmark_truth(name: str, data_root: str | Path) -> Truth:
     names = list(vocabulary.display_names)
     if background == 0:
         names[0] = "background"
-    preset = {"short_side": benchmark.short_side, "logit_scale": benchmark.logit_scale,
-              "prob_threshold": benchmark.prob_threshold, "area_threshold": benchmark.area_threshold}
     return Truth(f"{benchmark.title} ({Path(data_root)})", tuple(benchmark.pairs(data_root)), vocabulary,
-                 _unique(names), benchmark.reduce_zero_label, IGNORE_INDEX, background, preset)
+                 _unique(names), benchmark.reduce_zero_label, IGNORE_INDEX, background, benchmark)
 
 
 def folder_truth(images: str | Path, masks: str | Path, vocabulary: Vocabulary,
@@ -256,6 +281,98 @@ def evaluate(truth: Truth, segmenter, settings: Sequence[Setting], *,
             progress(done, total)
 
 
+@dataclass
+class Tally:
+    """How far a run is: the images each method has scored, each setting's summed pixel counts,
+    and each method's parameters.  Counts add up, so a run can go on from a saved tally
+    (:class:`Checkpoint`) and Dask workers' partial tallies merge into the client's."""
+
+    done: dict[str, set[str]]
+    areas: dict[Setting, Areas]
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, settings: Sequence[Setting], num_classes: int) -> Tally:
+        return cls({setting.method: set() for setting in settings},
+                   {setting: Areas.zeros(num_classes) for setting in settings})
+
+    def add(self, method: str, names: Sequence[str], areas: dict[Setting, Areas], params: dict[str, Any]) -> None:
+        for setting, counts in areas.items():
+            self.areas[setting] += counts
+        self.done[method].update(names)
+        self.params.setdefault(method, params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"done": {method: sorted(names) for method, names in self.done.items()},
+                "areas": [[setting.to_json(), counts.to_json()] for setting, counts in self.areas.items()],
+                "params": self.params}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Tally:
+        areas = {Setting(**setting): Areas.from_json(counts) for setting, counts in value["areas"]}
+        return cls({method: set(names) for method, names in value["done"].items()}, areas, value["params"])
+
+
+class Checkpoint:
+    """A run's :class:`Tally`, saved atomically (at most every ``every`` seconds) at ``path``, with
+    a fingerprint of the run: the same command finds it and goes on where the last one stopped;
+    any other run starts afresh."""
+
+    def __init__(self, path: Path, fingerprint: str, every: float = 10.0) -> None:
+        self.path, self.fingerprint, self.every = path, fingerprint, every
+        self._saved: float | None = 0.0  # None: saving failed once, and is not tried again
+
+    def load(self) -> Tally | None:
+        from napari_sclip.dataset.paths import read_json
+
+        try:
+            value = read_json(self.path)
+            if value.get("fingerprint") != self.fingerprint:
+                return None
+            return Tally.from_json(value["tally"])
+        except (SclipError, OSError, KeyError, TypeError, ValueError, AttributeError):
+            return None  # none, another run's, or damaged: start afresh
+
+    def save(self, tally: Tally, *, now: bool = False) -> None:
+        import json
+        import time
+
+        from napari_sclip._files import atomic_write_bytes
+
+        if self._saved is None or (not now and time.monotonic() - self._saved < self.every):
+            return
+        document = {"fingerprint": self.fingerprint, "tally": tally.to_json()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(document).encode())
+        except OSError as exc:  # a read-only or full cache: the run goes on, it just cannot resume
+            import warnings
+
+            from napari_sclip._files import describe_os_error
+
+            warnings.warn(f"cannot save the evaluation's progress, it will not resume: {describe_os_error(exc)}",
+                          stacklevel=2)
+            self._saved = None
+            return
+        self._saved = time.monotonic()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def fingerprint(truth: Truth, settings: Sequence[Setting], model: dict[str, Any], options: dict[str, Any]) -> str:
+    """What makes two runs the same: the images and masks, classes, settings, model and options."""
+    import hashlib
+    import json
+
+    document = {"pairs": [[pair.name, str(pair.image), str(pair.label)] for pair in truth.pairs],
+                "classes": truth.vocabulary.to_lines(), "reduce_zero_label": truth.reduce_zero_label,
+                "background_class": truth.background_class,
+                "benchmark": truth.benchmark.name if truth.benchmark else None,
+                "settings": [setting.to_json() for setting in settings], "model": model, "options": options}
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def iter_evaluate(
     truth: Truth,
     segmenter,
@@ -266,60 +383,174 @@ def iter_evaluate(
     stride: int | None = None,
     pamr: bool | None = None,
     predictions: Path | None = None,
+    tally: Tally | None = None,
+    readers: int = 2,
+    finishers: int = 2,
+    client=None,
+    chunk_size: int = 8,
 ) -> Generator[tuple[int, int], None, Report]:
     """Score every setting on every image of ``truth``: yields ``(done, total)`` (images times
     methods) as images are scored and returns the :class:`Report`; closing it stops the run.
 
-    Each method runs once per image (its windows batched across images by
-    :meth:`~napari_sclip.engine.segmenter.Segmenter.run_windows`); every setting of that method is
-    then one :meth:`~napari_sclip.engine.segmenter.Segmenter.finish` of the same logits.  Scores
-    are mmseg's (:mod:`~napari_sclip.evaluate.metrics`), summed over the whole set.
-    ``short_side`` defaults to the preset's (else the method's).  With ``predictions``, each
+    Each method runs once per image; every setting of that method is then one
+    :meth:`~napari_sclip.engine.segmenter.Segmenter.finish` of the same logits.  The run is a
+    pipeline: ``readers`` threads decode and prepare images ahead of the model, which batches
+    windows across images, and ``finishers`` threads post-process and count, with bounded
+    queues.  With a Dask ``client``, chunks of ``chunk_size`` images are scored on its workers
+    (each loads the model once) and their counts summed here.  Scores are mmseg's
+    (:mod:`~napari_sclip.evaluate.metrics`), summed over the whole set.
+
+    ``short_side``, ``window`` and ``stride`` default to each method's preset (its authors' on a
+    benchmark, else the method's defaults).  ``tally`` is where to start
+    from (a :class:`Checkpoint`'s), updated as images are scored.  With ``predictions``, each
     image's predicted class indices (255 where unlabelled) are written as
     ``<predictions>/<setting>/<name>.png``.  A mask that does not match its image, or an image
     that cannot be read, is one :class:`SclipError` naming the file.
     """
     if not settings:
         raise SclipError("nothing to evaluate: give at least one method")
-    short_side = short_side or truth.preset.get("short_side")
+    run = _Run(truth, tuple(settings), {"short_side": short_side, "window": window, "stride": stride,
+                                        "pamr": pamr}, predictions)
+    tally = tally if tally is not None else Tally.empty(settings, len(truth.vocabulary))
     methods = list(dict.fromkeys(setting.method for setting in settings))
-    totals = {setting: Areas.zeros(len(truth.vocabulary)) for setting in settings}
-    total, done = len(truth.pairs) * len(methods), 0
+    total = len(truth.pairs) * len(methods)
+    done = sum(len(names) for names in tally.done.values())
     yield done, total
-    params: dict[str, Any] = {}
     for method in methods:
-        mine = [setting for setting in settings if setting.method == method]
-        options = {"method": method, "short_side": short_side, "window": window, "stride": stride, "pamr": pamr}
-        prepared = (segmenter.prepare(_read_image(pair.image), truth.vocabulary, tag=pair, **options)
-                    for pair in truth.pairs)
-        for image, canvas in segmenter.run_windows(prepared):
-            pair = image.tag
-            label = truth.label(pair)
-            if label.shape != image.size:
-                raise ImageError(f"{pair.label} is {label.shape[1]}x{label.shape[0]} but its image {pair.image} "
-                                 f"is {image.size[1]}x{image.size[0]}")
-            for setting in mine:
-                result = segmenter.finish(_decided(image, setting, truth), canvas)
-                predicted = _class_indices(result.labels)
-                totals[setting] += image_areas(predicted, label, len(truth.vocabulary), truth.ignore_index)
-                if predictions is not None:
-                    _save_prediction(predictions / _slug(setting), pair.name, predicted)
-                params.setdefault(method, {key: value for key, value in result.params.items()
-                                           if key not in ("logit_scale", "prob_threshold", "background_class",
-                                                          "area_threshold", "resized_shape", "windows",
-                                                          "features_reused")})
-            done += 1
+        left = tuple(pair for pair in truth.pairs if pair.name not in tally.done[method])
+        if client is not None:
+            scored = _score_on_cluster(client, segmenter, run, method, left, chunk_size)
+        else:
+            scored = _score_here(segmenter, run, method, left, readers, finishers)
+        for names, areas, params in scored:
+            tally.add(method, names, areas, params)
+            done += len(names)
             yield done, total
-    results = tuple((setting, scores(totals[setting], truth.class_names)) for setting in settings)
-    return Report(truth.title, len(truth.pairs), results, params)
+    results = tuple((setting, scores(tally.areas[setting], truth.class_names)) for setting in settings)
+    return Report(truth.title, len(truth.pairs), results, tally.params)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every image of a run is scored with (it travels to Dask workers)."""
+
+    truth: Truth
+    settings: tuple[Setting, ...]
+    options: dict[str, Any]  # the caller's short side, window, stride and PAMR (None: the preset's)
+    predictions: Path | None
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """:meth:`Segmenter.prepare`'s keyword arguments for ``method``."""
+        preset = self.truth.preset(method)
+        chosen = dict(self.options, method=method)
+        if preset is not None:
+            for name in ("short_side", "window", "stride"):
+                if chosen[name] is None:
+                    chosen[name] = getattr(preset, name)
+        return chosen
+
+
+Scored = tuple[tuple[str, ...], dict[Setting, Areas], dict[str, Any]]  # names, their counts, params
+
+
+def _score_here(segmenter, run: _Run, method: str, pairs: Sequence[Pair], readers: int,
+                finishers: int) -> Iterator[Scored]:
+    """Score ``pairs`` with ``method`` in this process: reader threads, the model, finisher
+    threads; one result per image, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_sclip._concurrency import bounded_map
+
+    options = run.method_options(method)
+    vocabulary = run.truth.vocabulary_for(method)
+
+    def prepare(pair: Pair):
+        return segmenter.prepare(_read_image(pair.image), vocabulary, tag=pair, **options)
+
+    with ThreadPoolExecutor(readers, thread_name_prefix="napari-sclip evaluate reader") as reading, \
+            ThreadPoolExecutor(finishers, thread_name_prefix="napari-sclip evaluate finisher") as finishing:
+        windows = segmenter.run_windows(bounded_map(reading, prepare, pairs, 2 * readers))
+        # At most a few images' logits wait for their finishers (they may be on the GPU).
+        for result in bounded_map(finishing, lambda item: _score_image(segmenter, run, method, *item), windows,
+                                  2 * finishers):
+            yield result
+
+
+def _score_image(segmenter, run: _Run, method: str, image, canvas) -> Scored:
+    """Every setting of ``method`` on one prepared image's logits."""
+    pair, truth = image.tag, run.truth
+    label = truth.label(pair)
+    if label.shape != image.size:
+        raise ImageError(f"{pair.label} is {label.shape[1]}x{label.shape[0]} but its image {pair.image} "
+                         f"is {image.size[1]}x{image.size[0]}")
+    areas, params = {}, {}
+    for setting in run.settings:
+        if setting.method != method:
+            continue
+        result = segmenter.finish(_decided(image, setting, truth), canvas)
+        predicted = _class_indices(result.labels)
+        areas[setting] = image_areas(predicted, label, len(truth.vocabulary), truth.ignore_index)
+        if run.predictions is not None:
+            _save_prediction(run.predictions / _slug(setting), pair.name, predicted)
+        params = {key: value for key, value in result.params.items() if key not in _PER_SETTING}
+    return (pair.name,), areas, params
+
+
+#: Result parameters that vary by setting or image, left out of a report's per-method parameters.
+_PER_SETTING = ("logit_scale", "prob_threshold", "background_class", "area_threshold", "resized_shape", "windows",
+                "features_reused")
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A Dask task: one method on a few images."""
+
+    run: _Run
+    method: str
+    pairs: tuple[Pair, ...]
+
+
+def _score_chunk(chunk: _Chunk) -> Scored:
+    """A worker's task: its images scored with its model (loaded once per worker), summed."""
+    from napari_sclip.dataset.cluster import using_worker_segmenter
+
+    settings = [setting for setting in chunk.run.settings if setting.method == chunk.method]
+    tally = Tally.empty(settings, len(chunk.run.truth.vocabulary))
+    with using_worker_segmenter() as model:
+        for names, areas, params in _score_here(model, chunk.run, chunk.method, chunk.pairs, 1, 1):
+            tally.add(chunk.method, names, areas, params)
+    return tuple(pair.name for pair in chunk.pairs), tally.areas, tally.params.get(chunk.method, {})
+
+
+def _score_on_cluster(client, segmenter, run: _Run, method: str, pairs: Sequence[Pair],
+                      chunk_size: int) -> Iterator[Scored]:
+    """Score ``pairs`` on ``client``'s workers, ``chunk_size`` images a task (the images and
+    masks must be where the workers can read them); a task whose workers keep dying fails the
+    run in one line."""
+    from napari_sclip.dataset.cluster import ClusterError, install_segmenter, map_bounded
+    from napari_sclip.engine._torch import open_clip
+
+    if not pairs:
+        return
+    config = open_clip.get_model_config(segmenter.model_name)
+    install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
+                      model_configs={segmenter.model_name: config} if config else None)
+    chunks = (_Chunk(run, method, tuple(pairs[k:k + chunk_size])) for k in range(0, len(pairs), chunk_size))
+    threads = sum(client.nthreads().values()) or 1
+    for _, scored in map_bounded(client, _score_chunk, chunks, max_in_flight=2 * threads,
+                                 key_prefix="napari-sclip-evaluate", return_exceptions=True):
+        if isinstance(scored, BaseException):
+            if isinstance(scored, SclipError):
+                raise scored
+            raise ClusterError(f"a Dask task failed: {type(scored).__name__}: {scored}") from scored
+        yield scored
 
 
 def _decided(image, setting: Setting, truth: Truth):
     """``image`` (prepared) with ``setting``'s post-processing."""
-    scale = setting.logit_scale if setting.logit_scale is not None else truth.preset.get("logit_scale")
     return replace(
         image,
-        logit_scale=image.logit_scale if scale is None else float(scale),
+        logit_scale=image.logit_scale if setting.logit_scale is None else float(setting.logit_scale),
         prob_threshold=float(setting.prob_threshold),
         background_class=truth.background_class,
         area_threshold=setting.area_threshold if truth.background_class is not None else None,

@@ -44,7 +44,7 @@ def evaluation_job(request: EvaluationRequest) -> Generator[JobProgress, None, E
     truth = dataset_truth(request.root)
     yield JobProgress(0.0, "loading the model")
     segmenter = make_segmenter(request.model, request.pretrained, request.device, request.quick_gelu)
-    settings = sweep(request.methods, [None], request.prob_thresholds, [None])
+    settings = sweep(truth, request.methods, prob_thresholds=request.prob_thresholds)
     steps = iter_evaluate(truth, segmenter, settings)
     try:
         while True:
