@@ -268,3 +268,31 @@ def test_a_dask_cluster_gives_the_figures_of_one_process(tiny_dir, tiny_checkpoi
     assert there.stdout == here.stdout
     results = [json.loads((tmp_path / name).read_text())["results"] for name in ("here.json", "there.json")]
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("name", ["voc21", "context60", "coco-object", "voc20", "cityscapes", "context59", "ade20k",
+                                  "coco-stuff"])
+def test_each_benchmark_layout_is_scored(segmenter, tmp_path, name):
+    from test_evaluate_benchmarks import make_layout, write_grey, write_palette
+
+    from napari_sclip.evaluate.benchmarks import BENCHMARKS
+    from napari_sclip.evaluate.metrics import reduce_zero_label
+
+    benchmark = BENCHMARKS[name]
+    make_layout(tmp_path, benchmark)
+    rng = np.random.default_rng(1)
+    expected = 0
+    for k, pair in enumerate(benchmark.pairs(tmp_path)):  # images a model can see, labels to match
+        Image.fromarray(np.roll(natural_image(40, 56), 5 * k, axis=1)).save(pair.image, "JPEG" if pair.image.suffix
+                                                                           == ".jpg" else "PNG")
+        values = rng.integers(0, benchmark.num_classes, (40, 56)).astype(np.uint8)
+        values[:3] = 255
+        (write_palette if benchmark.labels == "SegmentationClass" else write_grey)(pair.label, values)
+        scored = reduce_zero_label(values) if benchmark.reduce_zero_label else values
+        expected += int(((scored != 255) & (scored < benchmark.num_classes)).sum())
+    truth = benchmark_truth(name, tmp_path)
+    report = evaluate(truth, segmenter, sweep(truth, ["sclip"]))
+    (setting, scores), = report.results
+    assert report.images == len(truth.pairs) >= 2 and scores.areas.label.sum() == expected
+    assert (setting.logit_scale, setting.prob_threshold) == (benchmark.logit_scale, benchmark.prob_threshold)
+    assert report.params["sclip"]["short_side"] == benchmark.short_side
