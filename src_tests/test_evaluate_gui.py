@@ -22,7 +22,10 @@ def _review(widget, qtbot, tmp_path, reviewed: int):  # noqa: F811 - the fixture
 
 
 @pytest.mark.gui
-def test_evaluate_scores_the_reviewed_samples_and_the_widget_takes_the_best(widget, qtbot, tmp_path):  # noqa: F811
+def test_evaluate_scores_the_reviewed_samples_and_the_widget_takes_the_best(widget, qtbot, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    from napari_sclip.plugin import engine_loader
+
     panel = _review(widget, qtbot, tmp_path, 2)
     section = panel.evaluate
     click(qtbot, section.unfold)
@@ -47,6 +50,13 @@ def test_evaluate_scores_the_reviewed_samples_and_the_widget_takes_the_best(widg
     picture, = dialog.findChildren(QLabel)
     assert picture.pixmap().width() > 300 and picture.pixmap().height() > 300
     dialog.close()
+    loaded = section.evaluation.segmenter
+    made = []
+    real = engine_loader.make_segmenter
+    monkeypatch.setattr(engine_loader, "make_segmenter", lambda *args: made.append(args) or real(*args))
+    click(qtbot, section._run)  # again: the model is not loaded twice
+    qtbot.waitUntil(lambda: not section.running, timeout=120_000)
+    assert section.evaluation.segmenter is loaded and made == []
     panel.close_review()
 
 

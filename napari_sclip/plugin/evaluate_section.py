@@ -133,7 +133,8 @@ class EvaluateSection(QWidget):
         except SclipError as exc:
             self._failed(exc)
             return
-        self._worker = create_worker(evaluation_job, request, _start_thread=False, _ignore_errors=True)
+        earlier = self.evaluation.segmenter if self.evaluation is not None else None
+        self._worker = create_worker(evaluation_job, request, earlier, _start_thread=False, _ignore_errors=True)
         self._worker.yielded.connect(self._on_progress)
         self._worker.returned.connect(self._on_done)
         self._worker.errored.connect(self._failed)

@@ -33,17 +33,22 @@ class Evaluation:
     report: Report
     chart: bytes
     advice: str
+    segmenter: object  # the Segmenter it ran: the next evaluation with the same model reuses it
 
 
-def evaluation_job(request: EvaluationRequest) -> Generator[JobProgress, None, Evaluation]:
-    """A worker's job: load the engine and the model, score, and draw the chart."""
+def evaluation_job(request: EvaluationRequest, segmenter=None) -> Generator[JobProgress, None, Evaluation]:
+    """A worker's job: load the engine and the model (unless ``segmenter``, an earlier
+    evaluation's, is of the same model), score, and draw the chart."""
     from napari_sclip.evaluate.plot import chart_png
     from napari_sclip.plugin.engine_loader import make_segmenter
 
     yield JobProgress(0.0, "reading the reviewed samples")
     truth = dataset_truth(request.root)
-    yield JobProgress(0.0, "loading the model")
-    segmenter = make_segmenter(request.model, request.pretrained, request.device, request.quick_gelu)
+    wanted = (request.model, request.pretrained, request.device, request.quick_gelu)
+    if segmenter is None or (segmenter.model_name, segmenter.pretrained, segmenter.device_name,
+                             segmenter.quick_gelu) != wanted:
+        yield JobProgress(0.0, "loading the model")
+        segmenter = make_segmenter(*wanted)
     settings = sweep(truth, request.methods, prob_thresholds=request.prob_thresholds)
     steps = iter_evaluate(truth, segmenter, settings)
     try:
@@ -54,7 +59,7 @@ def evaluation_job(request: EvaluationRequest) -> Generator[JobProgress, None, E
         report = finished.value
     finally:
         steps.close()
-    return Evaluation(report, chart_png(report), advice(report))
+    return Evaluation(report, chart_png(report), advice(report), segmenter)
 
 
 def advice(report: Report) -> str:
