@@ -222,8 +222,9 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--masks", metavar="DIR", help="index PNGs named as the images (value i = class i, 255 ignore)")
     evaluate.add_argument("--classes-file", metavar="FILE", help="one class per line (synonyms after commas), "
                           "in the masks' order")
-    evaluate.add_argument("--status", default="reviewed", choices=("reviewed", "edited", "reviewed,edited"),
-                          help="which of the dataset's samples are ground truth (default: reviewed)")
+    evaluate.add_argument("--status", default="reviewed", type=_statuses, metavar="STATUS",
+                          help="which of the dataset's samples are ground truth: reviewed (the default), edited, "
+                          "or reviewed,edited")
     evaluate.add_argument("--background-class", type=int, default=None, metavar="I",
                           help="pixels below the probability threshold get class I (benchmarks: the authors' choice)")
     _add_model_options(evaluate)
@@ -575,7 +576,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise SclipError("--images needs --masks and --classes-file")
         truth = folder_truth(args.images, args.masks, read_vocabulary_file(args.classes_file), args.background_class)
     else:
-        truth = dataset_truth(args.dataset, tuple(args.status.split(",")), args.background_class)
+        truth = dataset_truth(args.dataset, args.status, args.background_class)
     if args.limit:
         truth = replace(truth, pairs=truth.pairs[: args.limit])
     methods = _list(args.methods, str, "--methods")
@@ -603,6 +604,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     run_id = fingerprint(truth, settings, model, options)
     checkpoint = Checkpoint(config.cache_dir() / "evaluate" / f"{run_id[:32]}.json", run_id)
     tally = checkpoint.load()
+    if tally is not None and not args.quiet:
+        done = sum(len(names) for names in tally.done.values())
+        print(f"napari-sclip: going on from the interrupted run: {done} of {len(truth.pairs) * len(methods)} "
+              "images already scored", file=sys.stderr)
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress_bar(args.quiet, total=len(truth.pairs) * len(methods), unit="image"))
         client = None
@@ -629,7 +634,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise
     checkpoint.remove()
     best, best_scores = report.best
-    print(f"{report.truth}: {report.images} images")
+    if report.caveat:
+        warnings.warn(report.caveat, stacklevel=1)
+    print(f"{report.truth}: {report.images} image{'s' if report.images != 1 else ''}")
     print(report.table())
     print(f"\nbest: {best.describe()}")
     print(best_scores.table())
@@ -645,6 +652,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         plot_report(report, Path(args.plot).expanduser())
     return 0
+
+
+def _statuses(text: str) -> tuple[str, ...]:
+    chosen = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not chosen or not set(chosen) <= {"reviewed", "edited"}:
+        raise argparse.ArgumentTypeError(f"give reviewed, edited or reviewed,edited, not {text!r}")
+    return chosen
 
 
 def _list(text: str, convert, option: str) -> list:

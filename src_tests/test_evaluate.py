@@ -92,6 +92,18 @@ def test_a_sweep_gives_the_figures_of_separate_runs(segmenter, tmp_path):
     assert swept.best[1].miou == max(figures.values())
 
 
+def test_a_mask_value_no_class_has_is_one_line(segmenter, tmp_path):
+    from napari_sclip.engine.errors import ImageError
+
+    images, masks = _folder(tmp_path, 1)
+    mask = np.asarray(Image.open(masks / "im0.png")).copy()
+    mask[10, 10] = 4  # four classes: 0-3, as if numbered from 1 like napari's labels
+    Image.fromarray(mask).save(masks / "im0.png")
+    with pytest.raises(ImageError, match=r"im0.png holds mask value\(s\) 4, which no class has: masks number the 4 "
+                       r"classes from 0 \(255 = ignore\)"):
+        evaluate(folder_truth(images, masks, parse_vocabulary(CLASSES)), segmenter, [Setting("sclip")])
+
+
 def test_a_mask_of_another_size_is_one_line(segmenter, tmp_path):
     from napari_sclip.engine.errors import ImageError
 
@@ -127,7 +139,8 @@ def test_a_datasets_reviewed_samples_are_the_ground_truth(tmp_path):
     from napari_sclip.dataset.writer import DatasetWriter, Sample
 
     make_dataset(tmp_path / "ds", 3)
-    with pytest.raises(DatasetError, match="no reviewed samples to score against: review some first"):
+    with pytest.raises(DatasetError, match="no reviewed samples to score against: mark some reviewed in napari "
+                       r"\(napari-sclip review .*, then Shift\+R on each sample checked\)"):
         dataset_truth(tmp_path / "ds")
     from napari_sclip.dataset.format import read_manifest
     from napari_sclip.dataset.reader import read_sample
@@ -136,9 +149,11 @@ def test_a_datasets_reviewed_samples_are_the_ground_truth(tmp_path):
     stored = read_sample(tmp_path / "ds", "train", "s001", train_ids)
     with DatasetWriter(tmp_path / "ds") as writer:
         writer.rewrite("s001", Sample("s001", stored.labels, image=stored.image, confidence=stored.confidence,
-                                      meta={**stored.meta, "review_status": "reviewed"}))
+                                      meta={**stored.meta, "review_status": "reviewed", "method": "naclip"}))
     truth = dataset_truth(tmp_path / "ds")
     assert [pair.name for pair in truth.pairs] == ["train/s001"]
+    # Accepted as the model made it: its labels are the ground truth, which favours that model.
+    assert truth.caveat == "1 of the 1 samples are naclip's labels accepted unchanged, which favours naclip"
     assert [names[0] for names in truth.vocabulary.classes] == [names[0] for names in REVIEW_CLASSES.values()]
 
 
@@ -167,8 +182,8 @@ def test_the_command_prints_the_table_and_writes_the_report(tiny_dir, tiny_check
     assert by_threshold[0.3]["precise"] != by_threshold[0.0]["precise"]
     assert report["versions"]["torch"] and report["params"]["sclip"]["model"]
     saved = sorted(path.relative_to(tmp_path / "predicted").as_posix() for path in (tmp_path / "predicted").rglob("*.png"))
-    assert len(saved) == 8 and "sclip_scale-default_prob-0.3_area-none/im1.png" in saved
-    predicted = np.asarray(Image.open(tmp_path / "predicted" / "sclip_scale-default_prob-0.3_area-none" / "im1.png"))
+    assert len(saved) == 8 and "sclip_scale-40_prob-0.3_area-none/im1.png" in saved
+    predicted = np.asarray(Image.open(tmp_path / "predicted" / "sclip_scale-40_prob-0.3_area-none" / "im1.png"))
     assert predicted.shape == (70, 75) and set(np.unique(predicted)) <= {0, 1, 2, 3, 255}
     assert Image.open(tmp_path / "report.png").format == "PNG"
 
@@ -193,6 +208,8 @@ def test_unknown_methods_and_bad_lists_are_one_line(tiny_dir, tiny_checkpoint, t
     base = ["--images", str(images), "--masks", str(masks), "--classes-file", str(classes)]
     for extra, message in ((["--methods", "sclip,magic"], "unknown method 'magic'"),
                            (["--prob-threshold", "0,x"], "--prob-threshold takes a comma-separated list"),
+                           (["--prob-threshold", "0,1.5"], "the probability threshold must be between 0 and 1"),
+                           (["--logit-scale", "-1"], "a logit scale must be a positive number"),
                            (["--area-threshold", "0.1"], "needs a background class")):
         done = _cli(tiny_dir, tiny_checkpoint, *base, *extra)
         assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr

@@ -169,12 +169,15 @@ def meta_ids(root: Path, split: str) -> list[str]:
     return [name[: -len(".json")] for name in names]
 
 
-def is_edited(meta: dict[str, Any]) -> bool:
-    """Whether a person touched a stored sample (painted, set pixels to ignore, or reviewed it)."""
+def pixels_edited(meta: dict[str, Any]) -> bool:
+    """Whether a person changed a stored sample's pixels (painted, or set some to ignore)."""
     edits = meta.get("edits") or {}
-    return bool(edits.get("painted_pixels") or edits.get("ignored_pixels")) or meta.get(
-        "review_status", "unreviewed"
-    ) != "unreviewed"
+    return bool(edits.get("painted_pixels") or edits.get("ignored_pixels"))
+
+
+def is_edited(meta: dict[str, Any]) -> bool:
+    """Whether a person touched a stored sample (changed its pixels, or reviewed it)."""
+    return pixels_edited(meta) or meta.get("review_status", "unreviewed") != "unreviewed"
 
 
 Identity = tuple[str | None, tuple[int, ...] | None]  # (source SHA-256, slice index)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_sclip.engine.errors import ImageError, SclipError
+from napari_sclip.engine.errors import ImageError, ParameterError, SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary
 from napari_sclip.evaluate.benchmarks import (
     Benchmark,
@@ -64,6 +64,9 @@ class Truth:
     benchmark
         The benchmark it is, whose authors' settings and name files each method gets
         (:meth:`preset`); ``None`` for other ground truth.
+    caveat
+        What biases the scores, for the report (a dataset's samples accepted unchanged are the
+        labels of the method that made them), or ``None``.
     """
 
     title: str
@@ -74,6 +77,7 @@ class Truth:
     ignore_index: int = IGNORE_INDEX
     background_class: int | None = None
     benchmark: Benchmark | None = None
+    caveat: str | None = None
 
     def preset(self, method: str) -> Preset | None:
         """How ``method``'s authors ran it on this benchmark; ``None`` for other ground truth."""
@@ -87,9 +91,19 @@ class Truth:
         return parse_vocabulary(self.benchmark.class_names(method), unique=False)  # the authors' files repeat names
 
     def label(self, pair: Pair) -> np.ndarray:
-        """The mask of ``pair`` as class indices, ``ignore_index`` where not scored."""
+        """The mask of ``pair`` as class indices, ``ignore_index`` where not scored.  A value that
+        is neither a class nor ignore is an :class:`ImageError` naming the file (mmseg would drop
+        it silently: a mask numbered from 1, as napari's labels are, would score nonsense)."""
         mask = read_label(pair.label)
-        return reduce_zero_label(mask) if self.reduce_zero_label else mask
+        mask = reduce_zero_label(mask) if self.reduce_zero_label else mask
+        counts = np.bincount(mask.ravel(), minlength=len(self.vocabulary))
+        counts[self.ignore_index:self.ignore_index + 1] = 0
+        stray = np.flatnonzero(counts[len(self.vocabulary):]) + len(self.vocabulary)
+        if stray.size:
+            listed = ", ".join(map(str, stray[:5])) + (", ..." if stray.size > 5 else "")
+            raise ImageError(f"{pair.label} holds mask value(s) {listed}, which no class has: masks number the "
+                             f"{len(self.vocabulary)} classes from 0 ({self.ignore_index} = ignore)")
+        return mask
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,13 @@ class Setting:
     logit_scale: float | None = None
     prob_threshold: float = 0.0
     area_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ParameterError(f"a logit scale must be a positive number, got {self.logit_scale!r}")
+        for name, value in (("probability threshold", self.prob_threshold), ("area threshold", self.area_threshold)):
+            if value is not None and not 0 <= value <= 1:
+                raise ParameterError(f"the {name} must be between 0 and 1, got {value!r}")
 
     def describe(self) -> str:
         scale = "default" if self.logit_scale is None else f"{self.logit_scale:g}"
@@ -118,10 +139,12 @@ def sweep(truth: Truth, methods: Sequence[str], logit_scales: Sequence[float | N
     """Every combination, method by method (the order of the report).  A list left ``None``
     takes each method's value in ``truth``'s preset (its authors' on a benchmark), else the
     defaults: the method's logit scale, no thresholds."""
+    from napari_sclip.engine.methods import get_method
+
     settings = []
     for method in methods:
         preset = truth.preset(method)
-        scales = logit_scales or [preset.logit_scale if preset else None]
+        scales = logit_scales or [preset.logit_scale if preset else get_method(method).logit_scale]
         probs = prob_thresholds or [preset.prob_threshold if preset else 0.0]
         areas = area_thresholds or [preset.area_threshold if preset else None]
         settings += [Setting(method, *combination) for combination in itertools.product(scales, probs, areas)]
@@ -136,6 +159,7 @@ class Report:
     images: int
     results: tuple[tuple[Setting, Scores], ...]
     params: dict[str, Any]
+    caveat: str | None = None  # the ground truth's (:attr:`Truth.caveat`)
 
     @property
     def best(self) -> tuple[Setting, Scores]:
@@ -173,6 +197,7 @@ class Report:
         return {
             "truth": self.truth,
             "images": self.images,
+            "caveat": self.caveat,
             "params": self.params,
             "results": [{"setting": setting.to_json(), "best": setting == best, **result.to_json(),
                          "labelled": _fraction(labelled(result)), "precise": _fraction(precise(result))}
@@ -235,7 +260,7 @@ def dataset_truth(root: str | Path, statuses: Sequence[str] = ("reviewed",),
     from napari_sclip.dataset import format as fmt
     from napari_sclip.dataset.paths import DatasetError, resolve_inside
     from napari_sclip.dataset.reader import find_dataset_root, sample_ids
-    from napari_sclip.dataset.writer import read_meta
+    from napari_sclip.dataset.writer import pixels_edited, read_meta
 
     found = find_dataset_root(root)
     if found is None:
@@ -245,17 +270,23 @@ def dataset_truth(root: str | Path, statuses: Sequence[str] = ("reviewed",),
     if sorted(by_train_id) != list(range(len(by_train_id))) or not by_train_id:
         raise DatasetError(f"{found} has no classes, or training ids with gaps: nothing to score against")
     vocabulary = parse_vocabulary([list(registry.names[by_train_id[k]]) for k in range(len(by_train_id))])
-    pairs = []
+    pairs, unchanged = [], {}
     for split, image_id in sample_ids(found):
         meta = read_meta(resolve_inside(found, f"{split}/meta/{image_id}.json"))
         if meta.get("review_status") in statuses:
             pairs.append(Pair(f"{split}/{image_id}", resolve_inside(found, f"{split}/{meta['image']}"),
                               resolve_inside(found, f"{split}/{meta['mask']}")))
+            if not pixels_edited(meta) and meta.get("method"):
+                unchanged[meta["method"]] = unchanged.get(meta["method"], 0) + 1
     if not pairs:
-        raise DatasetError(f"{found} has no {' or '.join(statuses)} samples to score against: review some first")
+        raise DatasetError(f"{found} has no {' or '.join(statuses)} samples to score against: mark some reviewed "
+                           f"in napari (napari-sclip review {found}, then Shift+R on each sample checked)")
     ignore = fmt.ignore_value(fmt.mask_dtype(train_ids))
+    note = "; ".join(f"{count} of the {len(pairs)} samples are {method}'s labels accepted unchanged, which "
+                     f"favours {method}" for method, count in unchanged.items())
     return Truth(f"{found} ({' and '.join(statuses)} samples)", tuple(pairs), vocabulary,
-                 _unique(vocabulary.display_names), ignore_index=ignore, background_class=background_class)
+                 _unique(vocabulary.display_names), ignore_index=ignore, background_class=background_class,
+                 caveat=note or None)
 
 
 def _unique(names: Sequence[str]) -> tuple[str, ...]:
@@ -427,7 +458,7 @@ def iter_evaluate(
             done += len(names)
             yield done, total
     results = tuple((setting, scores(tally.areas[setting], truth.class_names)) for setting in settings)
-    return Report(truth.title, len(truth.pairs), results, tally.params)
+    return Report(truth.title, len(truth.pairs), results, tally.params, truth.caveat)
 
 
 @dataclass(frozen=True)

@@ -65,5 +65,6 @@ def evaluation_job(request: EvaluationRequest, segmenter=None) -> Generator[JobP
 def advice(report: Report) -> str:
     """One line: the best method and threshold, what it scored, and how to use it."""
     setting, scores = report.best
-    return (f"Best on the {report.images} reviewed samples: {setting.method}, threshold "
-            f"{setting.prob_threshold:g} (mIoU {percent(scores.miou)}, {percent(labelled(scores))} % labelled)")
+    best = (f"Best on the {report.images} reviewed samples: {setting.method}, threshold {setting.prob_threshold:g} "
+            f"(mIoU {percent(scores.miou)}, {percent(labelled(scores))} % labelled)")
+    return f"{best}. Beware: {report.caveat}" if report.caveat else best
