@@ -9,7 +9,7 @@ from pathlib import Path
 from napari_sclip.evaluate.run import Report, percent
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-_BAR, _GAP, _HEIGHT, _LEFT, _TOP, _LEGEND = 9, 10, 300, 44, 40, 180
+_BAR, _GAP, _HEIGHT, _LEFT, _TOP, _LEGEND = 9, 10, 300, 44, 40, 230
 
 
 def plot_report(report: Report, path: Path) -> None:
@@ -52,7 +52,7 @@ def report_chart(report: Report):
             if not math.isnan(iou):
                 x = _LEFT + _GAP + c * group + m * _BAR
                 draw.rectangle([x, bottom - round(_HEIGHT * iou), x + _BAR - 2, bottom], fill=colour)
-        legend = f"{method} ({percent(scores.miou)} mIoU)"
+        legend = f"{method}: {percent(scores.miou)} mIoU (threshold {setting.prob_threshold:g})"
         x = 8 + m * _LEGEND
         draw.rectangle([x, 8, x + 10, 18], fill=colour)
         draw.text((x + 14, 7), legend, fill="black", font=font)
