@@ -550,35 +550,10 @@ def _version_of(package: str) -> str | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from napari_sclip.engine.segmenter import Segmenter
-    from napari_sclip.engine.vocabulary import read_vocabulary_file
-    from napari_sclip.evaluate.run import (
-        Checkpoint,
-        Tally,
-        benchmark_truth,
-        dataset_truth,
-        fingerprint,
-        folder_truth,
-        iter_evaluate,
-        sweep,
-    )
+    from napari_sclip.evaluate.run import Checkpoint, Tally, fingerprint, iter_evaluate, sweep
 
-    if args.benchmark:
-        if not args.data_root:
-            raise SclipError("--benchmark needs --data-root, the folder that holds its images and labels")
-        truth = benchmark_truth(args.benchmark, args.data_root)
-        if args.background_class is not None:
-            truth = replace(truth, background_class=args.background_class)
-    elif args.images:
-        if not (args.masks and args.classes_file):
-            raise SclipError("--images needs --masks and --classes-file")
-        truth = folder_truth(args.images, args.masks, read_vocabulary_file(args.classes_file), args.background_class)
-    else:
-        truth = dataset_truth(args.dataset, args.status, args.background_class)
-    if args.limit:
-        truth = replace(truth, pairs=truth.pairs[: args.limit])
+    truth = _evaluation_truth(args)
     methods = _list(args.methods, str, "--methods")
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
@@ -593,23 +568,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise SclipError("--area-threshold needs a background class (--background-class I)")
     if args.workers is not None and args.scheduler:
         raise SclipError("choose --workers (a cluster on this machine) or --scheduler (an existing one), not both")
+    predictions = _evaluation_outputs(args, truth)
     segmenter = Segmenter(args.model, args.pretrained, args.device, quick_gelu=args.quick_gelu,
                           batch_size=args.batch_size, feature_cache=False)
-    predictions = Path(args.save_predictions).expanduser() if args.save_predictions else None
     options = {"short_side": args.short_side, "window": args.window, "stride": args.stride, "pamr": args.pamr,
                "predictions": str(predictions) if predictions else None}
-    model = {key: value for key, value in segmenter.settings().items() if key in ("model", "pretrained", "device",
-                                                                                   "quick_gelu")}
+    model = {key: value for key, value in segmenter.settings().items()
+             if key in ("model", "pretrained", "device", "quick_gelu")}
     # The same command goes on where an interrupted one stopped: its tally is kept in the cache.
     run_id = fingerprint(truth, settings, model, options)
     checkpoint = Checkpoint(config.cache_dir() / "evaluate" / f"{run_id[:32]}.json", run_id)
-    tally = checkpoint.load()
+    total = len(truth.pairs) * len(methods)
+    tally = checkpoint.load(settings, len(truth.vocabulary))
     if tally is not None and not args.quiet:
         done = sum(len(names) for names in tally.done.values())
-        print(f"napari-sclip: going on from the interrupted run: {done} of {len(truth.pairs) * len(methods)} "
-              "images already scored", file=sys.stderr)
+        print(f"napari-sclip: going on from the interrupted run: {done} of {total} images already scored",
+              file=sys.stderr)
+    tally = tally if tally is not None else Tally.empty(settings, len(truth.vocabulary))
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(_progress_bar(args.quiet, total=len(truth.pairs) * len(methods), unit="image"))
+        bar = stack.enter_context(_progress_bar(args.quiet, total=total, unit="image"))
         client = None
         if args.workers is not None or args.scheduler:
             from napari_sclip.dataset.cluster import open_client
@@ -617,7 +594,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             bar.set_postfix_str("starting Dask workers" if args.workers else "connecting to the Dask scheduler")
             client = stack.enter_context(open_client(args.workers, args.scheduler))
             bar.set_postfix_str("")
-        tally = tally if tally is not None else Tally.empty(settings, len(truth.vocabulary))
         steps = iter_evaluate(truth, segmenter, settings, short_side=args.short_side, window=args.window,
                               stride=args.stride, pamr=args.pamr, predictions=predictions, tally=tally, client=client)
         try:
@@ -632,7 +608,70 @@ def _evaluate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             checkpoint.save(tally, now=True)
             raise
+    _print_report(report)
+    try:
+        _write_report(report, args)
+    except BaseException:
+        checkpoint.save(tally, now=True)  # fix the path and run again: nothing is scored twice
+        raise
     checkpoint.remove()
+    return 0
+
+
+def _evaluation_truth(args: argparse.Namespace):
+    """The ground truth the arguments name."""
+    from dataclasses import replace
+
+    from napari_sclip.engine.vocabulary import read_vocabulary_file
+    from napari_sclip.evaluate.run import benchmark_truth, dataset_truth, folder_truth
+
+    if args.data_root and not args.benchmark:
+        raise SclipError("--data-root is for --benchmark")
+    if (args.masks or args.classes_file) and not args.images:
+        raise SclipError("--masks and --classes-file are for --images")
+    if args.benchmark:
+        if not args.data_root:
+            raise SclipError("--benchmark needs --data-root, the folder that holds its images and labels")
+        truth = benchmark_truth(args.benchmark, args.data_root)
+        if args.background_class is not None:
+            truth = replace(truth, background_class=args.background_class)
+    elif args.images:
+        if not (args.masks and args.classes_file):
+            raise SclipError("--images needs --masks and --classes-file")
+        truth = folder_truth(args.images, args.masks, read_vocabulary_file(args.classes_file), args.background_class)
+    else:
+        truth = dataset_truth(args.dataset, args.status, args.background_class)
+    return replace(truth, pairs=truth.pairs[: args.limit]) if args.limit else truth
+
+
+def _evaluation_outputs(args: argparse.Namespace, truth) -> Path | None:
+    """Check the report files can be written, before hours of scoring; returns the predictions
+    folder (never inside the images or masks: a later run would take them for input)."""
+    import os
+
+    for option, value in (("--json", args.json), ("--plot", args.plot)):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if option == "--plot" and path.suffix.lower() != ".png":
+            raise SclipError(f"--plot writes a PNG: give a file name ending in .png, not {path.name!r}")
+        if path.is_dir():
+            raise SclipError(f"{option} {path} is a folder: give a file name")
+        if not path.parent.is_dir():
+            raise SclipError(f"{option} {path}: the folder {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise SclipError(f"{option} {path}: the folder {path.parent} cannot be written")
+    if not args.save_predictions:
+        return None
+    predictions = Path(args.save_predictions).expanduser()
+    inputs = {pair.image.parent.resolve() for pair in truth.pairs} | {pair.label.parent.resolve() for pair in truth.pairs}
+    chosen = predictions.resolve()
+    if any(chosen == folder or folder in chosen.parents for folder in inputs):
+        raise SclipError(f"--save-predictions {predictions} overlaps the images or masks: choose a folder of its own")
+    return predictions
+
+
+def _print_report(report) -> None:
     best, best_scores = report.best
     if report.caveat:
         warnings.warn(report.caveat, stacklevel=1)
@@ -640,6 +679,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"\nbest: {best.describe()}")
     print(best_scores.table())
+
+
+def _write_report(report, args: argparse.Namespace) -> None:
     if args.json:
         import json
 
@@ -651,7 +693,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         from napari_sclip.evaluate.plot import plot_report
 
         plot_report(report, Path(args.plot).expanduser())
-    return 0
 
 
 def _statuses(text: str) -> tuple[str, ...]:

@@ -139,8 +139,8 @@ def test_a_datasets_reviewed_samples_are_the_ground_truth(tmp_path):
     from napari_sclip.dataset.writer import DatasetWriter, Sample
 
     make_dataset(tmp_path / "ds", 3)
-    with pytest.raises(DatasetError, match="no reviewed samples to score against: mark some reviewed in napari "
-                       r"\(napari-sclip review .*, then Shift\+R on each sample checked\)"):
+    with pytest.raises(DatasetError, match="no reviewed samples to score against: mark samples reviewed in napari's "
+                       r"review panel \(Shift\+R marks one; napari-sclip review .* opens it\)"):
         dataset_truth(tmp_path / "ds")
     from napari_sclip.dataset.format import read_manifest
     from napari_sclip.dataset.reader import read_sample
@@ -313,3 +313,72 @@ def test_each_benchmark_layout_is_scored(segmenter, tmp_path, name):
     assert report.images == len(truth.pairs) >= 2 and scores.areas.label.sum() == expected
     assert (setting.logit_scale, setting.prob_threshold) == (benchmark.logit_scale, benchmark.prob_threshold)
     assert report.params["sclip"]["short_side"] == benchmark.short_side
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_scoring(tiny_dir, tiny_checkpoint, tmp_path):
+    images, masks = _folder(tmp_path, 1)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES))
+    base = ["--images", str(images), "--masks", str(masks), "--classes-file", str(classes)]
+    (tmp_path / "folder.json").mkdir()
+    for extra, message in (
+        (["--json", str(tmp_path / "nowhere" / "r.json")], f"the folder {tmp_path / 'nowhere'} does not exist"),
+        (["--json", str(tmp_path / "folder.json")], "is a folder: give a file name"),
+        (["--plot", str(tmp_path / "r.pdf")], "--plot writes a PNG: give a file name ending in .png, not 'r.pdf'"),
+        (["--save-predictions", str(images / "predicted")], "overlaps the images or masks"),
+        (["--data-root", str(tmp_path)], "--data-root is for --benchmark"),
+        (["--background-class", "4"], "the background class must be one of the 4 classes (0 to 3), got 4"),
+    ):
+        done = _cli(tiny_dir, tiny_checkpoint, *base, *extra)
+        assert done.returncode == 1 and done.stdout == "", (extra, done.stdout)  # nothing was scored
+        assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_a_damaged_or_outdated_checkpoint_is_not_used(tiny_checkpoint, tmp_path, monkeypatch):
+    from napari_sclip.cli import main
+    from napari_sclip.evaluate import run as run_module
+
+    from conftest import TINY_MODEL
+
+    images, masks = _folder(tmp_path, 3)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES))
+    argv = ["evaluate", "--images", str(images), "--masks", str(masks), "--classes-file", str(classes),
+            "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint), "--device", "cpu", "--quiet"]
+    assert main([*argv, "--json", str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())["results"]
+    real = run_module._score_image
+    for damage in ("shorter counts", "a setting less", "floats", "changed masks"):
+        scored = []
+
+        def interrupted(*args, scored=scored):
+            if len(scored) == 1:
+                raise KeyboardInterrupt
+            scored.append(1)
+            return real(*args)
+
+        monkeypatch.setattr(run_module, "_score_image", interrupted)
+        assert main(argv) == 130
+        monkeypatch.setattr(run_module, "_score_image", real)
+        path, = (tmp_path / "cache" / "evaluate").glob("*.json")
+        saved = json.loads(path.read_text())
+        counts = saved["tally"]["areas"][0][1]
+        if damage == "shorter counts":
+            counts["union"] = counts["union"][:2]
+        elif damage == "a setting less":
+            saved["tally"]["areas"] = []
+        elif damage == "floats":
+            counts["intersect"] = [n + 0.5 for n in counts["intersect"]]
+        else:  # the ground truth changed since: another run
+            mask = np.asarray(Image.open(masks / "im0.png")).copy()
+            mask[5:] = 1
+            Image.fromarray(mask).save(masks / "im0.png")
+        path.write_text(json.dumps(saved))
+        assert main([*argv, "--json", str(tmp_path / "again.json")]) == 0  # afresh, no crash
+        if damage != "changed masks":
+            assert json.loads((tmp_path / "again.json").read_text())["results"] == whole
+        for leftover in (tmp_path / "cache" / "evaluate").glob("*.json"):
+            leftover.unlink()
+    fresh = main([*argv, "--json", str(tmp_path / "fresh.json")])
+    assert fresh == 0 and json.loads((tmp_path / "fresh.json").read_text())["results"] == json.loads(
+        (tmp_path / "again.json").read_text())["results"]  # the changed masks were scored afresh

@@ -67,7 +67,9 @@ def test_evaluating_before_anything_is_reviewed_says_so_in_one_line(widget, qtbo
     click(qtbot, section.unfold)
     click(qtbot, section._run)
     qtbot.waitUntil(lambda: not section.running, timeout=60_000)
-    assert section._status.text() == f"error: {tmp_path / 'ds'} has no reviewed samples to score against: review some first"
+    assert section._status.text() == (f"error: {tmp_path / 'ds'} has no reviewed samples to score against: mark "
+                                      "samples reviewed in napari's review panel (Shift+R marks one; napari-sclip "
+                                      f"review {tmp_path / 'ds'} opens it)")
     section._thresholds.setText("0, 2")
     click(qtbot, section._run)
     assert not section.running and section._status.text() == "error: give thresholds between 0 and 1, separated by commas"

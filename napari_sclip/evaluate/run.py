@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sclip.dataset.paths import is_int
 from napari_sclip.engine.errors import ImageError, ParameterError, SclipError
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary
 from napari_sclip.evaluate.benchmarks import (
@@ -78,6 +79,11 @@ class Truth:
     background_class: int | None = None
     benchmark: Benchmark | None = None
     caveat: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.background_class is not None and not 0 <= self.background_class < len(self.vocabulary):
+            raise ParameterError(f"the background class must be one of the {len(self.vocabulary)} classes "
+                                 f"(0 to {len(self.vocabulary) - 1}), got {self.background_class}")
 
     def preset(self, method: str) -> Preset | None:
         """How ``method``'s authors ran it on this benchmark; ``None`` for other ground truth."""
@@ -188,7 +194,7 @@ class Report:
             area = "-" if setting.area_threshold is None else f"{setting.area_threshold:g}"
             figures = " ".join(f"{percent(value):>6}" for value in (result.miou, result.macc, result.aacc))
             figures += f" {percent(labelled(result)):>8} {percent(precise(result)):>7}"
-            mark = "*" if setting == best else " "
+            mark = "*" if setting == best and not math.isnan(result.miou) else " "
             rows.append(f"{mark} {setting.method:<10} {scale:>11} {setting.prob_threshold:>10g} {area:>9} {figures}")
         return "\n".join(rows)
 
@@ -279,8 +285,9 @@ def dataset_truth(root: str | Path, statuses: Sequence[str] = ("reviewed",),
             if not pixels_edited(meta) and meta.get("method"):
                 unchanged[meta["method"]] = unchanged.get(meta["method"], 0) + 1
     if not pairs:
-        raise DatasetError(f"{found} has no {' or '.join(statuses)} samples to score against: mark some reviewed "
-                           f"in napari (napari-sclip review {found}, then Shift+R on each sample checked)")
+        how = "mark samples reviewed" if "edited" not in statuses else "correct or mark samples"
+        raise DatasetError(f"{found} has no {' or '.join(statuses)} samples to score against: {how} in napari's "
+                           f"review panel (Shift+R marks one; napari-sclip review {found} opens it)")
     ignore = fmt.ignore_value(fmt.mask_dtype(train_ids))
     note = "; ".join(f"{count} of the {len(pairs)} samples are {method}'s labels accepted unchanged, which "
                      f"favours {method}" for method, count in unchanged.items())
@@ -339,9 +346,20 @@ class Tally:
                 "params": self.params}
 
     @classmethod
-    def from_json(cls, value: dict[str, Any]) -> Tally:
-        areas = {Setting(**setting): Areas.from_json(counts) for setting, counts in value["areas"]}
-        return cls({method: set(names) for method, names in value["done"].items()}, areas, value["params"])
+    def from_json(cls, value: dict[str, Any], settings: Sequence[Setting], num_classes: int) -> Tally:
+        """The tally a checkpoint holds, checked against the run it is for (``ValueError``,
+        ``TypeError``, ``KeyError`` or ``AttributeError`` if it does not fit)."""
+        areas = {}
+        for setting, counts in value["areas"]:
+            if not all(len(numbers) == num_classes and all(is_int(n, 0, 2**62) for n in numbers)
+                       for numbers in counts.values()):
+                raise ValueError("counts that no run makes")
+            areas[Setting(**setting)] = Areas.from_json(counts)
+        done = {str(method): {str(name) for name in names} for method, names in value["done"].items()}
+        params = {str(method): dict(found) for method, found in value["params"].items()}
+        if set(areas) != set(settings) or set(done) != {setting.method for setting in settings}:
+            raise ValueError("another run's tally")
+        return cls(done, areas, params)
 
 
 class Checkpoint:
@@ -353,15 +371,16 @@ class Checkpoint:
         self.path, self.fingerprint, self.every = path, fingerprint, every
         self._saved: float | None = 0.0  # None: saving failed once, and is not tried again
 
-    def load(self) -> Tally | None:
+    def load(self, settings: Sequence[Setting], num_classes: int) -> Tally | None:
+        """The saved tally of this run (``settings`` over ``num_classes`` classes), or ``None``."""
         from napari_sclip.dataset.paths import read_json
 
         try:
             value = read_json(self.path)
             if value.get("fingerprint") != self.fingerprint:
                 return None
-            return Tally.from_json(value["tally"])
-        except (SclipError, OSError, KeyError, TypeError, ValueError, AttributeError):
+            return Tally.from_json(value["tally"], settings, num_classes)
+        except (SclipError, OSError, KeyError, TypeError, ValueError, AttributeError, OverflowError):
             return None  # none, another run's, or damaged: start afresh
 
     def save(self, tally: Tally, *, now: bool = False) -> None:
@@ -392,11 +411,23 @@ class Checkpoint:
 
 
 def fingerprint(truth: Truth, settings: Sequence[Setting], model: dict[str, Any], options: dict[str, Any]) -> str:
-    """What makes two runs the same: the images and masks, classes, settings, model and options."""
+    """What makes two runs the same: the images and masks (and their files' sizes and time
+    stamps: a mask edited since is another run), the classes, settings, model (and its weights
+    file's) and options."""
     import hashlib
     import json
+    import os
 
-    document = {"pairs": [[pair.name, str(pair.image), str(pair.label)] for pair in truth.pairs],
+    def stamp(path) -> list:
+        try:
+            status = os.stat(path)
+        except (OSError, TypeError, ValueError):
+            return []
+        return [status.st_size, status.st_mtime_ns]
+
+    document = {"pairs": [[pair.name, str(pair.image), stamp(pair.image), str(pair.label), stamp(pair.label)]
+                          for pair in truth.pairs],
+                "weights": stamp(model.get("pretrained")),
                 "classes": truth.vocabulary.to_lines(), "reduce_zero_label": truth.reduce_zero_label,
                 "background_class": truth.background_class,
                 "benchmark": truth.benchmark.name if truth.benchmark else None,
@@ -496,7 +527,11 @@ def _score_here(segmenter, run: _Run, method: str, pairs: Sequence[Pair], reader
     vocabulary = run.truth.vocabulary_for(method)
 
     def prepare(pair: Pair):
-        return segmenter.prepare(_read_image(pair.image), vocabulary, tag=pair, **options)
+        image = _read_image(pair.image)
+        try:
+            return segmenter.prepare(image, vocabulary, tag=pair, **options)
+        except ImageError as exc:  # too small, too many channels: say which file
+            raise ImageError(f"{pair.image}: {exc}") from None
 
     with ThreadPoolExecutor(readers, thread_name_prefix="napari-sclip evaluate reader") as reading, \
             ThreadPoolExecutor(finishers, thread_name_prefix="napari-sclip evaluate finisher") as finishing:
