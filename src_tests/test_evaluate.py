@@ -382,3 +382,40 @@ def test_a_damaged_or_outdated_checkpoint_is_not_used(tiny_checkpoint, tmp_path,
     fresh = main([*argv, "--json", str(tmp_path / "fresh.json")])
     assert fresh == 0 and json.loads((tmp_path / "fresh.json").read_text())["results"] == json.loads(
         (tmp_path / "again.json").read_text())["results"]  # the changed masks were scored afresh
+
+
+def test_a_dask_task_carries_its_own_images_only(segmenter, tmp_path, monkeypatch):
+    import pickle
+
+    from napari_sclip.dataset import cluster
+    from napari_sclip.evaluate import run as run_module
+
+    images, masks = _folder(tmp_path, 5)
+    truth = folder_truth(images, masks, parse_vocabulary(CLASSES))
+    sent = []
+
+    def fake_map(client, function, items, **options):  # the tasks, run here
+        for index, chunk in enumerate(items):
+            sent.append(len(pickle.dumps(chunk)))
+            assert chunk.run.truth.pairs == () and len(chunk.pairs) <= 2
+            with monkeypatch.context() as local:
+                local.setattr(cluster, "using_worker_segmenter", lambda: __import__("contextlib").nullcontext(segmenter))
+                yield index, function(chunk)
+
+    class Client:
+        def nthreads(self):
+            return {"a": 1}
+
+    monkeypatch.setattr(cluster, "install_segmenter", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cluster, "map_bounded", fake_map)
+    steps = run_module.iter_evaluate(truth, segmenter, [Setting("sclip")], client=Client(), chunk_size=2)
+    report = None
+    while report is None:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            report = finished.value
+    assert len(sent) == 3 and max(sent) - min(sent) < 200  # no chunk grows with the set
+    (_, scores), = report.results
+    (_, here), = evaluate(truth, segmenter, [Setting("sclip")]).results
+    assert scores.areas == here.areas

@@ -601,7 +601,9 @@ def _score_on_cluster(client, segmenter, run: _Run, method: str, pairs: Sequence
     config = open_clip.get_model_config(segmenter.model_name)
     install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
                       model_configs={segmenter.model_name: config} if config else None)
-    chunks = (_Chunk(run, method, tuple(pairs[k:k + chunk_size])) for k in range(0, len(pairs), chunk_size))
+    # Each task carries its own images only: what it sends does not grow with the set.
+    light = replace(run, truth=replace(run.truth, pairs=()))
+    chunks = (_Chunk(light, method, tuple(pairs[k:k + chunk_size])) for k in range(0, len(pairs), chunk_size))
     threads = sum(client.nthreads().values()) or 1
     for _, scored in map_bounded(client, _score_chunk, chunks, max_in_flight=2 * threads,
                                  key_prefix="napari-sclip-evaluate", return_exceptions=True):
