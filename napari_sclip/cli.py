@@ -204,8 +204,10 @@ def _add_evaluate(commands) -> None:
         description=(
             "Score the methods, and every combination of the swept settings, against ground truth:\n"
             "a benchmark in its standard layout, a folder of images with index-PNG masks, or a\n"
-            "dataset's reviewed samples. Prints per-setting mIoU / mAcc / aAcc (mmseg's IoUMetric)\n"
-            "and the best setting's per-class table. Lists take commas: --prob-threshold 0,0.1,0.2."
+            "dataset's reviewed samples. Prints per-setting mIoU / mAcc / aAcc (mmseg's IoUMetric),\n"
+            "the share of pixels labelled and of those the share right, then the best setting's\n"
+            "per-class table. Lists take commas: --prob-threshold 0,0.1,0.2. An interrupted run\n"
+            "goes on where it stopped when the same command is run again."
         ),
         epilog="benchmarks (SCLIP's Table 1; settings as the authors' configs):\n" + "\n".join(
             f"  {b.name:<12} {b.title:<12} short side {b.short_side}, logit scale {b.logit_scale:g}, "
