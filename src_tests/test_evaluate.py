@@ -419,3 +419,19 @@ def test_a_dask_task_carries_its_own_images_only(segmenter, tmp_path, monkeypatc
     (_, scores), = report.results
     (_, here), = evaluate(truth, segmenter, [Setting("sclip")]).results
     assert scores.areas == here.areas
+
+
+def test_checkpoints_of_runs_abandoned_a_month_ago_are_deleted(tmp_path):
+    import os
+    import time
+
+    from napari_sclip.evaluate.run import Checkpoint, Tally
+
+    folder = tmp_path / "evaluate"
+    folder.mkdir()
+    old, recent = folder / "old.json", folder / "recent.json"
+    for path, age in ((old, 31), (recent, 29)):
+        path.write_text("{}")
+        os.utime(path, (time.time() - age * 86400,) * 2)
+    Checkpoint(folder / "mine.json", "x").save(Tally.empty([Setting("sclip")], 3), now=True)
+    assert sorted(path.name for path in folder.iterdir()) == ["mine.json", "recent.json"]

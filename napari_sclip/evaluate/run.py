@@ -394,6 +394,8 @@ class Checkpoint:
         document = {"fingerprint": self.fingerprint, "tally": tally.to_json()}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._saved:
+                self._forget_old()
             atomic_write_bytes(self.path, json.dumps(document).encode())
         except OSError as exc:  # a read-only or full cache: the run goes on, it just cannot resume
             import warnings
@@ -408,6 +410,17 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    def _forget_old(self, days: float = 30) -> None:
+        """Delete the checkpoints of runs interrupted over ``days`` ago and never taken up again."""
+        import time
+
+        for other in self.path.parent.glob("*.json"):
+            try:
+                if other != self.path and time.time() - other.stat().st_mtime > days * 86400:
+                    other.unlink()
+            except OSError:
+                pass  # another run's, just removed
 
 
 def fingerprint(truth: Truth, settings: Sequence[Setting], model: dict[str, Any], options: dict[str, Any]) -> str:
