@@ -57,6 +57,7 @@ def test_memory_cache_skips_the_text_tower(segmenter, monkeypatch):
 
 
 def test_disk_cache_survives_the_process_cache(segmenter, monkeypatch, tmp_path):
+    monkeypatch.setattr(text_module, "_MEMORY", {})  # an earlier test may have embedded these (COCO has giraffes)
     first = segmenter.text_features(["giraffe", "okapi"])
     files = list((tmp_path / "cache" / "text").rglob("*.npy"))
     assert len(files) == 2
@@ -66,6 +67,7 @@ def test_disk_cache_survives_the_process_cache(segmenter, monkeypatch, tmp_path)
 
 
 def test_corrupt_disk_entry_is_recomputed(segmenter, monkeypatch, tmp_path):
+    monkeypatch.setattr(text_module, "_MEMORY", {})
     first = segmenter.text_features(["heron"])
     (path,) = (tmp_path / "cache" / "text").rglob("*.npy")
     path.write_bytes(b"not a numpy file")
