@@ -291,7 +291,7 @@ class Entry:
 
     def to_json(self, image_id: str, meta_stat: tuple[int, ...]) -> dict[str, Any]:
         """A journal row: this entry and the stat key of the meta file it stands for
-        (:func:`_stat_key`)."""
+        (:func:`stat_key`)."""
         return {"id": image_id, "split": self.split, "image": self.image, "review_status": self.review_status,
                 "edited": self.edited, "sha256": self.identity[0],
                 "slice": list(self.identity[1]) if self.identity[1] is not None else None,
@@ -358,7 +358,7 @@ def journal_firsts(root: Path, wanted: str) -> dict[str, tuple[str, Entry]]:
     return firsts
 
 
-def _stat_key(status: os.stat_result) -> tuple[int, int, int, int]:
+def stat_key(status: os.stat_result) -> tuple[int, int, int, int]:
     """What says a meta file is the one a journal row was written for: its modification time,
     size, status-change time and inode.  The status-change time cannot be set back (``touch``
     and ``utime`` set it to now), so an edit that keeps the size and restores the modification
@@ -745,7 +745,7 @@ class DatasetWriter:
                     resolve_inside(self.root, f"{split}/meta/{found.name}")  # names the problem
                     raise DatasetError(f"{path} is not a plain file; remove it")
                 row = journal.pop((split, image_id), None)
-                entry = row[0] if row is not None and row[1] == _stat_key(found.stat(follow_symlinks=False)) else None
+                entry = row[0] if row is not None and row[1] == stat_key(found.stat(follow_symlinks=False)) else None
                 if entry is None or not all(present[sub].get(name) for sub, name in _files_of(entry, image_id)):
                     exact = False  # the meta file decides, and says what is wrong
                     entry = Entry.of(split, read_meta(path))
@@ -899,7 +899,7 @@ class DatasetWriter:
             previous = self._samples.get(image_id)
             self._remember(image_id, entry)
             status = os.stat(resolve_inside(self.root, f"{split}/meta/{image_id}.json"))
-            self._append_journal(entry.to_json(image_id, _stat_key(status)))
+            self._append_journal(entry.to_json(image_id, stat_key(status)))
             if previous and previous.image != entry.image:  # e.g. .jpg before, .png now
                 self._write_index(split)  # the index names the new image before the old one goes
                 resolve_inside(self.root, f"{split}/{previous.image}").unlink(missing_ok=True)
@@ -974,7 +974,7 @@ class DatasetWriter:
                 status = os.stat(self.root / entry.split / "meta" / f"{image_id}.json")
             except FileNotFoundError:
                 continue
-            rows.append(json.dumps(entry.to_json(image_id, _stat_key(status)), ensure_ascii=False))
+            rows.append(json.dumps(entry.to_json(image_id, stat_key(status)), ensure_ascii=False))
         atomic_write_bytes(resolve_inside(self.root, JOURNAL), "".join(row + "\n" for row in rows).encode("utf-8"))
 
     # -- closing -----------------------------------------------------------------------------------

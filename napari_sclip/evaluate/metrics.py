@@ -124,7 +124,8 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.asarray(num / den, dtype=np.float64)  # int/int: 0/0 is NaN
 
 
-def _fraction(value: float) -> float | None:
+def json_fraction(value: float) -> float | None:
+    """A fraction for JSON: ``None`` for NaN (undefined)."""
     return None if np.isnan(value) else float(value)
 
 
@@ -143,11 +144,11 @@ class Scores:
     def to_json(self) -> dict:
         """Fractions (0..1), NaN as None, plus the areas so the set can be merged or resumed."""
         return {
-            "miou": _fraction(self.miou),
-            "macc": _fraction(self.macc),
-            "aacc": _fraction(self.aacc),
+            "miou": json_fraction(self.miou),
+            "macc": json_fraction(self.macc),
+            "aacc": json_fraction(self.aacc),
             "classes": {
-                name: {"iou": _fraction(iou), "acc": _fraction(acc)}
+                name: {"iou": json_fraction(iou), "acc": json_fraction(acc)}
                 for name, iou, acc in zip(self.class_names, self.iou, self.acc)
             },
             "areas": self.areas.to_json(),

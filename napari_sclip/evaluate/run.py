@@ -36,6 +36,7 @@ from napari_sclip.evaluate.metrics import (
     Areas,
     Scores,
     image_areas,
+    json_fraction,
     reduce_zero_label,
     scores,
 )
@@ -206,7 +207,7 @@ class Report:
             "caveat": self.caveat,
             "params": self.params,
             "results": [{"setting": setting.to_json(), "best": setting == best, **result.to_json(),
-                         "labelled": _fraction(labelled(result)), "precise": _fraction(precise(result))}
+                         "labelled": json_fraction(labelled(result)), "precise": json_fraction(precise(result))}
                         for setting, result in self.results],
         }
 
@@ -226,10 +227,6 @@ def precise(result: Scores) -> float:
 def percent(value: float) -> str:
     """A fraction as a percentage with one decimal; ``-`` for NaN (undefined)."""
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
-
-
-def _fraction(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def _rank(value: float) -> float:

@@ -156,9 +156,9 @@ def _meta_stat(root: Path, split: str, image_id: str) -> tuple[int, ...]:
     import os
 
     from napari_sclip.dataset.paths import resolve_inside
+    from napari_sclip.dataset.writer import stat_key
 
-    status = os.stat(resolve_inside(root, f"{split}/meta/{image_id}.json"))
-    return status.st_mtime_ns, status.st_size, status.st_ctime_ns, status.st_ino
+    return stat_key(os.stat(resolve_inside(root, f"{split}/meta/{image_id}.json")))
 
 
 def open_in_steps(root: Path, shown: threading.Event) -> Iterator[FirstLook]:
