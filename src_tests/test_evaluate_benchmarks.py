@@ -417,39 +417,32 @@ def test_missing_split_file(tmp_path):
     assert "ImageSets/SegmentationContext/val.txt" in message and "VOCdevkit/VOC2010" in message
 
 
+def split_error(root: Path, text: str) -> str:
+    """The one-line :class:`LayoutError` of a VOC21 layout whose split file holds ``text``."""
+    b = get_benchmark("voc21")
+    if not (root / b.split_file).exists():
+        make_layout(root, b)
+    (root / b.split_file).write_text(text)
+    with pytest.raises(LayoutError) as info:
+        b.pairs(root)
+    return one_line(info)
+
+
 @pytest.mark.parametrize(
     "line", ["../../etc/passwd", "/etc/passwd", "a/../../b", "C:/Windows/x", "a\\..\\b", "./a"]
 )
 def test_split_lines_outside_the_images_folder_are_refused(tmp_path, line):
-    b = get_benchmark("voc21")
-    make_layout(tmp_path, b)
-    (tmp_path / b.split_file).write_text(f"2007_000033\n{line}\n")
-    with pytest.raises(LayoutError) as info:
-        b.pairs(tmp_path)
-    message = one_line(info)
+    message = split_error(tmp_path, f"2007_000033\n{line}\n")
     assert "line 2" in message and ascii(line) in message
 
 
 def test_split_line_with_a_control_character_stays_one_line(tmp_path):
-    b = get_benchmark("voc21")
-    make_layout(tmp_path, b)
-    (tmp_path / b.split_file).write_text("2007_000033\x0b\x1c2007\n")
-    with pytest.raises(LayoutError) as info:
-        b.pairs(tmp_path)
-    one_line(info)
+    split_error(tmp_path, "2007_000033\x0b\x1c2007\n")
 
 
 def test_split_file_without_names_and_with_a_name_twice(tmp_path):
-    b = get_benchmark("voc21")
-    make_layout(tmp_path, b)
-    (tmp_path / b.split_file).write_text("\n  \n")
-    with pytest.raises(LayoutError) as info:
-        b.pairs(tmp_path)
-    assert "lists no images" in one_line(info)
-    (tmp_path / b.split_file).write_text("2007_000033\n2007_000033 \n")
-    with pytest.raises(LayoutError) as info:
-        b.pairs(tmp_path)
-    assert "twice" in one_line(info)
+    assert "lists no images" in split_error(tmp_path, "\n  \n")
+    assert "twice" in split_error(tmp_path, "2007_000033\n2007_000033 \n")
 
 
 def test_no_images_found(tmp_path):
