@@ -41,7 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="napari-sclip",
         description="Open-vocabulary semantic segmentation with SCLIP and later training-free CLIP "
-        "methods (CLIP ViT-B/16, no training).",
+        "methods (any CLIP ViT, no training).",
     )
     parser.add_argument("--version", action="version", version=f"napari-sclip {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -175,15 +175,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_evaluate(commands)
     commands.add_parser("info", help="show versions, devices, defaults and cache folders")
+    commands.add_parser(
+        "models",
+        help="list the model presets (--model KEY) with their sizes",
+        description="The model presets: general CLIPs and CLIPs trained on biology, histopathology and "
+        "remote-sensing images. Give a KEY as --model (in segment and evaluate) or pick it in the widget. "
+        "Any other plain open_clip ViT works too: --model NAME --pretrained TAG|FILE, --model "
+        "hf-hub:ORG/REPO or --model local-dir:FOLDER (see docs/models.md).",
+    )
     return parser
 
 
 def _add_model_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", default=None, help=f"open_clip model (default: {config.default_model()})")
+    command.add_argument(
+        "--model",
+        default=None,
+        help="a preset ('napari-sclip models'), an open_clip ViT name, hf-hub:ORG/REPO or local-dir:FOLDER "
+        f"(default: {config.default_model()})",
+    )
     command.add_argument(
         "--pretrained",
         default=None,
-        help=f"open_clip tag or checkpoint path (default: {config.default_pretrained()})",
+        help="open_clip tag, checkpoint file, hf-hub:ORG/REPO/FILE or a model folder (default: "
+        f"{config.default_pretrained()}, or the model's own weights for a preset, repo or folder)",
     )
     command.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N, mps (default: {config.default_device()})")
     command.add_argument(
@@ -508,6 +522,27 @@ def _gui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(_: argparse.Namespace) -> int:
+    from napari_sclip.engine.presets import DEFAULT_PRESET, PRESETS
+
+    rows = [("KEY", "MODEL", "DOMAIN", "SIZE", "WEIGHTS")]
+    for preset in PRESETS.values():
+        size = f"{preset.size_mb / 1000:.1f} GB" if preset.size_mb >= 1000 else f"{preset.size_mb} MB"
+        key = preset.key + (" *" if preset.key == DEFAULT_PRESET else "")
+        rows.append((key, preset.title, preset.domain, size, preset.pretrained or preset.model))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\n* the default. Sizes are the fp32 weights, downloaded once into "
+          f"{config.models_dir()}.")
+    for preset in PRESETS.values():
+        if preset.terms:
+            print(f"{preset.key}: {preset.terms}")
+    print("Offline: download the weights elsewhere and pass them as --pretrained FILE or --model "
+          "local-dir:FOLDER (docs/models.md).")
+    return 0
+
+
 def _info(_: argparse.Namespace) -> int:
     import platform
 
@@ -741,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     command = {"segment": _segment, "export-coco": _export, "export-voc": _export, "gui": _gui, "review": _review,
-               "evaluate": _evaluate, "info": _info}[args.command]
+               "evaluate": _evaluate, "info": _info, "models": _models}[args.command]
     try:
         with warnings.catch_warnings():  # restores showwarning
             warnings.showwarning = _show_warning

@@ -161,7 +161,12 @@ def _project(visual, patches):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def method_features_reference(visual, window: torch.Tensor, method: str):
+#: SC-CLIP's blocks in ViT-B/16, from its authors' configs: hidden-state indices of the similarity,
+#: post-aggregation and fusion (start, end) blocks, and the CLS weight.
+SC_CLIP_B16 = (8, 3, 3, 10, 0.3)
+
+
+def method_features_reference(visual, window: torch.Tensor, method: str, sc_clip=SC_CLIP_B16):
     """(1, 3, h, w) -> ((rows * cols, E) normalised patch features, grid), per the equations."""
     if method == "sclip":
         return image_features_reference(visual, window)
@@ -181,7 +186,8 @@ def method_features_reference(visual, window: torch.Tensor, method: str):
     for block in blocks[:-1]:
         x = block(x)
         hidden.append(x)
-    x11, x9, x4 = hidden[10], hidden[8], hidden[3]
+    similarity_block, post_block, start, end, cls_weight = sc_clip
+    x11, x9, x4 = hidden[-1], hidden[similarity_block], hidden[post_block]
     lof = torch.from_numpy(lof_reference(x11[0, 1:].double().numpy(), min(30, rows * cols - 1)))
     outliers = (lof > torch.quantile(lof, 0.95)).numpy()
     fix = lambda t: torch.from_numpy(repair_reference(t[0, 1:].numpy(), outliers, rows, cols))[None]  # noqa: E731
@@ -190,11 +196,11 @@ def method_features_reference(visual, window: torch.Tensor, method: str):
     s = f9 @ f9.transpose(1, 2)
     cls = x11[:, :1]
     y = aggregate_reference(fix(x11), s)
-    y = attention_reference(last.ln_1(y), last.attn, "scclip", similarity=s) + 0.3 * cls
+    y = attention_reference(last.ln_1(y), last.attn, "scclip", similarity=s) + cls_weight * cls
     f4 = x4[:, 1:] / x4[:, 1:].norm(dim=-1, keepdim=True)
     s4 = f4 @ f4.transpose(1, 2)
     y = aggregate_reference(y, s4)
-    r = sum(hidden[3:10])
-    z = attention_reference(last.ln_1(r[:, 1:]), last.attn, "scclip", similarity=s) + 0.3 * r[:, :1]
+    r = sum(hidden[start:end])
+    z = attention_reference(last.ln_1(r[:, 1:]), last.attn, "scclip", similarity=s) + cls_weight * r[:, :1]
     y = y + aggregate_reference(z, s4)
     return _project(visual, y)[0], (rows, cols)

@@ -392,3 +392,60 @@ def test_segment_runs_one_model_per_device(images, tmp_path, monkeypatch, extra,
         [model.device_name for model in segmenters]) or iter(()))
     assert main(["segment", str(images), "--classes", "a; b", "--out", str(tmp_path / "out"), "--quiet", *extra]) == 0
     assert seen == [expected]
+
+
+def _napari_sclip(*argv: str, **kwargs):
+    import subprocess
+    import sys
+
+    code = f"import sys; from napari_sclip.cli import main; sys.exit(main({list(argv)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_models_lists_the_presets_without_loading_the_engine():
+    import subprocess
+    import sys
+
+    from napari_sclip.engine.presets import PRESETS
+
+    done = _napari_sclip("models")
+    assert done.returncode == 0 and done.stderr == ""
+    for preset in PRESETS.values():
+        assert preset.key in done.stdout and preset.title in done.stdout
+    assert "openai-b16 *" in done.stdout and "1.7 GB" in done.stdout and "accept the terms" in done.stdout
+    code = "import sys; from napari_sclip.cli import main; main(['models']); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip().endswith("False")
+
+
+def test_segment_with_a_local_dir_model_of_another_patch_size(tmp_path):
+    from test_backbones import open_clip_folder, random_clip, tiny_config
+
+    cfg = tiny_config(14, False)
+    folder = open_clip_folder(tmp_path / "model", cfg, random_clip(cfg))
+    Image.fromarray(natural_image(100, 130)).save(tmp_path / "a.png")
+    done = _napari_sclip("segment", str(tmp_path / "a.png"), "--classes", "person; sky", "--out", str(tmp_path / "out"),
+                         "--model", f"local-dir:{folder}", "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # the folder's config says GELU: nothing to warn about
+    meta = json.loads(next((tmp_path / "out").glob("*/meta/a.json")).read_text())
+    provenance = meta["provenance"] if "provenance" in meta else meta
+    assert f"local-dir:{folder.resolve()}" in json.dumps(provenance) and '"patch_size": 14' in json.dumps(provenance)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "bioclip"], "could not download hf-hub:imageomics/bioclip"),
+    (["--model", "hf-hub:org"], "is not a Hugging Face repo"),
+    (["--model", "RN50", "--pretrained", "x.pt"], "is a ResNet, not a ViT"),
+    (["--model", "local-dir:/nonexistent/model"], "not found"),
+    (["--model", "ViT-B-32", "--pretrained", "hf-hub:org/repo"], "could not download hf-hub:org/repo"),
+    (["--model", "hf-hub:org/repo", "--pretrained", "openai"], "brings its own weights"),
+])
+def test_model_errors_are_one_line(tmp_path, argv, expected):
+    import os
+
+    Image.fromarray(natural_image(40, 40)).save(tmp_path / "a.png")
+    done = _napari_sclip("segment", str(tmp_path / "a.png"), "--classes", "a; b", "--out", str(tmp_path / "out"),
+                         *argv, "--device", "cpu", "--quiet",
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "NAPARI_SCLIP_CACHE_DIR": str(tmp_path / "c")})
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr

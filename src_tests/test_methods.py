@@ -176,9 +176,9 @@ def test_sc_clip_on_windows_of_one_and_few_patches(deep_visual):
             assert features.shape[1:3] == (size // 16, size // 16) and torch.isfinite(features).all()
 
 
-def test_sc_clip_refuses_a_shallow_vit():
-    visual = make_tiny_clip().visual  # 3 blocks
-    with pytest.raises(ModelError, match="at least 11 blocks"):
+def test_sc_clip_refuses_a_one_block_vit():
+    visual = make_tiny_clip(vision_layers=1).visual
+    with pytest.raises(ModelError, match="at least 2 blocks; this one has 1"):
         scclip_patch_features(visual, torch.zeros(1, 3, 64, 64))
 
 

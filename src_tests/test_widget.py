@@ -1021,3 +1021,49 @@ def test_a_stroke_undone_during_a_review_is_not_kept_by_a_rerun(widget, qtbot, t
     answers["question"] = QMessageBox.StandardButton.Yes  # cat may go (a kept cat pixel would become 0)
     segment(qtbot, widget)
     assert (labels.data == 2).all()
+
+
+def test_the_model_picker_offers_the_presets_and_custom(widget, qtbot):
+    from napari_sclip.engine.presets import PRESETS
+
+    picker = widget._model_picker
+    titles = [picker.itemText(i) for i in range(picker.count())]
+    assert titles[-1] == "custom…" and len(titles) == len(PRESETS) + 1
+    assert "BioCLIP (ViT-B/16), 598 MB" in titles and "OpenAI ViT-L/14, 1.7 GB" in titles
+    assert picker.currentText() == "custom…"  # the environment names the tiny test model
+    choose(picker, "BioCLIP (ViT-B/16), 598 MB")
+    assert (widget.options().model, widget.options().pretrained) == ("bioclip", "")
+    assert "tree of life" in widget._model_note.text() and "598 MB download" in widget._model_note.text()
+    choose(picker, "QuiltNet ViT-B/16, 598 MB")
+    assert "accept the terms" in widget._model_note.text()
+    # Typing the default spelt out shows its preset; anything else is custom.
+    open_advanced(qtbot, widget)
+    widget._controls["model"].clear()
+    qtbot.keyClicks(widget._controls["model"], "ViT-B-16")
+    widget._controls["pretrained"].clear()
+    qtbot.keyClicks(widget._controls["pretrained"], "openai")
+    assert picker.currentText() == "OpenAI ViT-B/16, 598 MB"
+    qtbot.keyClicks(widget._controls["pretrained"], "x")
+    assert picker.currentText() == "custom…"
+
+
+def test_custom_model_from_a_folder_runs_and_shows_its_memory(widget, qtbot, tmp_path):
+    """custom… opens the model fields; a local-dir folder of another patch size segments."""
+    from test_backbones import open_clip_folder, random_clip, tiny_config
+
+    cfg = tiny_config(32, True)
+    folder = open_clip_folder(tmp_path / "p32", cfg, random_clip(cfg))
+    widget.viewer.add_image(natural_image(90, 120), name="img", rgb=True)
+    picker = widget._model_picker
+    assert picker.currentText() == "custom…"  # the environment's tiny model: choosing it again
+    picker.activated.emit(picker.currentIndex())  # is what Qt reports of a person's pick
+    qtbot.waitUntil(widget._advanced.isExpanded, timeout=5_000)
+    widget._controls["model"].clear()
+    qtbot.keyClicks(widget._controls["model"], f"local-dir:{folder}")
+    widget._controls["pretrained"].clear()
+    note = widget._model_note.text()
+    assert "32 px patches, 3 blocks" in note and "Needs about" in note and "to segment this image" in note
+    type_classes(qtbot, widget, ["cat", "dog"])
+    segment(qtbot, widget)
+    provenance = widget.viewer.layers["img labels"].metadata["napari_sclip"]["slices"][0]["provenance"]
+    assert provenance["model"] == f"local-dir:{folder}" and provenance["patch_size"] == 32

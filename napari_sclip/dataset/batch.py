@@ -394,10 +394,10 @@ def _run_on_cluster(
     at most two chunks per worker thread in flight; a chunk whose worker dies is run again
     elsewhere by the scheduler (its samples' files are simply written again)."""
     from napari_sclip.dataset.cluster import ClusterError, install_segmenter, map_bounded
-    from napari_sclip.engine._torch import open_clip
     from napari_sclip.engine.errors import SclipError
+    from napari_sclip.engine.sources import registered_config
 
-    config = open_clip.get_model_config(segmenter.model_name)
+    config = registered_config(segmenter.model_name)  # a repo or folder is read by the workers
     settled: list[BatchItem] = []
     in_flight: dict[int, _Chunk] = {}  # by position, until its task is done
 

@@ -2,16 +2,19 @@
 
 OpenAI's weights need OpenAI's exact architecture, QuickGELU included: open_clip's plain
 ``ViT-B-16`` config builds GELU, which silently changes every feature.  The activation is chosen
-by, in order: the caller (``quick_gelu=True/False``); weights in OpenAI's layout (a TorchScript
-archive, or a state dict with OpenAI's integer entries), built from the weights themselves with
-QuickGELU; the model config (a ``-quickgelu`` name) or a tag that open_clip marks QuickGELU
-(``openai``, ``dfn2b``, MetaCLIP, ...); otherwise the config's GELU.  A tag says GELU too, but a
-local state dict in open_clip's key layout (which OpenAI's shares) cannot tell: that last case
-warns (:class:`~napari_sclip.engine.errors.ActivationWarning`), once per load.
+by, in order: the caller (``quick_gelu=True/False``); a preset (its authors' loading code);
+weights in OpenAI's layout (a TorchScript archive, or a state dict with OpenAI's integer
+entries), built from the weights themselves with QuickGELU; the model config (a ``-quickgelu``
+name) or a tag that open_clip marks QuickGELU (``openai``, ``dfn2b``, MetaCLIP, ...); otherwise
+the config's GELU.  A tag, a Hugging Face repo's config and a ``local-dir:`` folder's config say
+GELU too, as they do for open_clip, but a lone state dict in open_clip's key layout (which
+OpenAI's shares) cannot tell: that last case warns
+(:class:`~napari_sclip.engine.errors.ActivationWarning`), once per load.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 from dataclasses import dataclass
@@ -20,12 +23,8 @@ from pathlib import Path
 from napari_sclip.engine._torch import open_clip, torch
 from napari_sclip.engine.errors import ActivationWarning, DeviceError, ModelError
 from napari_sclip.engine.progress import Progress, ProgressCallback
-from napari_sclip.engine.weights import (
-    WeightsFile,
-    describe_cause,
-    read_state_dict,
-    resolve_weights,
-)
+from napari_sclip.engine.sources import ModelSource, check_config, registered_config, resolve_source
+from napari_sclip.engine.weights import WeightsFile, describe_cause, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -38,18 +37,29 @@ class LoadedModel:
         The open_clip ``CLIP`` module (fp32 weights; CUDA runs it under fp16 autocast).
     tokenizer
         open_clip's tokenizer for its text tower.
-    name, weights, device
-        The model name, the weights file and the ``torch.device``.
+    source, weights, device
+        Where the model came from (:class:`~napari_sclip.engine.sources.ModelSource`), the
+        weights file and the ``torch.device``.
     quick_gelu
         Whether the MLPs use QuickGELU.
     """
 
     clip: torch.nn.Module
     tokenizer: object
-    name: str
+    source: ModelSource
     weights: WeightsFile
     device: torch.device
     quick_gelu: bool
+
+    @property
+    def name(self) -> str:
+        """The model as results record it: an open_clip name, ``hf-hub:...`` or ``local-dir:...``."""
+        return self.source.name
+
+    @property
+    def pretrained(self) -> str:
+        """The weights as results record them: a tag, a path or ``hf-hub:...``."""
+        return self.source.pretrained
 
     @property
     def identity(self) -> str:
@@ -59,6 +69,11 @@ class LoadedModel:
     @property
     def patch_size(self) -> int:
         return int(self.clip.visual.conv1.kernel_size[0])
+
+    @property
+    def depth(self) -> int:
+        """Blocks of the ViT."""
+        return len(self.clip.visual.transformer.resblocks)
 
 
 def autocast(device: torch.device):
@@ -112,11 +127,6 @@ def available_devices() -> list[str]:
     return [*devices, "cpu"]
 
 
-def _check_model_name(name: str) -> None:
-    if name not in open_clip.list_models():
-        raise ModelError(f"unknown model {name!r}; see open_clip.list_models(), e.g. ViT-B-16")
-
-
 def _check_architecture(clip: torch.nn.Module, name: str) -> None:
     visual = getattr(clip, "visual", None)
     needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
@@ -130,15 +140,24 @@ def _check_architecture(clip: torch.nn.Module, name: str) -> None:
         raise ModelError(f"model {name} has a text tower SCLIP does not support (needs CLIP's)")
 
 
-def build_model(name: str, weights: WeightsFile, quick_gelu: bool | None = None) -> tuple[torch.nn.Module, bool]:
-    """Build model ``name`` and load ``weights`` into it, on the CPU in fp32.
+def build_model(source: ModelSource | str, weights: WeightsFile,
+                quick_gelu: bool | None = None) -> tuple[torch.nn.Module, bool]:
+    """Build ``source``'s model (or that of a model name open_clip knows) and load ``weights``
+    into it, on the CPU in fp32.
 
-    ``quick_gelu=None`` decides from the weights (the module docstring gives the rule).  Returns
-    the model and whether it uses QuickGELU.
+    ``quick_gelu=None`` decides from the source and weights (the module docstring gives the
+    rule).  Returns the model and whether it uses QuickGELU.
     """
+    if isinstance(source, str):
+        model_config = registered_config(source)
+        if model_config is None:
+            raise ModelError(f"unknown model {source!r}; see open_clip.list_models(), e.g. ViT-B-16")
+        check_config(model_config, source)
+        source = ModelSource(source, weights.tag or str(weights.path), model_config, source)
+    name = source.name
     state, openai_layout = read_state_dict(weights.path)
     if openai_layout:
-        quick = True if quick_gelu is None else quick_gelu
+        quick = next(q for q in (quick_gelu, source.quick_gelu, True) if q is not None)
         try:
             # open_clip infers the architecture from the weights (and casts to fp16): reload fp32.
             clip = open_clip.model.build_model_from_openai_state_dict(dict(state), quick_gelu=quick, cast_dtype=None)
@@ -149,13 +168,13 @@ def build_model(name: str, weights: WeightsFile, quick_gelu: bool | None = None)
             ) from None
         clip.float()
     else:
-        cfg = open_clip.get_model_config(name)
-        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-        if cfg.pop("custom_text", False) or "timm_model_name" in vision or "hf_model_name" in text:
-            raise ModelError(f"model {name} is not a plain CLIP ViT; SCLIP needs one (e.g. ViT-B-16)")
-        quick = _activation(name, weights, bool(cfg.get("quick_gelu")), quick_gelu)
+        cfg = copy.deepcopy(source.model_config)
+        quick = _activation(source, weights, bool(cfg.get("quick_gelu")), quick_gelu)
         cfg["quick_gelu"] = quick
-        clip = open_clip.model.CLIP(**cfg)
+        try:
+            clip = open_clip.model.CLIP(**cfg)
+        except Exception as exc:
+            raise ModelError(f"cannot build model {name} from its config ({describe_cause(exc)})") from None
         if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
             state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
     _check_fit(clip, state, weights.path, name)
@@ -164,13 +183,15 @@ def build_model(name: str, weights: WeightsFile, quick_gelu: bool | None = None)
     return clip.eval().requires_grad_(False), quick
 
 
-def _activation(name: str, weights: WeightsFile, config_quick: bool, forced: bool | None) -> bool:
+def _activation(source: ModelSource, weights: WeightsFile, config_quick: bool, forced: bool | None) -> bool:
     """QuickGELU or not for weights in open_clip's layout; warns when only a guess is possible."""
     if forced is not None:
         return forced
+    if source.quick_gelu is not None:
+        return source.quick_gelu
     if config_quick or weights.quick_gelu:
         return True
-    if weights.tag is None:
+    if weights.tag is None and not source.activation_declared:
         warnings.warn(
             f"{weights.path.name} does not say whether it needs QuickGELU (OpenAI's weights do); "
             "using GELU. Set QuickGELU under Advanced, --quick-gelu in the CLI or quick_gelu=True",
@@ -206,27 +227,29 @@ _CACHE_LOCK = threading.Lock()
 
 
 def load_model(
-    name: str,
-    pretrained: str,
+    name: str | None,
+    pretrained: str | None,
     device: str = "auto",
     quick_gelu: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
-    """Load (or reuse) a model: one copy per (model, weights, activation, device) per process."""
-    _check_model_name(name)
+    """Load (or reuse) a model: one copy per (model, weights, activation, device) per process.
+
+    ``name`` and ``pretrained`` are as :func:`~napari_sclip.engine.sources.resolve_source` takes
+    them: an open_clip name and tag or file, a preset, ``hf-hub:...`` or ``local-dir:...``."""
     torch_device = resolve_device(device)
-    weights = resolve_weights(name, pretrained, progress)
-    key = (name, weights.identity, quick_gelu, str(torch_device))
+    source, weights = resolve_source(name, pretrained, progress)
+    key = (source.name, source.quick_gelu, weights.identity, quick_gelu, str(torch_device))
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
         if progress:
             progress(Progress("load", 0, 1))
-        clip, quick = build_model(name, weights, quick_gelu)
+        clip, quick = build_model(source, weights, quick_gelu)
         loaded = LoadedModel(
             clip=clip.to(torch_device),
-            tokenizer=open_clip.get_tokenizer(name),
-            name=name,
+            tokenizer=open_clip.get_tokenizer(source.tokenizer),
+            source=source,
             weights=weights,
             device=torch_device,
             quick_gelu=quick,

@@ -47,13 +47,11 @@ from napari_sclip.engine.model import LoadedModel, autocast, load_model, precisi
 from napari_sclip.engine.pamr import pamr_halo, refine_tile
 from napari_sclip.engine.progress import Progress, ProgressCallback, drive
 from napari_sclip.engine.resize import resize_bilinear
+from napari_sclip.engine.sources import normalise_choice
 from napari_sclip.engine.text import TextEncoder
 from napari_sclip.engine.vocabulary import ClassSpec, Vocabulary, parse_vocabulary
 from napari_sclip.engine.windows import Window, resized_shape, slide_windows, window_counts
 
-#: CLIP's normalisation in 0-255 units, as in the authors' configs.
-PIXEL_MEAN = (122.771, 116.746, 104.094)
-PIXEL_STD = (68.501, 66.632, 70.323)
 #: Windows per forward pass, per device type.
 DEFAULT_BATCH_SIZE = {"cuda": 32, "mps": 8, "cpu": 4}
 #: Elements of the per-name logit band in the final resize: bounds its memory (~32 MB).
@@ -250,10 +248,14 @@ class Segmenter:
     Parameters
     ----------
     model
-        open_clip model name; default ``$NAPARI_SCLIP_MODEL`` or ``"ViT-B-16"``.
+        open_clip model name (any plain CLIP ViT: ``"ViT-B-32"``, ``"ViT-L-14"``, ...), a preset
+        (``"bioclip"``; :data:`~napari_sclip.engine.presets.PRESETS`), ``"hf-hub:org/repo"`` or
+        ``"local-dir:/path"``; default ``$NAPARI_SCLIP_MODEL`` or ``"ViT-B-16"``.
     pretrained
-        open_clip pretrained tag (downloaded once into the cache) or a checkpoint path; default
-        ``$NAPARI_SCLIP_PRETRAINED`` or ``"openai"``.
+        open_clip pretrained tag (downloaded once into the cache), a checkpoint path,
+        ``"hf-hub:org/repo/file.pt"``, or a folder in open_clip's layout; default
+        ``$NAPARI_SCLIP_PRETRAINED`` or ``"openai"``, or the model's own weights for a preset, a
+        repo or a folder (:mod:`~napari_sclip.engine.sources`).
     device
         ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``;
         default ``$NAPARI_SCLIP_DEVICE`` or ``"auto"``.
@@ -292,8 +294,7 @@ class Segmenter:
     ):
         self.method = get_method(method).name
         self.feature_cache = feature_cache
-        self.model_name = model or config.default_model()
-        self.pretrained = str(pretrained) if pretrained else config.default_pretrained()
+        self.model_name, self.pretrained = normalise_choice(model, None if pretrained is None else str(pretrained))
         self.device_name = device or config.default_device()
         self.quick_gelu = quick_gelu
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -606,8 +607,8 @@ class Segmenter:
         resized = resize_bilinear(chw, size).add_(0.5).floor_().clamp_(0, 255)  # 8-bit values
         digest = hashlib.blake2b(resized.to(torch.uint8).numpy().tobytes(), digest_size=16)
         digest.update(str(tuple(resized.shape)).encode())
-        mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-        std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+        mean = torch.tensor(model.source.mean).view(3, 1, 1)
+        std = torch.tensor(model.source.std).view(3, 1, 1)
         return (resized - mean) / std, digest.hexdigest()
 
     def _stream(
@@ -754,8 +755,9 @@ class Segmenter:
         params = {
             "method": prepared.method.name,
             "model": model.name,
-            "pretrained": self.pretrained,
+            "pretrained": model.pretrained,
             "quick_gelu": model.quick_gelu,
+            "patch_size": model.patch_size,
             "device": str(model.device),
             "precision": precision_of(model.device),
             "short_side": prepared.short_side,
@@ -771,6 +773,7 @@ class Segmenter:
             "resized_shape": prepared.resized_shape,
             "windows": len(prepared.windows),
             "features_reused": prepared.features_reused,
+            **(prepared.method.settings(model.clip.visual) if prepared.method.settings else {}),
         }
         return SegmentationResult(labels, confidence, prepared.vocabulary.display_names, probs, params)
 

@@ -128,9 +128,10 @@ def attention_path(block: torch.nn.Module, x: torch.Tensor, attend) -> torch.Ten
     ``ln_1(x)``, with no residual and no MLP (NACLIP, ClearCLIP, MaskCLIP, SC-CLIP).
 
     ``attend(q, k, v)`` maps ``(B, heads, T, head_dim)`` tensors to ``A v`` of the same shape.
+    A block with LayerScale scales the path by it, as the block scales its attention branch.
     """
     q, k, v = qkv_heads(block, x)
-    return block.attn.out_proj(merge_heads(attend(q, k, v)))  # (B, T, D)
+    return block.ls_1(block.attn.out_proj(merge_heads(attend(q, k, v))))  # (B, T, D)
 
 
 def project_patches(visual: torch.nn.Module, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -98,7 +98,7 @@ def _quiet_hub_logs():
         hub_logger.setLevel(level)
 
 
-def _hub_download(repo_id: str, names: list[str], cache: Path, progress: ProgressCallback | None) -> Path:
+def _hub_files(repo_id: str, names: list[str], cache: Path, progress: ProgressCallback | None) -> Path:
     """Download the first of ``names`` that the repo has.  Only a file missing from the repo moves
     on to the next name; a network failure ends the search at once."""
     from huggingface_hub import hf_hub_download
@@ -115,25 +115,64 @@ def _hub_download(repo_id: str, names: list[str], cache: Path, progress: Progres
     raise AssertionError("unreachable")
 
 
-def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | None) -> Path:
+def hub_download(repo_id: str, names: list[str], label: str, progress: ProgressCallback | None = None,
+                 offline: str | None = None) -> Path:
+    """The first of ``names`` that Hugging Face repo ``repo_id`` has, downloaded once into
+    ``<cache_dir>/models``; every failure is one line that says what to do (``label`` names
+    what was asked for; ``offline``, how to do without the download)."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
     cache = config.models_dir()
-    hub = cfg.get("hf_hub", "")
     if progress:
         progress(Progress("download", 0, 0))  # size unknown until the server answers
+    offline = offline or (f"could not download {label}; to work offline, download the repo elsewhere "
+                          f"(huggingface-cli download {repo_id} --local-dir FOLDER) and use local-dir:FOLDER")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        if hub:
-            # "org/repo/" names the repo's default file, "org/repo/file.bin" a given one.
-            repo_id, filename = os.path.split(hub)
-            filename = filename or _HUB_DEFAULT_FILE
-            names = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
-            return _hub_download(repo_id, names, cache, progress)
-        if cfg.get("url"):
-            from open_clip.pretrained import download_pretrained_from_url
-
-            return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
+        return _hub_files(repo_id, names, cache, progress)
+    except GatedRepoError:
+        raise ModelError(
+            f"{label} is gated on Hugging Face: accept its terms at https://huggingface.co/{repo_id} "
+            f"while logged in, then log in here (huggingface-cli login, or set HF_TOKEN); or download "
+            f"it elsewhere (huggingface-cli download {repo_id} --local-dir FOLDER) and use local-dir:FOLDER"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{label}: Hugging Face has no public repo {repo_id} (check the name, or log in "
+                         "if it is private)") from None
+    except EntryNotFoundError as exc:
+        if isinstance(exc, LocalEntryNotFoundError):  # offline, or not in the local cache
+            raise ModelError(f"{offline} ({describe_cause(exc)})") from None
+        raise ModelError(f"{label}: repo {repo_id} has none of {', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''}") from None
     except Exception as exc:  # network, proxy, hub and disk errors all mean "not available"
-        raise ModelError(f"{_offline_hint(model, tag, cfg.get('url'))} ({describe_cause(exc)})") from None
+        raise ModelError(f"{offline} ({describe_cause(exc)})") from None
+
+
+def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | None) -> Path:
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        # "org/repo/" names the repo's default file, "org/repo/file.bin" a given one.
+        repo_id, filename = os.path.split(hub)
+        filename = filename or _HUB_DEFAULT_FILE
+        names = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
+        return hub_download(repo_id, names, f"the '{tag}' weights for {model}", progress,
+                            offline=_offline_hint(model, tag, cfg.get("url")))
+    if cfg.get("url"):
+        from open_clip.pretrained import download_pretrained_from_url
+
+        if progress:
+            progress(Progress("download", 0, 0))
+        try:
+            cache = config.models_dir()
+            cache.mkdir(parents=True, exist_ok=True)
+            return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
+        except Exception as exc:
+            raise ModelError(f"{_offline_hint(model, tag, cfg.get('url'))} ({describe_cause(exc)})") from None
     raise ModelError(f"the '{tag}' weights for {model} have no download location in open_clip")
 
 
@@ -160,6 +199,13 @@ def resolve_weights(
     model: str, pretrained: str, progress: ProgressCallback | None = None
 ) -> WeightsFile:
     """Turn a tag or a path into a local :class:`WeightsFile`, downloading a tag if needed."""
+    if pretrained.startswith("hf-hub:"):
+        from napari_sclip.engine.sources import split_hub
+
+        repo_id, filename = split_hub(pretrained[len("hf-hub:"):])
+        if not filename:
+            raise ModelError(f"{pretrained} is a whole repo; give it as the model (--model {pretrained})")
+        return WeightsFile(hub_download(repo_id, [filename], pretrained, progress))
     candidate = Path(pretrained).expanduser()
     if candidate.is_file():
         return WeightsFile(candidate)

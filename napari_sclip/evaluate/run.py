@@ -604,11 +604,11 @@ def _score_on_cluster(client, segmenter, run: _Run, method: str, pairs: Sequence
     masks must be where the workers can read them); a task whose workers keep dying fails the
     run in one line."""
     from napari_sclip.dataset.cluster import ClusterError, install_segmenter, map_bounded
-    from napari_sclip.engine._torch import open_clip
+    from napari_sclip.engine.sources import registered_config
 
     if not pairs:
         return
-    config = open_clip.get_model_config(segmenter.model_name)
+    config = registered_config(segmenter.model_name)  # a repo or folder is read by the workers
     install_segmenter(client, {**segmenter.settings(), "feature_cache": False},
                       model_configs={segmenter.model_name: config} if config else None)
     # Each task carries its own images only: what it sends does not grow with the set.

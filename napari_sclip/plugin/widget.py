@@ -49,7 +49,10 @@ from napari_sclip.classes import ClassRegistry, label_dtype
 from napari_sclip.colors import label_color
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
+from napari_sclip.engine.memory import architecture_of, describe_choice, estimate_memory
 from napari_sclip.engine.methods import METHODS, get_method
+from napari_sclip.engine.presets import PRESETS, preset_for
+from napari_sclip.engine.sources import normalise_choice
 from napari_sclip.engine.vocabulary import Vocabulary, parse_vocabulary_text, read_vocabulary_file
 from napari_sclip.plugin.engine_loader import engine_devices, make_segmenter
 from napari_sclip.plugin.io import labelled_images
@@ -84,6 +87,20 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 EXAMPLE_VOCABULARY = "person\nsky\ntree, plant\nbuilding\ngrass\n"
+
+
+_CUSTOM = "custom"
+
+
+def _megabytes(size_mb: int) -> str:
+    return f"{size_mb / 1000:.1f} GB" if size_mb >= 1000 else f"{size_mb} MB"
+
+
+def _model_field() -> QLineEdit:
+    field = QLineEdit(config.default_model())
+    field.setToolTip("A preset key (napari-sclip models), an open_clip ViT name (ViT-L-14, ...), "
+                     "hf-hub:ORG/REPO or local-dir:FOLDER")
+    return field
 
 
 class _Choice(QComboBox):
@@ -152,8 +169,21 @@ class SclipWidget(QWidget):
         self._method_note = QLabel()
         self._method_note.setWordWrap(True)
         self._method_note.setStyleSheet("color: gray")
+        self._model_picker = _Choice(
+            [(f"{preset.title}, {_megabytes(preset.size_mb)}", preset.key) for preset in PRESETS.values()]
+            + [("custom…", _CUSTOM)],
+            "The CLIP model: OpenAI's, or one trained on biology, histopathology or remote-sensing "
+            "images; custom… takes any open_clip ViT, Hugging Face repo, folder or file (under Advanced)",
+        )
+        for index, preset in enumerate(PRESETS.values()):
+            tip = preset.description + (f". {preset.terms[0].upper()}{preset.terms[1:]}" if preset.terms else "")
+            self._model_picker.setItemData(index, tip, Qt.ItemDataRole.ToolTipRole)
+        self._model_note = QLabel()
+        self._model_note.setWordWrap(True)
+        self._model_note.setStyleSheet("color: gray")
         weights = QLineEdit(config.default_pretrained())
-        weights.setToolTip("An open_clip pretrained tag (e.g. openai) or a checkpoint file")
+        weights.setToolTip("An open_clip pretrained tag (e.g. openai), a checkpoint file, "
+                           "hf-hub:ORG/REPO/FILE or a model folder; empty: the model's own weights")
         quick_gelu = _Choice(
             [("auto (from the weights)", None), ("on", True), ("off", False)],
             "The MLP activation: QuickGELU (OpenAI's CLIP) or GELU; auto decides from the weights "
@@ -167,7 +197,7 @@ class SclipWidget(QWidget):
         overwrite.setToolTip("Re-running normally keeps pixels you painted or filled")
         #: One control per field of SegmentOptions (options() and set_options() go through it).
         self._controls: dict[str, QWidget] = {
-            "model": QLineEdit(config.default_model()),
+            "model": _model_field(),
             "pretrained": weights,
             "device": _Choice([(config.default_device(), config.default_device())], "Where the model runs"),
             "quick_gelu": quick_gelu,
@@ -213,6 +243,13 @@ class SclipWidget(QWidget):
         self._image_combo.currentIndexChanged.connect(self._on_picked)
         method.currentIndexChanged.connect(self._apply_method_defaults)
         self._apply_method_defaults()
+        self._model_picker.currentIndexChanged.connect(self._pick_model)
+        self._model_picker.activated.connect(self._pick_model)  # custom… again: open the fields again
+        for name in ("model", "pretrained"):
+            self._controls[name].textChanged.connect(self._show_model)
+        for name in ("short_side", "window"):
+            self._controls[name].valueChanged.connect(self._show_model_note)
+        self._show_model()
         self._refresh_images()
         self._find_devices()
 
@@ -223,6 +260,8 @@ class SclipWidget(QWidget):
         form = QFormLayout()
         form.addRow("image", self._image_combo)
         form.addRow("stack", controls["all_slices"])
+        form.addRow("model", self._model_picker)
+        form.addRow("", self._model_note)
         form.addRow("method", controls["method"])
         form.addRow("", self._method_note)
 
@@ -238,7 +277,7 @@ class SclipWidget(QWidget):
         browse.setFixedWidth(30)
         weights_row.addWidget(browse)
         advanced_form = QFormLayout()
-        advanced_form.addRow("model", controls["model"])
+        advanced_form.addRow("open_clip model", controls["model"])
         advanced_form.addRow("weights", weights_row)
         advanced_form.addRow("QuickGELU", controls["quick_gelu"])
         advanced_form.addRow("device", controls["device"])
@@ -294,6 +333,44 @@ class SclipWidget(QWidget):
         for name in OPTION_NAMES:  # "method" comes before the settings it fills
             if name in values:
                 _set_value(self._controls[name], values[name])
+
+    def _pick_model(self) -> None:
+        """A preset fills the model fields; custom… opens them under Advanced."""
+        key = self._model_picker.value()
+        if key == _CUSTOM:
+            self._advanced.expand()
+            self._controls["model"].setFocus()
+            self._show_model_note()
+            return
+        self.set_options(model=key, pretrained="")
+
+    def _show_model(self) -> None:
+        """The picker follows the model fields: their preset, or custom…."""
+        options = self.options()
+        preset = preset_for(*normalise_choice(options.model, options.pretrained))
+        self._model_picker.blockSignals(True)
+        self._model_picker.setValue(preset.key if preset else _CUSTOM)
+        self._model_picker.blockSignals(False)
+        self._show_model_note()
+
+    def _show_model_note(self) -> None:
+        """The model's description and size, and the memory segmenting the picked image takes."""
+        options = self.options()
+        note = describe_choice(options.model, options.pretrained, load=False)
+        image = self.selected_image()
+        arch = architecture_of(options.model, options.pretrained, load=False)
+        if image is not None and arch is not None:
+            shape = spatial_shape(_full_resolution(image).shape, image.rgb)[-2:]
+            try:
+                names = len(self.vocabulary().names)
+            except SclipError:
+                names = 1
+            cuda = options.device.startswith("cuda")
+            estimate = estimate_memory(arch, shape, names, method=options.method, short_side=options.short_side,
+                                       window=options.window, batch_size=32 if cuda else 4, half_precision=cuda)
+            note += f". Needs {estimate.describe()}"
+        self._model_note.setText(note)
+        self._model_note.setToolTip(note)
 
     def _apply_method_defaults(self) -> None:
         method = get_method(self._controls["method"].value())
@@ -405,6 +482,7 @@ class SclipWidget(QWidget):
         self._controls["all_slices"].setEnabled(stacked)
         self._show_vocabulary(image)
         self._refresh_reviewed()
+        self._show_model_note()
 
     def _selected_labels(self):
         """The labels layer of the image chosen in the picker, or ``None``."""
@@ -542,6 +620,7 @@ class SclipWidget(QWidget):
         if combo.value() not in names:  # e.g. NAPARI_SCLIP_DEVICE names a device not found: keep it
             names.append(combo.value())
         combo.set_choices([(name, name) for name in names])
+        self._show_model_note()  # the engine is here now: open_clip names have a size too
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -559,8 +638,8 @@ class SclipWidget(QWidget):
     def _get_segmenter(self, options: SegmentOptions):
         """The segmenter for ``options``' model, weights, device and activation, kept while they
         stay the same.  It imports the engine: only workers call it."""
-        wanted = (options.model or config.default_model(), options.pretrained or config.default_pretrained(),
-                  options.device or config.default_device(), options.quick_gelu)
+        wanted = (*normalise_choice(options.model, options.pretrained), options.device or config.default_device(),
+                  options.quick_gelu)
         seg = self._segmenter
         if seg is None or (seg.model_name, seg.pretrained, seg.device_name, seg.quick_gelu) != wanted:
             self._segmenter = make_segmenter(*wanted)

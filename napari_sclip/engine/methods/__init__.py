@@ -32,7 +32,10 @@ class Method:
     """A dense CLIP method and its authors' defaults.
 
     ``features(visual, pixels)`` maps ``(B, 3, H, W)`` normalised windows to ``(B, rows, cols, E)``
-    L2-normalised patch features; it never mixes the windows of a batch.
+    L2-normalised patch features; it never mixes the windows of a batch.  ``settings(visual)``
+    gives what results record of the method on that ViT beyond the shared parameters (``None``:
+    nothing).  The window, stride and short side are in pixels, the same for every patch size:
+    the authors use them unchanged with ViT-L/14 (SC-CLIP, ClearCLIP) and give none for /32.
     """
 
     name: str
@@ -44,15 +47,16 @@ class Method:
     stride: int = config.DEFAULT_STRIDE
     logit_scale: float = config.DEFAULT_LOGIT_SCALE
     refinement: Refinement | None = None
+    settings: Callable | None = None
 
 
 def _features(module: str, function: str) -> Callable:
     """Import the method's module on first use (they all import torch)."""
 
-    def features(visual, pixels):
+    def features(*args):
         import importlib
 
-        return getattr(importlib.import_module(f"napari_sclip.engine.methods.{module}"), function)(visual, pixels)
+        return getattr(importlib.import_module(f"napari_sclip.engine.methods.{module}"), function)(*args)
 
     features.__name__ = function
     return features
@@ -66,7 +70,7 @@ METHODS: dict[str, Method] = {
         Method("naclip", "NACLIP", "Neighbourhood-aware key-key attention, refined with PAMR (WACV 2025)",
                _features("naclip", "naclip_patch_features"), refinement=Refinement()),
         Method("sc-clip", "SC-CLIP", "Self-calibrated: outlier repair and multi-level fusion; best published mIoU",
-               _features("scclip", "scclip_patch_features")),
+               _features("scclip", "scclip_patch_features"), settings=_features("scclip", "scclip_settings")),
         Method("clearclip", "ClearCLIP", "Query-query attention without residual, 448 px windows (ECCV 2024)",
                _features("clearclip", "clearclip_patch_features"),
                short_side=448, window=448, stride=224, logit_scale=50.0),

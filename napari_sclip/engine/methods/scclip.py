@@ -1,6 +1,6 @@
 """SC-CLIP (Bai et al., "Self-Calibrated CLIP for Training-Free Open-Vocabulary Segmentation").
 
-With ``Xb`` the tokens after block b (CLS first), per window:
+With ``Xb`` the tokens after block b (CLS first), per window of a 12-block ViT (B/16):
 
 1. outlier patches: the local outlier factor of ``X11``'s patch tokens (squared Euclidean
    distances, k = 30 nearest neighbours), above its 95th percentile;
@@ -16,9 +16,15 @@ With ``Xb`` the tokens after block b (CLS first), per window:
 
 ``agg(x, M)`` zeroes the entries of M below 0.4, divides each row by its sum + 1e-6 and returns
 ``M x``.  Every step is computed per window: a batch gives each window what it gets alone.
+
+Other depths read other blocks (:func:`scclip_layers`): the outliers always come from the
+next-to-last block, X(L-1); the similarity, post-aggregation and fusion blocks and the CLS
+weight are the authors' for 12 and 24 blocks and scaled from them otherwise.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 from napari_sclip.engine._torch import F, torch
 from napari_sclip.engine.errors import ModelError
@@ -33,8 +39,69 @@ from napari_sclip.engine.vit import (
 NEIGHBOURS = 30
 OUTLIER_QUANTILE = 0.95
 SIMILARITY_FLOOR = 0.4
-CLS_WEIGHT = 0.3
 TEMPERATURE = 3.0
+
+
+@dataclass(frozen=True)
+class ScclipLayers:
+    """The blocks SC-CLIP reads, as 0-based indices into ``hidden = [X1, ..., X(L-1)]`` (the
+    outputs of all blocks but the last), and its CLS weight.
+
+    Attributes
+    ----------
+    similarity
+        The block whose repaired, normalised patches give ``S`` (X9 in ViT-B/16: 8).
+    post
+        The block whose normalised patches give the post-aggregation matrix (X4: 3).
+    fuse_start, fuse_end
+        ``R`` sums ``hidden[fuse_start:fuse_end]`` (X4 .. X10: 3, 10).
+    cls_weight
+        The weight of the CLS token added after the last block's attention (0.3).
+    rule
+        Where the numbers come from: the authors' settings for this depth, or our scaling.
+    """
+
+    similarity: int
+    post: int
+    fuse_start: int
+    fuse_end: int
+    cls_weight: float
+    rule: str
+
+    def as_params(self) -> dict:
+        return asdict(self)
+
+
+#: The authors' settings per depth: ViT-B/16 in their configs (commit 0417ba9), ViT-L/14 in the
+#: commented-out block of their first commit's configs/base_config.py (74471da).
+_AUTHORS_LAYERS = {
+    12: ScclipLayers(8, 3, 3, 10, 0.3, "authors' ViT-B/16 setting"),
+    24: ScclipLayers(16, 6, 8, 19, 0.1, "authors' ViT-L/14 setting"),
+}
+
+
+def scclip_layers(depth: int) -> ScclipLayers:
+    """SC-CLIP's blocks for a ViT of ``depth`` blocks.
+
+    12 and 24 blocks get the authors' settings.  Other depths get ours: each index of the
+    nearest published depth d (12 up to 18 blocks, 24 above) scaled by ``depth / d`` and rounded
+    half up, kept inside ``hidden`` (and the fusion range non-empty), with d's CLS weight.
+    """
+    if depth < 2:
+        raise ModelError(f"SC-CLIP needs a ViT of at least 2 blocks; this one has {depth}")
+    if depth in _AUTHORS_LAYERS:
+        return _AUTHORS_LAYERS[depth]
+    base = _AUTHORS_LAYERS[12 if depth <= 18 else 24]
+    scale = depth / (12 if depth <= 18 else 24)
+    last = depth - 2  # the last index of hidden
+
+    def scaled(index: int) -> int:
+        return min(max(int(index * scale + 0.5), 0), last)
+
+    start = scaled(base.fuse_start)
+    end = min(max(int(base.fuse_end * scale + 0.5), start + 1), last + 1)
+    return ScclipLayers(scaled(base.similarity), scaled(base.post), start, end, base.cls_weight,
+                        f"ours: the authors' {12 if depth <= 18 else 24}-block setting scaled to {depth} blocks")
 
 
 def local_outlier_factor(points: torch.Tensor, neighbours: int = NEIGHBOURS) -> torch.Tensor:
@@ -105,28 +172,32 @@ def _calibrated_attention(similarity: torch.Tensor):
     return attend
 
 
+def scclip_settings(visual: torch.nn.Module) -> dict:
+    """What results record of SC-CLIP on this ViT: :func:`scclip_layers` of its depth."""
+    return {"sc_clip_layers": scclip_layers(len(visual.transformer.resblocks)).as_params()}
+
+
 def scclip_patch_features(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """``(B, rows, cols, E)`` L2-normalised SC-CLIP patch features of ``(B, 3, H, W)`` windows."""
     grid = patch_grid(visual, pixels)
     *blocks, last = visual.transformer.resblocks
+    layers = scclip_layers(len(blocks) + 1)
     x = embed_windows(visual, pixels)
     hidden = []  # hidden[b - 1] = X_b, for b = 1 .. L-1
     for block in blocks:
         x = residual_block(block, x)
         hidden.append(x)
-    if len(hidden) < 10:
-        raise ModelError(f"SC-CLIP needs a ViT of at least 11 blocks; this one has {len(blocks) + 1}")
-    x_last, x_9, x_4 = hidden[-1], hidden[8], hidden[3]  # X11, X9, X4 in ViT-B/16
+    x_last, x_sim, x_post = hidden[-1], hidden[layers.similarity], hidden[layers.post]  # X11, X9, X4 in B/16
 
     outliers = outlier_mask(x_last[:, 1:])  # (B, P)
     patches = repair(x_last[:, 1:], outliers, grid)  # (B, P, width)
-    similarity = _cosine_similarity(repair(x_9[:, 1:], outliers, grid))  # (B, P, P)
+    similarity = _cosine_similarity(repair(x_sim[:, 1:], outliers, grid))  # (B, P, P)
     attend = _calibrated_attention(similarity)
-    x = attention_path(last, aggregate(patches, similarity), attend) + CLS_WEIGHT * x_last[:, :1]
+    x = attention_path(last, aggregate(patches, similarity), attend) + layers.cls_weight * x_last[:, :1]
 
-    post_similarity = _cosine_similarity(x_4[:, 1:])
+    post_similarity = _cosine_similarity(x_post[:, 1:])
     x = aggregate(x, post_similarity)
-    fused = torch.stack(hidden[3:10]).sum(dim=0)  # X4 + ... + X10, CLS included
-    r = attention_path(last, fused[:, 1:], attend) + CLS_WEIGHT * fused[:, :1]
+    fused = torch.stack(hidden[layers.fuse_start:layers.fuse_end]).sum(dim=0)  # X4 + ... + X10, CLS included
+    r = attention_path(last, fused[:, 1:], attend) + layers.cls_weight * fused[:, :1]
     x = x + aggregate(r, post_similarity)
     return project_patches(visual, x, grid)

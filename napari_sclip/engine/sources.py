@@ -1,0 +1,298 @@
+"""Where a model comes from: an architecture (open_clip's model config) and the weights for it.
+
+A model is named by ``model`` and ``pretrained``, as in open_clip:
+
+==============================  =================================================================
+``model``, ``pretrained``       what is loaded
+==============================  =================================================================
+``ViT-B-16``, ``openai``        an open_clip config and one of its tags (downloaded once)
+``ViT-B-16``, ``/path/w.pt``    an open_clip config and a checkpoint file
+``ViT-B-32``, ``hf-hub:o/r/f``  an open_clip config and the file ``f`` of Hugging Face repo ``o/r``
+``hf-hub:org/repo``             the repo's ``open_clip_config.json`` and weights (downloaded once)
+``local-dir:/path``             a folder holding ``open_clip_config.json`` and weights
+``bioclip`` (a preset)          a preset's model and weights (:mod:`~napari_sclip.engine.presets`)
+==============================  =================================================================
+
+``hf-hub:`` and ``local-dir:`` may be given as ``pretrained`` too (and a folder path means
+``local-dir:``); the folder's or repo's config then names the architecture.  Before any weights
+are downloaded the config is checked (:func:`check_config`): a model the engine cannot run gets
+one line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from napari_sclip.engine import config
+from napari_sclip.engine.errors import ModelError
+from napari_sclip.engine.progress import ProgressCallback
+
+HF_HUB = "hf-hub:"
+LOCAL_DIR = "local-dir:"
+CONFIG_FILE = "open_clip_config.json"
+#: The weights file a folder or repo is read from: the first of these that it has.
+WEIGHTS_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+#: A config file is a few kB; anything this large is not one.
+_CONFIG_LIMIT = 1 << 20
+#: CLIP's normalisation in 0-255 units, as in the SCLIP authors' configs (OpenAI's mean and std).
+OPENAI_MEAN = (122.771, 116.746, 104.094)
+OPENAI_STD = (68.501, 66.632, 70.323)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to build: its open_clip config, its weights and how to read its inputs.
+
+    Attributes
+    ----------
+    name
+        What results record as the model: an open_clip name, ``hf-hub:org/repo`` or
+        ``local-dir:/absolute/path``.
+    pretrained
+        What results record as the weights: a tag, a path, or the schema of ``name``.
+    model_config
+        open_clip's ``model_cfg`` (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``).
+    weights
+        The weights: an open_clip tag to download, or a local file (see :func:`resolve_weights`).
+    tokenizer
+        The name :func:`open_clip.get_tokenizer` takes for this model (never one that downloads).
+    mean, std
+        Pixel normalisation in 0-255 units.
+    quick_gelu
+        The activation where the source decides it (a preset does), else ``None``.
+    activation_declared
+        Whether the config itself is the final word on QuickGELU (a repo's or folder's config is,
+        as it is for open_clip); otherwise :mod:`~napari_sclip.engine.model` decides.
+    """
+
+    name: str
+    pretrained: str
+    model_config: dict
+    tokenizer: str
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    quick_gelu: bool | None = None
+    activation_declared: bool = False
+
+
+def normalise_choice(model: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """``model`` and ``pretrained`` with the defaults filled in as :func:`resolve_source` fills
+    them: ``pretrained`` stays ``None`` where the model brings its own weights (a preset, a
+    repo, a folder)."""
+    from napari_sclip.engine.presets import find_preset
+
+    model = (model or config.default_model()).strip()
+    pretrained = (pretrained or "").strip() or None
+    if pretrained is None and find_preset(model) is None and not model.startswith((HF_HUB, LOCAL_DIR)):
+        pretrained = config.default_pretrained()
+    return model, pretrained
+
+
+def split_hub(identifier: str) -> tuple[str, str]:
+    """``"org/repo"`` -> ``("org/repo", "")``; ``"org/repo/dir/file.pt"`` -> ``("org/repo", "dir/file.pt")``."""
+    parts = [part for part in identifier.strip().strip("/").split("/")]
+    if len(parts) < 2 or not all(parts) or any(part in (".", "..") for part in parts):
+        raise ModelError(f"'{HF_HUB}{identifier}' is not a Hugging Face repo; write hf-hub:ORG/REPO "
+                         "(or hf-hub:ORG/REPO/FILE for one checkpoint file in it)")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def registered_config(name: str) -> dict | None:
+    """open_clip's config for a model name it knows (never a download); ``None`` otherwise."""
+    from napari_sclip.engine._torch import open_clip
+
+    if name.startswith((HF_HUB, LOCAL_DIR)) or name not in open_clip.list_models():
+        return None
+    return open_clip.get_model_config(name)
+
+
+def read_config_file(path: Path) -> tuple[dict, dict]:
+    """``(model_cfg, preprocess_cfg)`` of an ``open_clip_config.json``, or one line why not."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_CONFIG_LIMIT + 1)
+        if len(raw) > _CONFIG_LIMIT:
+            raise ValueError("it is larger than 1 MB")
+        document = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found: a local-dir: folder needs open_clip's {CONFIG_FILE}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    model_cfg = document.get("model_cfg") if isinstance(document, dict) else None
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg", {}), dict) \
+            or not isinstance(model_cfg.get("text_cfg", {}), dict):
+        raise ModelError(f"{path} is not an open_clip config: it has no model_cfg with vision_cfg and text_cfg")
+    preprocess = document.get("preprocess_cfg")
+    return model_cfg, preprocess if isinstance(preprocess, dict) else {}
+
+
+def check_config(model_cfg: dict, label: str) -> None:
+    """One line saying why the engine cannot run ``label`` (a model whose config is
+    ``model_cfg``), or nothing: the methods need open_clip's CLIP ViT (class token, learned
+    positions) and CLIP's causal text transformer read at its end-of-text token."""
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    why = None
+    if "timm_model_name" in vision:
+        why = f"its image tower is a timm model ({vision['timm_model_name']}), not open_clip's CLIP ViT"
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        why = "its image tower is a ResNet, not a ViT"
+    elif "hf_model_name" in text:
+        why = (f"its text tower is {text['hf_model_name']}, which reads the whole prompt; the methods "
+               "need CLIP's causal text transformer, read at its end-of-text token")
+    elif model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg:
+        why = "its text tower is not CLIP's (a custom or multimodal text model)"
+    elif text.get("no_causal_mask"):
+        why = "its text transformer is not causal; the methods need CLIP's causal text transformer"
+    elif text.get("pool_type", "argmax") != "argmax" or text.get("hf_tokenizer_name"):
+        why = ("it reads its text at another token than CLIP's end-of-text token (pool_type "
+               f"{text.get('pool_type', 'argmax')}, tokenizer {text.get('hf_tokenizer_name') or 'CLIP'})")
+    elif vision.get("attentional_pool") or vision.get("final_ln_after_pool") \
+            or vision.get("pool_type", "tok") != "tok":
+        why = "its ViT pools its tokens without the class token's path the methods change"
+    elif vision.get("pos_embed_type", "learnable") != "learnable":
+        why = f"its ViT has {vision['pos_embed_type']} positions, not learned ones"
+    if why:
+        raise ModelError(f"model {label} cannot be used: {why}; choose a plain CLIP ViT "
+                         "(e.g. ViT-B-16; 'napari-sclip models' lists presets)")
+
+
+def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A source's mean and std (0-1 units) in 0-255 units; OpenAI's own keep the authors' values."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    def valid(values):
+        return (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values))
+
+    if not (valid(mean) and valid(std)) or min(std) <= 0:
+        return OPENAI_MEAN, OPENAI_STD
+    if all(abs(a - b) < 1e-6 for a, b in zip((*mean, *std), (*OPENAI_DATASET_MEAN, *OPENAI_DATASET_STD))):
+        return OPENAI_MEAN, OPENAI_STD
+    return tuple(255.0 * v for v in mean), tuple(255.0 * v for v in std)
+
+
+def _folder_source(folder: Path, label: str, weights_file: Path | None) -> tuple[ModelSource, Path]:
+    """A folder with an ``open_clip_config.json`` and a weights file (or ``weights_file``)."""
+    if not folder.is_dir():
+        raise ModelError(f"{label}: folder {folder} not found")
+    model_cfg, preprocess = read_config_file(folder / CONFIG_FILE)
+    check_config(model_cfg, label)
+    if weights_file is None:
+        weights_file = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
+        if weights_file is None:
+            raise ModelError(f"{label}: folder {folder} has no weights file ({', '.join(WEIGHTS_FILES[:3])}, ...)")
+    mean, std = _normalisation(preprocess.get("mean"), preprocess.get("std"))
+    source = ModelSource(label, label, model_cfg, f"{LOCAL_DIR}{folder}", mean, std, activation_declared=True)
+    return source, weights_file
+
+
+def _hub_repo_source(repo: str, progress: ProgressCallback | None) -> tuple[ModelSource, Path]:
+    """A Hugging Face repo in open_clip's layout: its config first (checked), then its weights."""
+    from napari_sclip.engine.weights import hub_download
+
+    label = f"{HF_HUB}{repo}"
+    config_path = hub_download(repo, [CONFIG_FILE], label, progress)
+    model_cfg, _ = read_config_file(config_path)
+    check_config(model_cfg, label)  # before downloading hundreds of MB of weights
+    weights = hub_download(repo, list(WEIGHTS_FILES), label, progress)
+    source, _ = _folder_source(config_path.parent, label, weights)
+    return source, weights
+
+
+def resolve_source(model: str | None, pretrained: str | None,
+                   progress: ProgressCallback | None = None) -> tuple[ModelSource, object]:
+    """The :class:`ModelSource` and :class:`~napari_sclip.engine.weights.WeightsFile` that
+    ``model`` and ``pretrained`` name (the module docstring's table); downloads what is needed.
+
+    ``None`` means the default: ``$NAPARI_SCLIP_MODEL``/``$NAPARI_SCLIP_PRETRAINED``, or a
+    preset's own weights when ``model`` is a preset.  A preset's activation applies to its own
+    weights, named by its key or spelt out."""
+    from napari_sclip.engine.presets import find_preset, preset_for
+
+    model, pretrained = normalise_choice(model, pretrained)
+    preset = find_preset(model)
+    if preset is not None:
+        source, weights = _resolve(preset.model, pretrained or preset.pretrained, progress)
+    else:
+        source, weights = _resolve(model, pretrained or "", progress)
+    own = preset_for(model, pretrained)
+    if own is not None and own.quick_gelu is not None:
+        source = replace(source, quick_gelu=own.quick_gelu)
+    return source, weights
+
+
+def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> tuple[ModelSource, object]:
+    from napari_sclip.engine.weights import WeightsFile, resolve_weights
+
+    if model.startswith((HF_HUB, LOCAL_DIR)):
+        if pretrained and not _is_file_or_hub_file(pretrained):
+            raise ModelError(f"model {model} brings its own weights; leave pretrained out, or give a "
+                             f"checkpoint file for its architecture (got {pretrained!r})")
+        scheme, where = model, pretrained
+    elif pretrained.startswith((HF_HUB, LOCAL_DIR)) and not _is_hub_file(pretrained):
+        scheme, where = pretrained, ""
+    elif pretrained and not pretrained.startswith(HF_HUB) and Path(pretrained).expanduser().is_dir():
+        scheme, where = f"{LOCAL_DIR}{pretrained}", ""
+    else:
+        scheme = None
+
+    if scheme is not None:
+        if scheme.startswith(LOCAL_DIR):
+            folder = Path(scheme[len(LOCAL_DIR):].strip()).expanduser()
+            if not str(folder) or str(folder) == ".":
+                raise ModelError("local-dir: needs a folder, e.g. local-dir:/path/to/model")
+            folder = folder.resolve()
+            override = _own_weights(where, progress)
+            source, path = _folder_source(folder, f"{LOCAL_DIR}{folder}", override and override.path)
+        else:
+            repo, file = split_hub(scheme[len(HF_HUB):])
+            if file:
+                raise ModelError(f"{scheme} names one file; give it as pretrained, with the model it is "
+                                 "for (e.g. --model ViT-B-32 --pretrained hf-hub:ORG/REPO/FILE)")
+            override = _own_weights(where, progress)
+            if override is None:
+                source, path = _hub_repo_source(repo, progress)
+            else:
+                from napari_sclip.engine.weights import hub_download
+
+                config_path = hub_download(repo, [CONFIG_FILE], scheme, progress)
+                source, path = _folder_source(config_path.parent, scheme, override.path)
+        return (replace(source, pretrained=where) if where else source), WeightsFile(path)
+
+    from napari_sclip.engine._torch import open_clip
+
+    if model not in open_clip.list_models():
+        raise ModelError(f"unknown model {model!r}; 'napari-sclip models' lists presets, "
+                         "open_clip.list_models() every name (e.g. ViT-B-16), or use hf-hub:ORG/REPO "
+                         "or local-dir:/path")
+    model_cfg = open_clip.get_model_config(model)
+    check_config(model_cfg, model)
+    weights = resolve_weights(model, pretrained, progress)
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if weights.tag else {}
+    mean, std = _normalisation(tag_cfg.get("mean"), tag_cfg.get("std"))
+    return ModelSource(model, pretrained, model_cfg, model, mean, std), weights
+
+
+def _is_hub_file(pretrained: str) -> bool:
+    return pretrained.startswith(HF_HUB) and bool(split_hub(pretrained[len(HF_HUB):])[1])
+
+
+def _is_file_or_hub_file(pretrained: str) -> bool:
+    return _is_hub_file(pretrained) or Path(pretrained).expanduser().is_file()
+
+
+def _own_weights(where: str, progress: ProgressCallback | None):
+    """A checkpoint given beside a repo or folder: a local file or a hub file (or ``None``)."""
+    from napari_sclip.engine.weights import resolve_weights
+
+    return resolve_weights("", where, progress) if where else None
+

@@ -1,0 +1,442 @@
+"""Any plain CLIP ViT (issue 14): tiny random models of patch 14, 16 and 32, with QuickGELU and
+GELU, saved in every accepted form (an open_clip name with a checkpoint file or safetensors,
+OpenAI's layout, a local-dir folder, a Hugging Face repo or one file in it, a preset) and loaded
+through the same code as real weights.  The Hub is a local folder here: nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sclip import Segmenter
+from napari_sclip.engine import presets as presets_module
+from napari_sclip.engine.errors import ModelError
+from napari_sclip.engine.methods import get_method
+from napari_sclip.engine.methods.scclip import scclip_layers
+from napari_sclip.engine.model import clear_model_cache
+from napari_sclip.engine.presets import PRESETS, Preset
+from napari_sclip.engine.text import prompt_templates
+
+from conftest import natural_image
+from reference_methods import method_features_reference
+from reference_sclip import text_features_reference
+
+PATCHES = (14, 16, 32)
+NAMES = ["cat", "a small dog", "grass"]
+
+
+def tiny_config(patch: int, quick: bool, layers: int = 3) -> dict:
+    return {
+        "embed_dim": 32,
+        "quick_gelu": quick,
+        "vision_cfg": {"image_size": patch * 8, "layers": layers, "width": 64, "head_width": 32, "patch_size": patch},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+
+
+def random_clip(cfg: dict, seed: int = 0):
+    """A CLIP of ``cfg`` with random weights and non-trivial biases."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    clip = open_clip.model.CLIP(**cfg).eval()
+    with torch.no_grad():
+        for name, param in clip.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    return clip
+
+
+def registered(tmp_path: Path, name: str, cfg: dict) -> str:
+    import open_clip
+
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return name
+
+
+def save_safetensors(clip, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
+def open_clip_folder(folder: Path, cfg: dict, clip, preprocess: dict | None = None) -> Path:
+    """A folder in open_clip's local-dir layout: open_clip_config.json and the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"model_cfg": cfg, **({"preprocess_cfg": preprocess} if preprocess else {})}
+    (folder / "open_clip_config.json").write_text(json.dumps(document))
+    if clip is not None:
+        save_safetensors(clip, folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub.hf_hub_download serving ``hub/<org>/<repo>/<file>`` (copied into the cache
+    folder, as the real one does); records each request."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    hub = tmp_path / "hub"
+    requests = []
+
+    def download(repo_id, filename, cache_dir=None, tqdm_class=None, **kwargs):
+        requests.append((repo_id, filename))
+        source = hub / repo_id / filename
+        if not source.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        target = Path(cache_dir) / "snapshots" / repo_id / filename
+        if not target.is_file():  # cached, as the real one keeps its snapshots
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return hub, requests
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+FORMS = ("name+file", "name+safetensors", "openai-layout", "local-dir", "folder-as-pretrained",
+         "hf-hub", "hf-hub-file", "preset")
+
+
+def _segmenter_for(form: str, patch: int, quick: bool, tmp_path: Path, hub: Path, monkeypatch):
+    """(Segmenter, the random model it should load, recorded model, recorded pretrained)."""
+    cfg = tiny_config(patch, quick)
+    clip = random_clip(cfg, seed=patch)
+    label = f"p{patch}-{'quick' if quick else 'gelu'}"
+    if form in ("name+file", "name+safetensors", "hf-hub-file"):
+        name = registered(tmp_path, f"sclip-test-{label}", cfg)
+        if form == "name+file":
+            torch.save(clip.state_dict(), tmp_path / "w.pt")
+            weights = str(tmp_path / "w.pt")
+        elif form == "name+safetensors":
+            weights = str(save_safetensors(clip, tmp_path / "w.safetensors"))
+        else:
+            (hub / "org" / "files" / "ckpt").mkdir(parents=True)
+            torch.save(clip.state_dict(), hub / "org" / "files" / "ckpt" / "w.pt")
+            weights = "hf-hub:org/files/ckpt/w.pt"
+        # A lone state dict cannot tell its activation: say it, as a user would.
+        return Segmenter(name, weights, "cpu", quick_gelu=quick), clip, name, weights
+    if form == "openai-layout":
+        state = {k: v.half() for k, v in clip.state_dict().items()}  # OpenAI's files are fp16
+        state.update(input_resolution=torch.tensor(patch * 8), context_length=torch.tensor(77),
+                     vocab_size=torch.tensor(49408))
+        torch.save(state, tmp_path / "openai.pt")
+        return Segmenter("ViT-B-16", str(tmp_path / "openai.pt"), "cpu"), None, "ViT-B-16", str(tmp_path / "openai.pt")
+    if form in ("local-dir", "folder-as-pretrained"):
+        folder = open_clip_folder(tmp_path / label, cfg, clip).resolve()
+        if form == "local-dir":
+            return Segmenter(f"local-dir:{folder}", None, "cpu"), clip, f"local-dir:{folder}", f"local-dir:{folder}"
+        return Segmenter("ViT-B-16", str(folder), "cpu"), clip, f"local-dir:{folder}", f"local-dir:{folder}"
+    open_clip_folder(hub / "org" / label, cfg, clip)
+    if form == "hf-hub":
+        return Segmenter(f"hf-hub:org/{label}", None, "cpu"), clip, f"hf-hub:org/{label}", f"hf-hub:org/{label}"
+    monkeypatch.setitem(PRESETS, "tiny", Preset("tiny", "Tiny", "a test model", "general",
+                                                 f"hf-hub:org/{label}", None, None, 1))
+    return Segmenter("tiny", None, "cpu"), clip, f"hf-hub:org/{label}", f"hf-hub:org/{label}"
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quickgelu", "gelu"])
+@pytest.mark.parametrize("patch", PATCHES)
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_loads_every_patch_size(form, patch, quick, tmp_path, fake_hub, monkeypatch):
+    hub, _ = fake_hub
+    if form == "openai-layout" and not quick:
+        pytest.skip("OpenAI's weights are QuickGELU by definition")
+    segmenter, clip, model_name, pretrained = _segmenter_for(form, patch, quick, tmp_path, hub, monkeypatch)
+    loaded = segmenter.load()
+    assert loaded.quick_gelu is quick and loaded.patch_size == patch
+    if clip is not None:
+        assert same_weights(loaded.clip, clip)
+    result = segmenter.segment(natural_image(50, 70), NAMES, short_side=patch * 4, window=patch * 3,
+                               stride=patch * 2)
+    assert result.labels.shape == (50, 70) and set(np.unique(result.labels)) <= {1, 2, 3}
+    assert result.params["patch_size"] == patch
+    assert (result.params["model"], result.params["pretrained"]) == (model_name, pretrained)
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quickgelu", "gelu"])
+@pytest.mark.parametrize("patch", PATCHES)
+def test_truncated_text_encoding_equals_full_length(patch, quick, tmp_path):
+    folder = open_clip_folder(tmp_path / "m", tiny_config(patch, quick), random_clip(tiny_config(patch, quick)))
+    segmenter = Segmenter(f"local-dir:{folder}", None, "cpu")
+    loaded = segmenter.load()
+    templates = list(prompt_templates())
+    names = ["cat", "a very long name of a rare kind of deep-sea fish with lights"]
+    ours = segmenter.text_features(names)
+    with torch.no_grad():
+        expected = text_features_reference(loaded.clip, loaded.tokenizer, names, templates)
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_hub_repo_is_downloaded_once_config_first(tmp_path, fake_hub):
+    hub, requests = fake_hub
+    cfg = tiny_config(16, True)
+    open_clip_folder(hub / "org" / "m", cfg, None)
+    torch.save(random_clip(cfg).state_dict(), hub / "org" / "m" / "open_clip_pytorch_model.bin")
+    loaded = Segmenter("hf-hub:org/m", None, "cpu").load()
+    # The config, then the weights: the safetensors copy is asked for first, then the .bin.
+    assert requests == [("org/m", "open_clip_config.json"), ("org/m", "open_clip_model.safetensors"),
+                        ("org/m", "open_clip_pytorch_model.safetensors"), ("org/m", "open_clip_pytorch_model.bin")]
+    assert loaded.weights.path.is_relative_to(tmp_path / "cache" / "models")
+    assert Segmenter("hf-hub:org/m", None, "cpu").load() is loaded  # one copy per process
+
+
+def test_a_folders_normalisation_is_used(tmp_path):
+    cfg = tiny_config(16, True)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    folder = open_clip_folder(tmp_path / "m", cfg, random_clip(cfg), {"mean": mean, "std": std})
+    plain = open_clip_folder(tmp_path / "plain", cfg, random_clip(cfg))
+    loaded = Segmenter(f"local-dir:{folder}", None, "cpu").load()
+    np.testing.assert_allclose(loaded.source.mean, np.array(mean) * 255)
+    np.testing.assert_allclose(loaded.source.std, np.array(std) * 255)
+    # OpenAI's mean and std (declared or not) keep the authors' 0-255 constants exactly.
+    assert Segmenter(f"local-dir:{plain}", None, "cpu").load().source.mean == (122.771, 116.746, 104.094)
+    rgb = natural_image(64, 64)
+    a = Segmenter(f"local-dir:{folder}", None, "cpu").segment(rgb, NAMES, return_probs=True).probs
+    b = Segmenter(f"local-dir:{plain}", None, "cpu").segment(rgb, NAMES, return_probs=True).probs
+    assert np.abs(a - b).max() > 1e-4
+
+
+BAD_CONFIGS = {
+    "timm tower": ({"vision_cfg": {"timm_model_name": "vit_base_patch16_224", "image_size": 224}},
+                   "its image tower is a timm model (vit_base_patch16_224)"),
+    "ResNet": ({"vision_cfg": {"layers": [3, 4, 6, 3], "width": 64, "image_size": 224}}, "is a ResNet, not a ViT"),
+    "BERT text (BiomedCLIP)": ({"text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                             "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"}},
+                               "reads the whole prompt"),
+    "non-causal text": ({"text_cfg": {**tiny_config(16, True)["text_cfg"], "no_causal_mask": True}},
+                        "text transformer is not causal"),
+    "eos pooling": ({"text_cfg": {**tiny_config(16, True)["text_cfg"], "pool_type": "eos", "eos_id": 2,
+                                  "hf_tokenizer_name": "facebook/xlm-v-base"}}, "another token than CLIP's end-of-text"),
+    "average-pooled ViT": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "pool_type": "avg",
+                                           "final_ln_after_pool": True}}, "pools its tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_models_the_engine_cannot_run_get_one_line_before_any_weights(case, tmp_path, fake_hub):
+    hub, requests = fake_hub
+    change, expected = BAD_CONFIGS[case]
+    cfg = {**tiny_config(16, True), **change}
+    open_clip_folder(tmp_path / "m", cfg, None)  # no weights at all: the config is refused first
+    with pytest.raises(ModelError) as info:
+        Segmenter(f"local-dir:{tmp_path / 'm'}", None, "cpu").load()
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    open_clip_folder(hub / "org" / "bad", cfg, random_clip(tiny_config(16, True)))
+    with pytest.raises(ModelError, match="cannot be used"):
+        Segmenter("hf-hub:org/bad", None, "cpu").load()
+    assert requests == [("org/bad", "open_clip_config.json")]  # the weights were never fetched
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("RN50", "is a ResNet, not a ViT"),
+    ("ViT-H-14-CLIPA", "cannot be used"),
+    ("ViT-B-16-SigLIP", "timm model"),
+    ("coca_ViT-B-32", "cannot be used"),
+])
+def test_open_clip_names_the_engine_cannot_run(name, expected, tiny_checkpoint):
+    with pytest.raises(ModelError, match=expected):
+        Segmenter(name, str(tiny_checkpoint), "cpu").load()
+
+
+def test_source_errors_are_one_line(tmp_path, fake_hub, monkeypatch):
+    from huggingface_hub.errors import GatedRepoError
+
+    hub, _ = fake_hub
+    cases = {
+        "local-dir:": "local-dir: needs a folder",
+        f"local-dir:{tmp_path / 'missing'}": "not found",
+        "hf-hub:justone": "is not a Hugging Face repo",
+        "hf-hub:org/../etc": "is not a Hugging Face repo",
+        "hf-hub:org/nothing": "has none of open_clip_config.json",
+        "hf-hub:org/repo/file.pt": "names one file; give it as pretrained",
+    }
+    (tmp_path / "empty").mkdir()
+    cases[f"local-dir:{tmp_path / 'empty'}"] = "needs open_clip's open_clip_config.json"
+    open_clip_folder(tmp_path / "noweights", tiny_config(16, True), None)
+    cases[f"local-dir:{tmp_path / 'noweights'}"] = "has no weights file"
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "open_clip_config.json").write_text("{not json")
+    cases[f"local-dir:{tmp_path / 'badjson'}"] = "cannot read"
+    (tmp_path / "nocfg").mkdir()
+    (tmp_path / "nocfg" / "open_clip_config.json").write_text('{"model": 1}')
+    cases[f"local-dir:{tmp_path / 'nocfg'}"] = "is not an open_clip config"
+    for model, expected in cases.items():
+        with pytest.raises(ModelError) as info:
+            Segmenter(model, None, "cpu").load()
+        assert expected in str(info.value) and "\n" not in str(info.value), (model, str(info.value))
+
+    import huggingface_hub
+
+    def gated(repo_id, filename, **kwargs):
+        error = GatedRepoError.__new__(GatedRepoError)
+        Exception.__init__(error, f"Access to model {repo_id} is restricted.")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(ModelError) as info:
+        Segmenter("quiltnet-b16", None, "cpu").load()
+    message = str(info.value)
+    assert "gated on Hugging Face" in message and "https://huggingface.co/wisdomik/QuiltNet-B-16" in message
+    assert "local-dir:" in message and "\n" not in message
+
+
+def test_offline_hub_says_how_to_work_offline():
+    """HF_HUB_OFFLINE is set for every test: the real huggingface_hub refuses at once."""
+    with pytest.raises(ModelError) as info:
+        Segmenter("bioclip", None, "cpu").load()
+    message = str(info.value)
+    assert "could not download hf-hub:imageomics/bioclip" in message
+    assert "huggingface-cli download imageomics/bioclip --local-dir FOLDER" in message and "\n" not in message
+
+
+def test_presets_name_what_they_stand_for():
+    import open_clip
+
+    for preset in PRESETS.values():
+        assert preset.key == preset.key.lower() and preset.key not in open_clip.list_models()
+        if not preset.model.startswith("hf-hub:"):
+            assert preset.model in open_clip.list_models()
+        with torch.device("meta"):  # the size is the fp32 weights of the architecture
+            cfg = open_clip.get_model_config(preset.model) if not preset.model.startswith("hf-hub:") else None
+            if cfg is not None:
+                parameters = sum(p.numel() for p in open_clip.model.CLIP(**cfg).parameters())
+                assert abs(preset.size_mb - parameters * 4 / 1e6) < 1, preset.key
+    assert presets_module.find_preset("BioCLIP").model == "hf-hub:imageomics/bioclip"
+    assert presets_module.preset_for("ViT-B-16", "openai").key == "openai-b16"
+    assert presets_module.preset_for("ViT-B-16", "/some/file.pt") is None
+
+
+def test_a_preset_with_other_weights_keeps_its_architecture(tmp_path, fake_hub):
+    """--model remoteclip-b32 --pretrained FILE: the preset's architecture with the user's file; the
+    preset's activation is for its own weights, so the file's own rule applies."""
+    cfg = tiny_config(32, False)
+    name = registered(tmp_path, "sclip-test-remote", cfg)
+    clip = random_clip(cfg)
+    torch.save(clip.state_dict(), tmp_path / "mine.pt")
+    preset = Preset("tiny-remote", "t", "t", "remote sensing", name, "hf-hub:org/remote/w.pt", False, 1)
+    PRESETS[preset.key] = preset
+    try:
+        with pytest.warns(UserWarning, match="does not say whether it needs QuickGELU"):
+            loaded = Segmenter("tiny-remote", str(tmp_path / "mine.pt"), "cpu").load()
+        assert same_weights(loaded.clip, clip) and loaded.name == name
+    finally:
+        del PRESETS[preset.key]
+        clear_model_cache()
+
+
+# -- SC-CLIP on other depths and every method on deep ViTs ---------------------------------------
+
+def test_sc_clip_uses_the_authors_blocks_where_they_publish_them():
+    b16, l14 = scclip_layers(12), scclip_layers(24)
+    assert (b16.similarity, b16.post, b16.fuse_start, b16.fuse_end, b16.cls_weight) == (8, 3, 3, 10, 0.3)
+    assert (l14.similarity, l14.post, l14.fuse_start, l14.fuse_end, l14.cls_weight) == (16, 6, 8, 19, 0.1)
+    assert "authors" in b16.rule and "authors" in l14.rule
+
+
+@pytest.mark.parametrize("depth, expected", [
+    (2, (0, 0, 0, 1, 0.3)),
+    (3, (1, 1, 1, 2, 0.3)),
+    (6, (4, 2, 2, 5, 0.3)),  # 8/2, 3/2 -> 2 (half up), 3/2 -> 2, 10/2
+    (18, (12, 5, 5, 15, 0.3)),
+    (32, (21, 8, 11, 25, 0.1)),  # 16*4/3 = 21.3, 6*4/3 = 8, 8*4/3 = 10.7, 19*4/3 = 25.3
+    (48, (32, 12, 16, 38, 0.1)),
+])
+def test_sc_clip_scales_the_nearest_published_setting_for_other_depths(depth, expected):
+    layers = scclip_layers(depth)
+    assert (layers.similarity, layers.post, layers.fuse_start, layers.fuse_end, layers.cls_weight) == expected
+    assert layers.rule.startswith("ours")
+    assert 0 <= layers.fuse_start < layers.fuse_end <= depth - 1 and max(layers.similarity, layers.post) <= depth - 2
+
+
+def test_results_record_the_sc_clip_blocks(tmp_path):
+    cfg = tiny_config(16, True, layers=6)
+    folder = open_clip_folder(tmp_path / "m", cfg, random_clip(cfg))
+    result = Segmenter(f"local-dir:{folder}", None, "cpu").segment(natural_image(48, 48), NAMES, method="sc-clip")
+    assert result.params["sc_clip_layers"] == {"similarity": 4, "post": 2, "fuse_start": 2, "fuse_end": 5,
+                                               "cls_weight": 0.3, "rule": scclip_layers(6).rule}
+    assert "sc_clip_layers" not in Segmenter(f"local-dir:{folder}", None, "cpu").segment(
+        natural_image(48, 48), NAMES).params
+
+
+@pytest.fixture(scope="module")
+def deep_patch14_visual():
+    """A 24-block tiny ViT with 14 px patches: ViT-L/14's depth and patch, narrow."""
+    return random_clip(tiny_config(14, True, layers=24), seed=9).visual.eval()
+
+
+@pytest.mark.parametrize("method", ["sclip", "naclip", "clearclip", "maskclip", "sc-clip"])
+def test_every_method_on_a_24_block_vit_matches_the_reference(deep_patch14_visual, method):
+    torch.manual_seed(10)
+    windows = torch.randn(2, 3, 98, 126)  # 7 x 9 patches of 14 px
+    with torch.no_grad():
+        ours = get_method(method).features(deep_patch14_visual, windows)
+        for i in range(2):
+            # SC-CLIP: the authors' ViT-L/14 blocks, written here from their config.
+            expected, grid = method_features_reference(deep_patch14_visual, windows[i:i + 1], method,
+                                                       sc_clip=(16, 6, 8, 19, 0.1))
+            assert ours.shape[1:3] == grid == (7, 9)
+            torch.testing.assert_close(ours[i].reshape(-1, ours.shape[-1]), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- ViT-L/14 at its real size -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vit_l14(tmp_path_factory):
+    """A randomly initialised ViT-L/14 saved in OpenAI's layout (fp16, with OpenAI's integer
+    entries), loaded through the engine as OpenAI's own file would be."""
+    import open_clip
+
+    clip = random_clip({**open_clip.get_model_config("ViT-L-14"), "quick_gelu": True}, seed=14)
+    state = {k: v.half() for k, v in clip.state_dict().items()}
+    state.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path_factory.mktemp("vit-l14") / "ViT-L-14.pt"
+    torch.save(state, path)
+    del clip, state
+    segmenter = Segmenter("ViT-L-14", str(path), "cpu")
+    yield segmenter
+    clear_model_cache()
+
+
+def test_vit_l14_loads_as_openais_architecture(vit_l14):
+    loaded = vit_l14.load()
+    assert (loaded.patch_size, loaded.depth, loaded.quick_gelu) == (14, 24, True)
+    assert loaded.clip.visual.transformer.width == 1024 and loaded.clip.visual.conv1.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["sclip", "naclip", "clearclip", "maskclip", "sc-clip"])
+def test_every_method_on_vit_l14_matches_the_reference(vit_l14, method):
+    visual = vit_l14.load().clip.visual
+    torch.manual_seed(15)
+    window = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = get_method(method).features(visual, window)
+        expected, grid = method_features_reference(visual, window, method, sc_clip=(16, 6, 8, 19, 0.1))
+    assert ours.shape[1:3] == grid == (16, 16)
+    torch.testing.assert_close(ours[0].reshape(-1, ours.shape[-1]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_vit_l14_pipeline_matches_the_reference(vit_l14):
+    """Slide inference on ViT-L/14 (windows of 224 px, 16 x 16 patches) against the plain reference."""
+    from reference_sclip import sclip_reference
+
+    rgb = natural_image(120, 150)
+    result = vit_l14.segment(rgb, NAMES, return_probs=True, short_side=224)
+    text = torch.from_numpy(vit_l14.text_features(NAMES))
+    _, _, probs = sclip_reference(vit_l14.load().clip, text, [0, 1, 2], rgb, short_side=224)
+    assert result.params["windows"] == 2 and result.params["patch_size"] == 14
+    np.testing.assert_allclose(result.probs, probs, atol=2e-3)
