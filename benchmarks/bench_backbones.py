@@ -10,8 +10,9 @@ the time does not depend on the values) and saved in OpenAI's layout, then measu
 process: load, one warm-up image, then ``--images`` 448 x 640 photos segmented with 8 class
 names by SCLIP at its defaults (short side 336, 224 px windows moved by 112: 8 windows).
 
-Columns: seconds per image (median), the process's peak memory over the baseline after imports
-(RSS on the CPU; ``torch.cuda.max_memory_allocated`` on a GPU), and the engine's estimate
+Columns: seconds per image (median), the process's peak memory over its memory after imports
+(peak RSS, loading included, on the CPU; ``torch.cuda.max_memory_allocated`` on a GPU), and the
+engine's estimate
 (:func:`napari_sclip.engine.memory.estimate_memory`) for comparison.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,8 +35,13 @@ MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
 CLASSES = ["person", "sky", "tree", "building", "grass", "road", "car", "water"]
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+def _status(field: str) -> int:
+    """A /proc/self/status memory figure in bytes (VmHWM: the peak RSS of this program since it
+    started; getrusage's peak would carry the forking parent's over ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def save_random(model: str, folder: Path) -> Path:
@@ -69,7 +74,7 @@ def measure(model: str, device: str, images: int, folder: Path) -> dict:
     path = folder / f"{model}.pt"
     photos = [np.asarray(Image.open(p).convert("RGB"))[:448] for p in sorted((folder / "photos").glob("*.jpg"))]
 
-    baseline = _peak_rss()
+    baseline = _status("VmRSS")
     segmenter = Segmenter(model, str(path), device, feature_cache=False)
     segmenter.load()
     segmenter.text_features(CLASSES)
@@ -84,7 +89,7 @@ def measure(model: str, device: str, images: int, folder: Path) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss() - baseline
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status("VmHWM") - baseline
     cuda = device.startswith("cuda")
     estimate = estimate_memory(Architecture.from_config(cfg), (448, 640), len(CLASSES),
                                batch_size=segmenter.batch_size, half_precision=cuda)

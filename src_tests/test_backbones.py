@@ -440,3 +440,48 @@ def test_the_vit_l14_pipeline_matches_the_reference(vit_l14):
     _, _, probs = sclip_reference(vit_l14.load().clip, text, [0, 1, 2], rgb, short_side=224)
     assert result.params["windows"] == 2 and result.params["patch_size"] == 14
     np.testing.assert_allclose(result.probs, probs, atol=2e-3)
+
+
+# -- sizes and memory, before anything loads -----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-M-16-alt"])
+def test_the_architecture_counts_open_clips_parameters(name):
+    import open_clip
+
+    from napari_sclip.engine.memory import Architecture
+
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in open_clip.model.CLIP(**cfg).parameters())
+    arch = Architecture.from_config(cfg)
+    # LayerScale adds 2 w per block (ViT-M-16-alt); the estimate leaves it out.
+    assert abs(arch.parameters - expected) <= 2 * arch.width * arch.depth
+
+
+def test_the_memory_estimate_follows_the_image_the_model_and_the_method():
+    import open_clip
+
+    from napari_sclip.engine.memory import Architecture, estimate_memory
+
+    b16, l14 = (Architecture.from_config(open_clip.get_model_config(n)) for n in ("ViT-B-16", "ViT-L-14"))
+    small = estimate_memory(b16, (448, 640), 8)
+    assert small.weights == b16.parameters * 4 and small.total == small.weights + max(small.weights, small.working)
+    assert estimate_memory(b16, (4000, 6000), 8).working > small.working  # the outputs grow with the image
+    assert estimate_memory(b16, (448, 640), 80).working > small.working  # the canvas with the names
+    assert estimate_memory(l14, (448, 640), 8).total > 2.5 * small.total
+    assert estimate_memory(b16, (448, 640), 8, method="sc-clip").working > small.working
+    assert estimate_memory(b16, (448, 640), 8, batch_size=32, half_precision=True).working > small.working
+    assert small.describe().startswith("up to 1.2 GB: 598 MB of weights")
+
+
+def test_sizes_for_menus_never_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    folder = open_clip_folder(tmp_path / "m", tiny_config(32, True), None)
+    code = ("import sys; from napari_sclip.engine.memory import architecture_of, describe_choice; "
+            f"print(describe_choice('bioclip', None, load=False)); "
+            f"print(architecture_of('local-dir:{folder}', None, load=False).patch_size); "
+            "print(architecture_of('ViT-L-14', None, load=False)); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:4] == ["Organisms across the tree of life (TreeOfLife-10M); 598 MB download", "32", "None", "False"]

@@ -1,9 +1,11 @@
 """How much memory a model and a segmentation will take, before anything is loaded.
 
 Pure Python (no torch), so the widget can show it on napari's GUI thread.  The estimate is the
-fp32 weights plus the largest working set of a run: one batch of windows going through one block
-(or, for SC-CLIP, the hidden states it keeps), the logit canvas of the resized image and the
-outputs at the input's size.  docs/benchmarks.md compares it with measured peaks.
+fp32 weights plus the larger of two transients: the checkpoint's tensors while the model loads
+(at most the fp32 weights again), and the largest working set of a run: one batch of windows
+going through one block (or, for SC-CLIP, the hidden states it keeps), the logit canvas of the
+resized image and the outputs at the input's size.  docs/benchmarks.md compares it with measured
+peaks.
 """
 
 from __future__ import annotations
@@ -70,18 +72,24 @@ class Architecture:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes: the weights, and the working set of segmenting one image."""
+    """Bytes: the fp32 weights, the checkpoint's tensors while loading (at most as much again),
+    and the working set of segmenting one image."""
 
     weights: int
     working: int
 
     @property
+    def loading(self) -> int:
+        return self.weights
+
+    @property
     def total(self) -> int:
-        return self.weights + self.working
+        """The peak: the weights, plus the larger of the loading copy and the working set."""
+        return self.weights + max(self.loading, self.working)
 
     def describe(self) -> str:
-        return (f"about {_size(self.total)}: {_size(self.weights)} of weights, "
-                f"{_size(self.working)} to segment this image")
+        return (f"up to {_size(self.total)}: {_size(self.weights)} of weights (up to twice that while "
+                f"loading), {_size(self.working)} to segment this image")
 
 
 def _size(count: int) -> str:

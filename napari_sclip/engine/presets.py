@@ -60,9 +60,9 @@ PRESETS: dict[str, Preset] = {
     for preset in (
         Preset("openai-b16", "OpenAI ViT-B/16", "CLIP ViT-B/16: the papers' backbone; the default",
                "general", "ViT-B-16", "openai", True, 598),
-        Preset("openai-b32", "OpenAI ViT-B/32", "CLIP ViT-B/32: about 3x faster than B/16, coarser masks",
+        Preset("openai-b32", "OpenAI ViT-B/32", "CLIP ViT-B/32: about 3.5x faster than B/16, coarser masks",
                "general", "ViT-B-32", "openai", True, 605),
-        Preset("openai-l14", "OpenAI ViT-L/14", "CLIP ViT-L/14: finer masks, about 4x slower than B/16",
+        Preset("openai-l14", "OpenAI ViT-L/14", "CLIP ViT-L/14: finer masks, about 4.5x slower than B/16",
                "general", "ViT-L-14", "openai", True, 1710),
         Preset("openai-l14-336", "OpenAI ViT-L/14-336", "CLIP ViT-L/14 trained at 336 px",
                "general", "ViT-L-14-336", "openai", True, 1712),
