@@ -224,6 +224,12 @@ BAD_CONFIGS = {
                                   "hf_tokenizer_name": "facebook/xlm-v-base"}}, "another token than CLIP's end-of-text"),
     "average-pooled ViT": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "pool_type": "avg",
                                            "final_ln_after_pool": True}}, "pools its tokens"),
+    # A damaged or hostile config must not make the engine allocate without end.
+    "a million blocks": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "layers": 10**6}},
+                         "more than any CLIP"),
+    "sizes as text": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "width": "wide"}},
+                      "not whole numbers"),
+    "zero patch": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "patch_size": 0}}, "sizes no ViT has"),
 }
 
 

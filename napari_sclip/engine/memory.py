@@ -124,9 +124,9 @@ def architecture_of(model: str | None, pretrained: str | None = None, *, load: b
         return None
     try:
         model_cfg = read_config_file(folder / CONFIG_FILE)[0] if folder else registered_config(model)
-    except Exception:  # an unreadable folder is reported when the model loads
+        return Architecture.from_config(model_cfg) if model_cfg else None
+    except Exception:  # an unreadable or odd config is reported in one line when the model loads
         return None
-    return Architecture.from_config(model_cfg) if model_cfg else None
 
 
 def estimate_memory(

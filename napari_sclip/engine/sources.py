@@ -125,8 +125,8 @@ def read_config_file(path: Path) -> tuple[dict, dict]:
         document = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path} not found: a local-dir: folder needs open_clip's {CONFIG_FILE}") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     model_cfg = document.get("model_cfg") if isinstance(document, dict) else None
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg", {}), dict) \
             or not isinstance(model_cfg.get("text_cfg", {}), dict):
@@ -160,9 +160,35 @@ def check_config(model_cfg: dict, label: str) -> None:
         why = "its ViT pools its tokens without the class token's path the methods change"
     elif vision.get("pos_embed_type", "learnable") != "learnable":
         why = f"its ViT has {vision['pos_embed_type']} positions, not learned ones"
+    else:
+        why = _implausible(model_cfg)
     if why:
         raise ModelError(f"model {label} cannot be used: {why}; choose a plain CLIP ViT "
                          "(e.g. ViT-B-16; 'napari-sclip models' lists presets)")
+
+
+#: Bounds no CLIP comes near (ViT-bigG/14: 48 blocks of width 1664, 2.5 B parameters), so that a
+#: damaged or hostile config cannot make the engine allocate without end.
+_MAX_PARAMETERS = 10**10
+
+
+def _implausible(model_cfg: dict) -> str | None:
+    """Why a config's shape cannot be a CLIP ViT's, or ``None``."""
+    from napari_sclip.engine.memory import Architecture
+
+    vision = model_cfg.get("vision_cfg", {})
+    try:
+        arch = Architecture.from_config(model_cfg)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return "its config gives sizes that are not whole numbers"
+    sizes = (arch.patch_size, arch.depth, arch.width, arch.image_size, arch.embed_dim, arch.text_width,
+             arch.text_depth, arch.vocab_size, arch.context_length)
+    if min(sizes) < 1 or arch.patch_size > arch.image_size or arch.width % arch.heads \
+            or not 0 < arch.mlp_ratio <= 64 or vision.get("head_width", 64) > arch.width:
+        return "its config gives sizes no ViT has"
+    if arch.parameters > _MAX_PARAMETERS:
+        return f"its config describes {arch.parameters / 1e9:.0f} billion parameters, more than any CLIP"
+    return None
 
 
 def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
