@@ -104,3 +104,16 @@ def test_a_sample_just_marked_counts_and_an_evaluation_can_be_cancelled(widget, 
     assert section._status.text() == "cancelled" and section.evaluation is None
     assert np.isfinite(panel.session.counts().reviewed)
     panel.close_review()
+
+
+@pytest.mark.gui
+def test_evaluate_uses_the_model_picked_in_the_widget(widget, qtbot, tmp_path):  # noqa: F811
+    """A preset picked in the SCLIP widget brings its own weights: the evaluation asks for none."""
+    panel = _review(widget, qtbot, tmp_path, 1)
+    picker = widget._model_picker
+    picker.setCurrentIndex(picker.findText("BioCLIP (ViT-B/16), 598 MB"))
+    request = panel.evaluate.request()
+    assert (request.model, request.pretrained) == ("bioclip", None)
+    picker.setCurrentIndex(picker.findText("OpenAI ViT-L/14, 1.7 GB"))
+    assert (panel.evaluate.request().model, panel.evaluate.request().pretrained) == ("openai-l14", None)
+    panel.close_review()

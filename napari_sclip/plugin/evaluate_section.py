@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 from napari_sclip.engine import config
 from napari_sclip.engine.errors import SclipError
 from napari_sclip.engine.methods import DEFAULT_METHOD, METHODS
+from napari_sclip.engine.sources import normalise_choice
 from napari_sclip.plugin.evaluation import Evaluation, EvaluationRequest, evaluation_job
 
 _log = logging.getLogger(__name__)
@@ -113,10 +114,11 @@ class EvaluateSection(QWidget):
         if not thresholds or not all(0 <= value <= 1 for value in thresholds):
             raise SclipError("give thresholds between 0 and 1, separated by commas")
         options = self._widget_options()
+        model, pretrained = normalise_choice(getattr(options, "model", ""), getattr(options, "pretrained", ""))
         return EvaluationRequest(
             self.root, methods, thresholds,
-            model=getattr(options, "model", "") or config.default_model(),
-            pretrained=getattr(options, "pretrained", "") or config.default_pretrained(),
+            model=model,
+            pretrained=pretrained,
             device=getattr(options, "device", "") or config.default_device(),
             quick_gelu=getattr(options, "quick_gelu", None),
         )

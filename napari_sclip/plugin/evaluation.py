@@ -21,7 +21,7 @@ class EvaluationRequest:
     methods: tuple[str, ...]
     prob_thresholds: tuple[float, ...]
     model: str
-    pretrained: str
+    pretrained: str | None  # None: the model's own (a preset, repo or folder)
     device: str
     quick_gelu: bool | None = None
 
