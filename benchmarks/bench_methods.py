@@ -59,7 +59,7 @@ def peak_memory(checkpoint: Path, method: str, device: str, shape: tuple[int, in
     """Peak memory of a fresh process that segments one ``shape`` image with ``method``."""
     code = textwrap.dedent(
         f"""
-        import resource, time, numpy as np, torch
+        import time, numpy as np, torch
         from napari_sclip import Segmenter
         image = np.random.default_rng(0).integers(0, 255, {shape + (3,)!r}, dtype=np.uint8)
         seg = Segmenter("ViT-B-16-quickgelu", {str(checkpoint)!r}, {device!r}, method={method!r})
@@ -68,7 +68,7 @@ def peak_memory(checkpoint: Path, method: str, device: str, shape: tuple[int, in
         seg.segment(image, {classes!r})
         elapsed = time.perf_counter() - start
         gpu = torch.cuda.max_memory_allocated() / 2**20 if {device!r}.startswith("cuda") else 0
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu, elapsed)
+        print(int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024, gpu, elapsed)
         """
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -645,7 +645,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             checkpoint.save(tally, now=True)
             raise
-    _print_report(report)
+    _print_report(report, segmenter.load())
     try:
         _write_report(report, args)
     except BaseException:
@@ -708,11 +708,13 @@ def _evaluation_outputs(args: argparse.Namespace, truth) -> Path | None:
     return predictions
 
 
-def _print_report(report) -> None:
+def _print_report(report, model) -> None:
     best, best_scores = report.best
     if report.caveat:
         warnings.warn(report.caveat, stacklevel=1)
     print(f"{report.truth}: {report.images} image{'s' if report.images != 1 else ''}")
+    print(f"model: {model.name} ({model.pretrained}), {'QuickGELU' if model.quick_gelu else 'GELU'}, "
+          f"{model.patch_size} px patches")
     print(report.table())
     print(f"\nbest: {best.describe()}")
     print(best_scores.table())

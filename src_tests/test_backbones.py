@@ -6,7 +6,9 @@ through the same code as real weights.  The Hub is a local folder here: nothing 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +96,11 @@ def fake_hub(tmp_path, monkeypatch):
         if not source.is_file():
             raise EntryNotFoundError(f"{filename} not in {repo_id}")
         target = Path(cache_dir) / "snapshots" / repo_id / filename
-        if not target.is_file():  # cached, as the real one keeps its snapshots
+        if not target.is_file():  # cached, as the real one keeps its snapshots, and whole
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            partial = target.with_name(f"{target.name}.{threading.get_ident()}.incomplete")
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
         return str(target)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
@@ -307,7 +311,7 @@ def test_offline_hub_says_how_to_work_offline():
         Segmenter("bioclip", None, "cpu").load()
     message = str(info.value)
     assert "could not download hf-hub:imageomics/bioclip" in message
-    assert "huggingface-cli download imageomics/bioclip --local-dir FOLDER" in message and "\n" not in message
+    assert "hf download imageomics/bioclip --local-dir FOLDER" in message and "\n" not in message
 
 
 def test_presets_name_what_they_stand_for():
@@ -491,3 +495,166 @@ def test_sizes_for_menus_never_import_torch(tmp_path):
             "print(architecture_of('ViT-L-14', None, load=False)); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:4] == ["Organisms across the tree of life (TreeOfLife-10M); 598 MB download", "32", "None", "False"]
+
+
+# -- hostile and odd sources (the attacker's pass) -------------------------------------------------
+
+def _one_line(call) -> str:
+    with pytest.raises(ModelError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def _folder_with(tmp_path, cfg, name="m", weights=True) -> str:
+    folder = open_clip_folder(tmp_path / name, cfg, random_clip(tiny_config(16, True)) if weights else None)
+    return f"local-dir:{folder}"
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"width": 1e308}, "sizes no ViT has"),
+    ({"width": float("inf")}, "not whole numbers"),
+    ({"layers": True}, "not whole numbers"),  # a boolean is not a size
+    ({"head_width": "32"}, "not whole numbers"),
+    ({"image_size": []}, "not whole numbers"),
+    ({"mlp_ratio": float("nan")}, "not whole numbers"),
+    ({"patch_size": -16}, "sizes no ViT has"),
+])
+def test_odd_sizes_are_refused_in_one_line_and_the_note_stays_quiet(tmp_path, change, expected):
+    from napari_sclip.engine.memory import architecture_of, describe_choice
+
+    cfg = tiny_config(16, True)
+    cfg["vision_cfg"].update(change)
+    model = _folder_with(tmp_path, cfg)
+    assert expected in _one_line(lambda: Segmenter(model, None, "cpu").load())
+    assert architecture_of(model, None, load=False) is None  # the widget's note: no size, no error
+    assert describe_choice(model, None, load=False) == "its size is known once its config is read"
+
+
+def test_odd_config_values_are_refused(tmp_path):
+    cfg = {**tiny_config(16, True), "quick_gelu": "no"}  # truthy: it would have built QuickGELU
+    assert "quick_gelu is neither true nor false" in _one_line(lambda: Segmenter(_folder_with(tmp_path, cfg), None,
+                                                                                 "cpu").load())
+    long_text = {**tiny_config(16, True)}
+    long_text["text_cfg"] = {**long_text["text_cfg"], "context_length": 30000}  # a 3.6 GB mask
+    assert "sizes no ViT has" in _one_line(lambda: Segmenter(_folder_with(tmp_path, long_text, "t"), None,
+                                                             "cpu").load())
+    nested = {**tiny_config(16, True)}
+    deep: dict = {}
+    for _ in range(400):
+        deep = {"eps": deep}
+    nested["vision_cfg"] = {**nested["vision_cfg"], "norm_kwargs": deep}
+    assert "nested deeper" in _one_line(lambda: Segmenter(_folder_with(tmp_path, nested, "n"), None, "cpu").load())
+
+
+def test_a_config_that_does_not_fit_its_weights_allocates_nothing(tmp_path):
+    """100 000 blocks of a tiny ViT would be 5 billion parameters: the shapes are compared with
+    the checkpoint's on torch's meta device first."""
+    cfg = tiny_config(16, True)
+    cfg["vision_cfg"]["layers"] = 100_000
+    model = _folder_with(tmp_path, cfg)
+    message = _one_line(lambda: Segmenter(model, None, "cpu").load())
+    assert "does not fit model" in message and "missing" in message
+
+
+def test_a_fifo_config_is_refused_without_blocking(tmp_path):
+    import os
+
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    os.mkfifo(folder / "open_clip_config.json")
+    assert "not a regular file" in _one_line(lambda: Segmenter(f"local-dir:{folder}", None, "cpu").load())
+
+
+@pytest.mark.parametrize("kind", ["compressed", "module-twice", "integers", "sparse", "scale-vector"])
+def test_hostile_state_dicts_are_refused_in_one_line(tmp_path, kind):
+    import zipfile
+
+    cfg = tiny_config(16, True)
+    name = registered(tmp_path, "sclip-test-hostile", cfg)
+    state = random_clip(cfg).state_dict()
+    path = tmp_path / "w.pt"
+    if kind == "module-twice":
+        state = {**state, **{f"module.{k}": v for k, v in state.items()}}
+    elif kind == "integers":
+        state = {k: v.long() if k.endswith("proj") else v for k, v in state.items()}
+    elif kind == "sparse":
+        state = {k: v.to_sparse() if k == "visual.proj" else v for k, v in state.items()}
+    elif kind == "scale-vector":
+        state = {**state, "logit_scale": torch.ones(5)}
+    torch.save(state, path)
+    if kind == "compressed":  # the same records, deflated: a small file could unpack to gigabytes
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp_path / "z.pt", "w", zipfile.ZIP_DEFLATED) as target:
+            for record in source.infolist():
+                target.writestr(record.filename, source.read(record))
+        path = tmp_path / "z.pt"
+    expected = {"compressed": "compressed records", "module-twice": "some tensors twice",
+                "integers": "not dense floating-point", "sparse": "not dense floating-point",
+                "scale-vector": "does not fit"}[kind]
+    assert expected in _one_line(lambda: Segmenter(name, str(path), "cpu", quick_gelu=True).load())
+
+
+@pytest.mark.parametrize("model", ["hf-hub:a/b?x=1", "hf-hub:a b/c", "hf-hub:/etc/passwd", "hf-hub:org/re\x00po"])
+def test_names_that_are_not_repos(model):
+    assert "is not a Hugging Face repo" in _one_line(lambda: Segmenter(model, None, "cpu").load())
+
+
+def test_paths_no_file_system_takes(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert "cannot use folder" in _one_line(lambda: Segmenter(f"local-dir:{loop}", None, "cpu").load())
+    assert "cannot use folder" in _one_line(lambda: Segmenter(f"local-dir:{tmp_path}/a\x00b", None, "cpu").load())
+    assert "cannot use weights path" in _one_line(lambda: Segmenter("ViT-B-16", "a" * 300 + ".pt", "cpu").load())
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    assert "is a file, not a folder" in _one_line(lambda: Segmenter(f"local-dir:{weights}", None, "cpu").load())
+
+
+def test_a_folder_path_object_is_a_model(tmp_path):
+    folder = open_clip_folder(tmp_path / "m", tiny_config(16, True), random_clip(tiny_config(16, True)))
+    assert Segmenter(f"local-dir:{folder}", None, "cpu").load().patch_size == 16
+    assert Segmenter("ViT-B-16", folder, "cpu").load().name == f"local-dir:{folder.resolve()}"
+
+
+def test_a_repo_or_folder_as_pretrained_says_the_model_is_not_used(tmp_path):
+    folder = open_clip_folder(tmp_path / "m", tiny_config(32, True), random_clip(tiny_config(32, True)))
+    with pytest.warns(UserWarning, match="brings its own architecture .* the model ViT-L-14 is not used"):
+        assert Segmenter("ViT-L-14", str(folder), "cpu").load().patch_size == 32
+
+
+def test_a_hub_file_offline_says_which_flags_load_it(monkeypatch):
+    message = _one_line(lambda: Segmenter("georsclip-b32", None, "cpu").load())
+    assert ("hf download Zilun/GeoRSCLIP ckpt/RS5M_ViT-B-32.pt --local-dir FOLDER" in message
+            and "--model ViT-B-32 --pretrained FOLDER/ckpt/RS5M_ViT-B-32.pt --quick-gelu" in message)
+    assert "--no-quick-gelu" in _one_line(lambda: Segmenter("remoteclip-b32", None, "cpu").load())
+
+
+def test_downloads_in_threads_leave_the_hub_logger_as_they_found_it(fake_hub):
+    import logging
+    import threading
+    import time
+
+    import huggingface_hub
+
+    hub, _ = fake_hub
+    cfg = tiny_config(16, True)
+    open_clip_folder(hub / "org" / "m", cfg, random_clip(cfg))
+    slow = huggingface_hub.hf_hub_download
+
+    def delayed(*args, **kwargs):
+        time.sleep(0.05)
+        return slow(*args, **kwargs)
+
+    huggingface_hub.hf_hub_download = delayed
+    logger = logging.getLogger("huggingface_hub")
+    before = logger.level
+    try:
+        threads = [threading.Thread(target=lambda: Segmenter("hf-hub:org/m", None, "cpu").load()) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        huggingface_hub.hf_hub_download = slow
+    assert logger.level == before

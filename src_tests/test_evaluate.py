@@ -23,7 +23,7 @@ from napari_sclip.evaluate.run import (
     sweep,
 )
 
-from conftest import natural_image
+from conftest import TINY_MODEL, natural_image
 from dataset_helpers import cli_command, run
 
 CLASSES = ["grass, lawn", "sky", "tree", "person"]
@@ -173,6 +173,7 @@ def test_the_command_prints_the_table_and_writes_the_report(tiny_dir, tiny_check
     assert done.stderr == ""
     lines = done.stdout.splitlines()
     assert lines[0].endswith(": 2 images") and sum(line.startswith("*") for line in lines) == 1
+    assert lines[1] == f"model: {TINY_MODEL} ({tiny_checkpoint}), QuickGELU, 16 px patches"  # models compare
     assert "best: " in done.stdout and "mIoU" in done.stdout and "lawn" not in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["results"]) == 4 and sum(result["best"] for result in report["results"]) == 1
@@ -241,8 +242,6 @@ def test_the_plot_draws_each_methods_best_iou_per_class(tmp_path):
 def test_an_interrupted_evaluation_goes_on_where_it_stopped(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from napari_sclip.cli import main
     from napari_sclip.evaluate import run as run_module
-
-    from conftest import TINY_MODEL
 
     images, masks = _folder(tmp_path, 4)
     classes = tmp_path / "classes.txt"

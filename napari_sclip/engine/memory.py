@@ -10,6 +10,7 @@ peaks.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,21 +36,25 @@ class Architecture:
 
     @classmethod
     def from_config(cls, model_cfg: dict) -> Architecture:
+        """The shape a config gives (open_clip's defaults where it is silent); a ``ValueError``
+        where a size is not a whole number (booleans included)."""
         vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-        width = int(vision.get("width", 768))
+        width = _whole(vision.get("width"), 768)
         image_size = vision.get("image_size", 224)
+        if isinstance(image_size, (list, tuple)):  # (height, width): the larger bounds the grid
+            image_size = max(_whole(side, 224) for side in image_size)
         return cls(
-            patch_size=int(vision.get("patch_size", 16)),
-            depth=int(vision.get("layers", 12)),
+            patch_size=_whole(vision.get("patch_size"), 16),
+            depth=_whole(vision.get("layers"), 12),
             width=width,
-            heads=max(width // int(vision.get("head_width", 64)), 1),
-            mlp_ratio=float(vision.get("mlp_ratio", 4.0)),
-            image_size=int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size),
-            embed_dim=int(model_cfg.get("embed_dim", 512)),
-            text_width=int(text.get("width", 512)),
-            text_depth=int(text.get("layers", 12)),
-            vocab_size=int(text.get("vocab_size", 49408)),
-            context_length=int(text.get("context_length", 77)),
+            heads=width // max(_whole(vision.get("head_width"), 64), 1),
+            mlp_ratio=_real(vision.get("mlp_ratio"), 4.0),
+            image_size=_whole(image_size, 224),
+            embed_dim=_whole(model_cfg.get("embed_dim"), 512),
+            text_width=_whole(text.get("width"), 512),
+            text_depth=_whole(text.get("layers"), 12),
+            vocab_size=_whole(text.get("vocab_size"), 49408),
+            context_length=_whole(text.get("context_length"), 77),
         )
 
     @staticmethod
@@ -68,6 +73,21 @@ class Architecture:
         text = (self.vocab_size * t + self.context_length * t + self._blocks(t, self.text_depth, 4.0)
                 + 2 * t + t * self.embed_dim + 1)
         return vision + text
+
+
+def _real(value, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
+
+
+def _whole(value, default: int) -> int:
+    number = _real(value, default)
+    if number != int(number):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -105,26 +125,27 @@ def architecture_of(model: str | None, pretrained: str | None = None, *, load: b
     from napari_sclip.engine.sources import (
         CONFIG_FILE,
         LOCAL_DIR,
+        plausible,
         read_config_file,
         registered_config,
     )
 
-    model = (model or config.default_model()).strip()
-    preset = find_preset(model)
-    if preset is not None:
-        model = preset.architecture
-    folder = None
-    if model.startswith(LOCAL_DIR):
-        folder = Path(model[len(LOCAL_DIR):]).expanduser()
-    elif pretrained and pretrained.startswith(LOCAL_DIR):
-        folder = Path(pretrained[len(LOCAL_DIR):]).expanduser()
-    elif pretrained and Path(pretrained).expanduser().is_dir():
-        folder = Path(pretrained).expanduser()
-    if folder is None and not load and "napari_sclip.engine._torch" not in sys.modules:
-        return None
     try:
+        model = str(model or config.default_model()).strip()
+        preset = find_preset(model)
+        if preset is not None:
+            model = preset.architecture
+        folder = None
+        if model.startswith(LOCAL_DIR):
+            folder = Path(model[len(LOCAL_DIR):]).expanduser()
+        elif pretrained and pretrained.startswith(LOCAL_DIR):
+            folder = Path(pretrained[len(LOCAL_DIR):]).expanduser()
+        elif pretrained and Path(pretrained).expanduser().is_dir():
+            folder = Path(pretrained).expanduser()
+        if folder is None and not load and "napari_sclip.engine._torch" not in sys.modules:
+            return None
         model_cfg = read_config_file(folder / CONFIG_FILE)[0] if folder else registered_config(model)
-        return Architecture.from_config(model_cfg) if model_cfg else None
+        return Architecture.from_config(model_cfg) if model_cfg and plausible(model_cfg) else None
     except Exception:  # an unreadable or odd config is reported in one line when the model loads
         return None
 

@@ -156,6 +156,7 @@ def build_model(source: ModelSource | str, weights: WeightsFile,
         source = ModelSource(source, weights.tag or str(weights.path), model_config, source)
     name = source.name
     state, openai_layout = read_state_dict(weights.path)
+    guess = None
     if openai_layout:
         quick = next(q for q in (quick_gelu, source.quick_gelu, True) if q is not None)
         try:
@@ -167,37 +168,42 @@ def build_model(source: ModelSource | str, weights: WeightsFile,
                 f"({describe_cause(exc)}); pass OpenAI's ViT checkpoint or an open_clip state dict"
             ) from None
         clip.float()
+        _check_fit(clip, state, weights.path, name)
     else:
         cfg = copy.deepcopy(source.model_config)
-        quick = _activation(source, weights, bool(cfg.get("quick_gelu")), quick_gelu)
+        quick, guess = _activation(source, weights, bool(cfg.get("quick_gelu")), quick_gelu)
         cfg["quick_gelu"] = quick
         try:
-            clip = open_clip.model.CLIP(**cfg)
+            with torch.device("meta"):  # shapes only: a config that does not fit allocates nothing
+                skeleton = open_clip.model.CLIP(**cfg)
         except Exception as exc:
             raise ModelError(f"cannot build model {name} from its config ({describe_cause(exc)})") from None
-        if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
-    _check_fit(clip, state, weights.path, name)
+        scale = state.get("logit_scale")
+        if scale is not None and scale.numel() == 1 and scale.ndim != skeleton.logit_scale.ndim:
+            state["logit_scale"] = scale.reshape(skeleton.logit_scale.shape)
+        _check_fit(skeleton, state, weights.path, name)
+        clip = open_clip.model.CLIP(**cfg)
     clip.load_state_dict(state)
     _check_architecture(clip, name)
+    if guess:
+        warnings.warn(guess, ActivationWarning, stacklevel=2)
     return clip.eval().requires_grad_(False), quick
 
 
-def _activation(source: ModelSource, weights: WeightsFile, config_quick: bool, forced: bool | None) -> bool:
-    """QuickGELU or not for weights in open_clip's layout; warns when only a guess is possible."""
+def _activation(source: ModelSource, weights: WeightsFile, config_quick: bool,
+                forced: bool | None) -> tuple[bool, str | None]:
+    """QuickGELU or not for weights in open_clip's layout, and the warning to give once the
+    weights have loaded when only a guess is possible."""
     if forced is not None:
-        return forced
+        return forced, None
     if source.quick_gelu is not None:
-        return source.quick_gelu
+        return source.quick_gelu, None
     if config_quick or weights.quick_gelu:
-        return True
+        return True, None
     if weights.tag is None and not source.activation_declared:
-        warnings.warn(
-            f"{weights.path.name} does not say whether it needs QuickGELU (OpenAI's weights do); "
-            "using GELU. Set QuickGELU under Advanced, --quick-gelu in the CLI or quick_gelu=True",
-            ActivationWarning,
-        )
-    return False
+        return False, (f"{weights.path.name} does not say whether it needs QuickGELU (OpenAI's weights do); "
+                       "using GELU. Set QuickGELU under Advanced, --quick-gelu in the CLI or quick_gelu=True")
+    return False, None
 
 
 def _check_fit(clip: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:

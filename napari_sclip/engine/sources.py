@@ -22,6 +22,10 @@ one line saying why.
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,8 +45,11 @@ WEIGHTS_FILES = (
     "model.safetensors",
     "pytorch_model.bin",
 )
-#: A config file is a few kB; anything this large is not one.
+#: A config file is a few kB, nested four levels deep; nothing larger or deeper is one.
 _CONFIG_LIMIT = 1 << 20
+_CONFIG_DEPTH = 16
+#: Hugging Face's repo names: letters, digits, ".", "_" and "-".
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 #: CLIP's normalisation in 0-255 units, as in the SCLIP authors' configs (OpenAI's mean and std).
 OPENAI_MEAN = (122.771, 116.746, 104.094)
 OPENAI_STD = (68.501, 66.632, 70.323)
@@ -90,19 +97,31 @@ def normalise_choice(model: str | None, pretrained: str | None) -> tuple[str, st
     repo, a folder)."""
     from napari_sclip.engine.presets import find_preset
 
-    model = (model or config.default_model()).strip()
-    pretrained = (pretrained or "").strip() or None
+    model = str(model or config.default_model()).strip()
+    pretrained = str(pretrained or "").strip() or None
     if pretrained is None and find_preset(model) is None and not model.startswith((HF_HUB, LOCAL_DIR)):
         pretrained = config.default_pretrained()
     return model, pretrained
 
 
+def _depth(value, level: int = 0) -> int:
+    if level > _CONFIG_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(child, level + 1) for child in children), default=level)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def split_hub(identifier: str) -> tuple[str, str]:
     """``"org/repo"`` -> ``("org/repo", "")``; ``"org/repo/dir/file.pt"`` -> ``("org/repo", "dir/file.pt")``."""
-    parts = [part for part in identifier.strip().strip("/").split("/")]
-    if len(parts) < 2 or not all(parts) or any(part in (".", "..") for part in parts):
-        raise ModelError(f"'{HF_HUB}{identifier}' is not a Hugging Face repo; write hf-hub:ORG/REPO "
-                         "(or hf-hub:ORG/REPO/FILE for one checkpoint file in it)")
+    parts = identifier.strip().removesuffix("/").split("/")
+    if len(parts) < 2 or not all(_HUB_NAME.fullmatch(part) for part in parts[:2]) \
+            or not all(parts[2:]) or any(part in (".", "..") or not part.isprintable() for part in parts[2:]):
+        raise ModelError(f"'{_printable(HF_HUB + identifier)[:200]}' is not a Hugging Face repo; write "
+                         "hf-hub:ORG/REPO (or hf-hub:ORG/REPO/FILE for one checkpoint file in it)")
     return "/".join(parts[:2]), "/".join(parts[2:])
 
 
@@ -118,15 +137,19 @@ def registered_config(name: str) -> dict | None:
 def read_config_file(path: Path) -> tuple[dict, dict]:
     """``(model_cfg, preprocess_cfg)`` of an ``open_clip_config.json``, or one line why not."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise ValueError("it is not a regular file")
         with open(path, "rb") as handle:
             raw = handle.read(_CONFIG_LIMIT + 1)
         if len(raw) > _CONFIG_LIMIT:
             raise ValueError("it is larger than 1 MB")
         document = json.loads(raw.decode("utf-8"))
+        if _depth(document) > _CONFIG_DEPTH:
+            raise ValueError(f"it is nested deeper than {_CONFIG_DEPTH} levels, unlike any open_clip config")
     except FileNotFoundError:
         raise ModelError(f"{path} not found: a local-dir: folder needs open_clip's {CONFIG_FILE}") from None
     except (OSError, ValueError, RecursionError) as exc:
-        raise ModelError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise ModelError(f"cannot read {path}: {type(exc).__name__}: {_printable(str(exc))[:200]}") from None
     model_cfg = document.get("model_cfg") if isinstance(document, dict) else None
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg", {}), dict) \
             or not isinstance(model_cfg.get("text_cfg", {}), dict):
@@ -141,11 +164,11 @@ def check_config(model_cfg: dict, label: str) -> None:
     positions) and CLIP's causal text transformer read at its end-of-text token."""
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     why = None
-    if "timm_model_name" in vision:
+    if vision.get("timm_model_name"):
         why = f"its image tower is a timm model ({vision['timm_model_name']}), not open_clip's CLIP ViT"
     elif isinstance(vision.get("layers"), (list, tuple)):
         why = "its image tower is a ResNet, not a ViT"
-    elif "hf_model_name" in text:
+    elif text.get("hf_model_name"):
         why = (f"its text tower is {text['hf_model_name']}, which reads the whole prompt; the methods "
                "need CLIP's causal text transformer, read at its end-of-text token")
     elif model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg:
@@ -170,25 +193,33 @@ def check_config(model_cfg: dict, label: str) -> None:
 #: Bounds no CLIP comes near (ViT-bigG/14: 48 blocks of width 1664, 2.5 B parameters), so that a
 #: damaged or hostile config cannot make the engine allocate without end.
 _MAX_PARAMETERS = 10**10
+#: CLIP reads 77 tokens; long-context variants a few hundred.  The text mask is context² floats.
+_MAX_CONTEXT = 1024
 
 
 def _implausible(model_cfg: dict) -> str | None:
     """Why a config's shape cannot be a CLIP ViT's, or ``None``."""
     from napari_sclip.engine.memory import Architecture
 
-    vision = model_cfg.get("vision_cfg", {})
+    if not isinstance(model_cfg.get("quick_gelu", False), bool):
+        return "its quick_gelu is neither true nor false"
     try:
         arch = Architecture.from_config(model_cfg)
-    except (TypeError, ValueError, ZeroDivisionError):
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError):
         return "its config gives sizes that are not whole numbers"
     sizes = (arch.patch_size, arch.depth, arch.width, arch.image_size, arch.embed_dim, arch.text_width,
-             arch.text_depth, arch.vocab_size, arch.context_length)
-    if min(sizes) < 1 or arch.patch_size > arch.image_size or arch.width % arch.heads \
-            or not 0 < arch.mlp_ratio <= 64 or vision.get("head_width", 64) > arch.width:
+             arch.text_depth, arch.vocab_size, arch.context_length, arch.heads)
+    if min(sizes) < 1 or max(sizes) > 10**7 or arch.patch_size > arch.image_size or arch.width % arch.heads \
+            or not 0 < arch.mlp_ratio <= 64 or arch.context_length > _MAX_CONTEXT:
         return "its config gives sizes no ViT has"
     if arch.parameters > _MAX_PARAMETERS:
         return f"its config describes {arch.parameters / 1e9:.0f} billion parameters, more than any CLIP"
     return None
+
+
+def plausible(model_cfg: dict) -> bool:
+    """Whether a config passes :func:`check_config`'s bounds (for estimates before loading)."""
+    return _implausible(model_cfg) is None
 
 
 def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -208,6 +239,9 @@ def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _folder_source(folder: Path, label: str, weights_file: Path | None) -> tuple[ModelSource, Path]:
     """A folder with an ``open_clip_config.json`` and a weights file (or ``weights_file``)."""
+    if folder.is_file():
+        raise ModelError(f"{label} is a file, not a folder; give a checkpoint file as pretrained, with "
+                         "the model it is for (e.g. --model ViT-B-32 --pretrained FILE)")
     if not folder.is_dir():
         raise ModelError(f"{label}: folder {folder} not found")
     model_cfg, preprocess = read_config_file(folder / CONFIG_FILE)
@@ -257,6 +291,7 @@ def resolve_source(model: str | None, pretrained: str | None,
 
 
 def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> tuple[ModelSource, object]:
+    from napari_sclip.engine.presets import preset_for
     from napari_sclip.engine.weights import WeightsFile, resolve_weights
 
     if model.startswith((HF_HUB, LOCAL_DIR)):
@@ -266,25 +301,31 @@ def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> 
         scheme, where = model, pretrained
     elif pretrained.startswith((HF_HUB, LOCAL_DIR)) and not _is_hub_file(pretrained):
         scheme, where = pretrained, ""
-    elif pretrained and not pretrained.startswith(HF_HUB) and Path(pretrained).expanduser().is_dir():
+    elif pretrained and not pretrained.startswith(HF_HUB) and _is_dir(pretrained):
         scheme, where = f"{LOCAL_DIR}{pretrained}", ""
     else:
         scheme = None
+    if scheme is not None and scheme is not model and model != config.default_model():
+        warnings.warn(f"{_printable(pretrained)[:200]} brings its own architecture (its {CONFIG_FILE}); "
+                      f"the model {model} is not used", stacklevel=4)
 
     if scheme is not None:
         if scheme.startswith(LOCAL_DIR):
             folder = Path(scheme[len(LOCAL_DIR):].strip()).expanduser()
             if not str(folder) or str(folder) == ".":
                 raise ModelError("local-dir: needs a folder, e.g. local-dir:/path/to/model")
-            folder = folder.resolve()
-            override = _own_weights(where, progress)
+            try:
+                folder = folder.resolve()
+            except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+                raise ModelError(f"cannot use folder {_printable(str(folder))[:200]}: {type(exc).__name__}") from None
+            override = _own_weights(model, where, progress)
             source, path = _folder_source(folder, f"{LOCAL_DIR}{folder}", override and override.path)
         else:
             repo, file = split_hub(scheme[len(HF_HUB):])
             if file:
                 raise ModelError(f"{scheme} names one file; give it as pretrained, with the model it is "
                                  "for (e.g. --model ViT-B-32 --pretrained hf-hub:ORG/REPO/FILE)")
-            override = _own_weights(where, progress)
+            override = _own_weights(model, where, progress)
             if override is None:
                 source, path = _hub_repo_source(repo, progress)
             else:
@@ -302,10 +343,21 @@ def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> 
                          "or local-dir:/path")
     model_cfg = open_clip.get_model_config(model)
     check_config(model_cfg, model)
-    weights = resolve_weights(model, pretrained, progress)
+    own = preset_for(model, pretrained)
+    hint = "" if own is None or own.quick_gelu is None else " --quick-gelu" if own.quick_gelu else " --no-quick-gelu"
+    weights = resolve_weights(model, pretrained, progress, activation_hint=hint)
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if weights.tag else {}
     mean, std = _normalisation(tag_cfg.get("mean"), tag_cfg.get("std"))
-    return ModelSource(model, pretrained, model_cfg, model, mean, std), weights
+    recorded = pretrained if weights.tag or pretrained.startswith(HF_HUB) else str(weights.path)
+    return ModelSource(model, recorded, model_cfg, model, mean, std), weights
+
+
+def _is_dir(path: str) -> bool:
+    """Whether ``path`` is a folder; ``False`` for names no file system takes (too long, NUL)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def _is_hub_file(pretrained: str) -> bool:
@@ -313,12 +365,15 @@ def _is_hub_file(pretrained: str) -> bool:
 
 
 def _is_file_or_hub_file(pretrained: str) -> bool:
-    return _is_hub_file(pretrained) or Path(pretrained).expanduser().is_file()
+    try:
+        return _is_hub_file(pretrained) or Path(pretrained).expanduser().is_file()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
-def _own_weights(where: str, progress: ProgressCallback | None):
+def _own_weights(model: str, where: str, progress: ProgressCallback | None):
     """A checkpoint given beside a repo or folder: a local file or a hub file (or ``None``)."""
     from napari_sclip.engine.weights import resolve_weights
 
-    return resolve_weights("", where, progress) if where else None
+    return resolve_weights(model, where, progress) if where else None
 

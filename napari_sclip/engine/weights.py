@@ -21,6 +21,8 @@ import logging
 import os
 import pickle
 import re
+import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,16 +88,28 @@ def _offline_hint(model: str, tag: str, url: str | None) -> str:
     )
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet = {"depth": 0, "level": logging.NOTSET}
+
+
 @contextlib.contextmanager
 def _quiet_hub_logs():
-    """huggingface_hub logs every retry of a failed request; our error says it all in one line."""
+    """huggingface_hub logs every retry of a failed request; our error says it all in one line.
+    Downloads in several threads share one quiet period: the first in saves the level, the last
+    out restores it."""
     hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
+    with _QUIET_LOCK:
+        if _quiet["depth"] == 0:
+            _quiet["level"] = hub_logger.level
+            hub_logger.setLevel(logging.ERROR)
+        _quiet["depth"] += 1
     try:
         yield
     finally:
-        hub_logger.setLevel(level)
+        with _QUIET_LOCK:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                hub_logger.setLevel(_quiet["level"])
 
 
 def _hub_files(repo_id: str, names: list[str], cache: Path, progress: ProgressCallback | None) -> Path:
@@ -131,15 +145,15 @@ def hub_download(repo_id: str, names: list[str], label: str, progress: ProgressC
     if progress:
         progress(Progress("download", 0, 0))  # size unknown until the server answers
     offline = offline or (f"could not download {label}; to work offline, download the repo elsewhere "
-                          f"(huggingface-cli download {repo_id} --local-dir FOLDER) and use local-dir:FOLDER")
+                          f"(hf download {repo_id} --local-dir FOLDER) and use local-dir:FOLDER")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         return _hub_files(repo_id, names, cache, progress)
     except GatedRepoError:
         raise ModelError(
             f"{label} is gated on Hugging Face: accept its terms at https://huggingface.co/{repo_id} "
-            f"while logged in, then log in here (huggingface-cli login, or set HF_TOKEN); or download "
-            f"it elsewhere (huggingface-cli download {repo_id} --local-dir FOLDER) and use local-dir:FOLDER"
+            f"while logged in, then log in here (hf auth login, or set HF_TOKEN); or download it "
+            f"elsewhere (hf download {repo_id} --local-dir FOLDER) and use local-dir:FOLDER"
         ) from None
     except RepositoryNotFoundError:
         raise ModelError(f"{label}: Hugging Face has no public repo {repo_id} (check the name, or log in "
@@ -196,20 +210,29 @@ def _progress_tqdm(progress: ProgressCallback):
 
 
 def resolve_weights(
-    model: str, pretrained: str, progress: ProgressCallback | None = None
+    model: str, pretrained: str, progress: ProgressCallback | None = None, activation_hint: str = ""
 ) -> WeightsFile:
-    """Turn a tag or a path into a local :class:`WeightsFile`, downloading a tag if needed."""
+    """Turn a tag or a path into a local :class:`WeightsFile`, downloading a tag if needed
+    (``activation_hint`` ends the offline advice for a hub file, e.g. " --quick-gelu")."""
     if pretrained.startswith("hf-hub:"):
         from napari_sclip.engine.sources import split_hub
 
         repo_id, filename = split_hub(pretrained[len("hf-hub:"):])
         if not filename:
             raise ModelError(f"{pretrained} is a whole repo; give it as the model (--model {pretrained})")
-        return WeightsFile(hub_download(repo_id, [filename], pretrained, progress))
-    candidate = Path(pretrained).expanduser()
-    if candidate.is_file():
-        return WeightsFile(candidate)
-    if candidate.exists():
+        offline = (f"could not download {pretrained}; to work offline, download the file elsewhere (hf download "
+                   f"{repo_id} {filename} --local-dir FOLDER) and give it as the weights: --model {model} "
+                   f"--pretrained FOLDER/{filename}{activation_hint}")
+        return WeightsFile(hub_download(repo_id, [filename], pretrained, progress, offline=offline))
+    try:
+        candidate = Path(pretrained).expanduser().absolute()
+        if candidate.is_file():
+            return WeightsFile(candidate)
+        exists = candidate.exists()
+    except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL byte
+        shown = pretrained[:80] + ("..." if len(pretrained) > 80 else "")
+        raise ModelError(f"cannot use weights path {shown!r} ({type(exc).__name__})") from None
+    if exists:
         raise ModelError(f"weights path {candidate} is not a file")
     if _looks_like_path(pretrained):
         raise ModelError(f"weights file not found: {candidate}")
@@ -248,12 +271,33 @@ def _unreadable(path: Path, exc: Exception) -> ModelError:
             "which are never loaded; save the weights as a state dict (torch.save(model.state_dict(), "
             "path)) or as .safetensors"
         )
+    if isinstance(exc, _InflatedArchive):
+        return ModelError(f"cannot read weights file {path}: {exc}; save the weights again with torch.save "
+                          "or as .safetensors")
     if isinstance(exc, PermissionError):
         return ModelError(f"cannot read weights file {path}: permission denied; make it readable or pass a copy")
     return ModelError(
         f"cannot read weights file {path}: it is not a valid PyTorch, TorchScript or safetensors "
         f"checkpoint ({describe_cause(exc)}); download it again or pass another file"
     )
+
+
+class _InflatedArchive(ValueError):
+    pass
+
+
+def _check_zip_records(path: Path) -> None:
+    """``torch.save`` stores its records uncompressed; a compressed one could unpack to any size
+    (2 MB to 2 GB), so a zip checkpoint whose records are compressed or declare more bytes than
+    the file holds is refused before ``torch.load`` reads it."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        records = archive.infolist()
+    if any(record.compress_type != zipfile.ZIP_STORED for record in records):
+        raise _InflatedArchive("it holds compressed records, which torch.save never writes")
+    if sum(record.file_size for record in records) > path.stat().st_size:
+        raise _InflatedArchive("its records declare more bytes than the file holds")
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -272,6 +316,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             torchscript = True
             raw = read_torchscript(path)
         else:
+            _check_zip_records(path)
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"weights file not found: {path}") from None
@@ -290,6 +335,12 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         for key, value in raw.items()
         if key not in _OPENAI_EXTRA_KEYS + _DERIVED_KEYS
     }
+    if len(state) < len([k for k in raw if k not in _OPENAI_EXTRA_KEYS + _DERIVED_KEYS]):
+        raise ModelError(f"weights file {path} holds some tensors twice, with and without 'module.'; "
+                         "pass a state dict of one model")
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"weights file {path} holds entries that are not tensors; pass a state dict of a CLIP model")
+    if not all(v.layout == torch.strided and v.device.type == "cpu" and v.is_floating_point() for v in state.values()):
+        raise ModelError(f"weights file {path} holds tensors that are not dense floating-point numbers "
+                         "(integer, complex, sparse or without data); pass a state dict of a CLIP model")
     return state, openai_layout
