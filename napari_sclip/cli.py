@@ -533,7 +533,8 @@ def _models(_: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print("\n* the default. Sizes are the fp32 weights, downloaded once into "
+    print("\n* the default. Use one with --model KEY (segment, evaluate), Segmenter(model=\"KEY\") or the "
+          "widget's model list.\nSizes are the fp32 weights, downloaded once into "
           f"{config.models_dir()}.")
     for preset in PRESETS.values():
         if preset.terms:

@@ -481,7 +481,7 @@ def test_the_memory_estimate_follows_the_image_the_model_and_the_method():
     assert estimate_memory(l14, (448, 640), 8).total > 2.5 * small.total
     assert estimate_memory(b16, (448, 640), 8, method="sc-clip").working > small.working
     assert estimate_memory(b16, (448, 640), 8, batch_size=32, half_precision=True).working > small.working
-    assert small.describe().startswith("up to 1.2 GB: 598 MB of weights")
+    assert small.describe() == "up to 1.2 GB (598 MB of weights, twice that while loading; 70 MB for this image)"
 
 
 def test_sizes_for_menus_never_import_torch(tmp_path):

@@ -1062,7 +1062,7 @@ def test_custom_model_from_a_folder_runs_and_shows_its_memory(widget, qtbot, tmp
     qtbot.keyClicks(widget._controls["model"], f"local-dir:{folder}")
     widget._controls["pretrained"].clear()
     note = widget._model_note.text()
-    assert "32 px patches, 3 blocks" in note and "Needs up to" in note and "to segment this image" in note
+    assert "32 px patches, 3 blocks" in note and "Needs up to" in note and "for this image" in note
     type_classes(qtbot, widget, ["cat", "dog"])
     segment(qtbot, widget)
     provenance = widget.viewer.layers["img labels"].metadata["napari_sclip"]["slices"][0]["provenance"]

@@ -108,8 +108,8 @@ class MemoryEstimate:
         return self.weights + max(self.loading, self.working)
 
     def describe(self) -> str:
-        return (f"up to {_size(self.total)}: {_size(self.weights)} of weights (up to twice that while "
-                f"loading), {_size(self.working)} to segment this image")
+        return (f"up to {_size(self.total)} ({_size(self.weights)} of weights, twice that while loading; "
+                f"{_size(self.working)} for this image)")
 
 
 def _size(count: int) -> str:
