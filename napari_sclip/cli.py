@@ -771,7 +771,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     on a line of its own above a progress bar (``tqdm.write``)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(f"napari-sclip: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    tqdm.write(f"napari-sclip: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message) -> str:
+    """Any message as one printable line: a path may hold a newline or a terminal escape."""
+    return "".join(c if c.isprintable() else " " for c in " ".join(str(message).split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -785,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return command(args)
     except SclipError as exc:
-        print(f"napari-sclip: error: {exc}", file=sys.stderr)
+        print(f"napari-sclip: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         resume = {"segment": "; the dataset is valid: run the same command to go on",
@@ -797,12 +802,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from napari_sclip._files import describe_os_error
 
-        print(f"napari-sclip: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"napari-sclip: error: {_one_line(describe_os_error(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split())[:300]
+        message = _one_line(exc)[:300]
         print(
             f"napari-sclip: error: {type(exc).__name__}: {message} (run with --debug for details)",
             file=sys.stderr,

@@ -549,13 +549,57 @@ def test_odd_config_values_are_refused(tmp_path):
 
 
 def test_a_config_that_does_not_fit_its_weights_allocates_nothing(tmp_path):
-    """100 000 blocks of a tiny ViT would be 5 billion parameters: the shapes are compared with
-    the checkpoint's on torch's meta device first."""
+    """Shapes are compared with the checkpoint's on torch's meta device before anything is
+    allocated; depths no CLIP has (100 000 blocks) are refused before even that."""
     cfg = tiny_config(16, True)
+    cfg["vision_cfg"]["layers"] = 100
+    assert "missing" in _one_line(lambda: Segmenter(_folder_with(tmp_path, cfg), None, "cpu").load())
     cfg["vision_cfg"]["layers"] = 100_000
-    model = _folder_with(tmp_path, cfg)
-    message = _one_line(lambda: Segmenter(model, None, "cpu").load())
-    assert "does not fit model" in message and "missing" in message
+    assert "sizes no ViT has" in _one_line(lambda: Segmenter(_folder_with(tmp_path, cfg, "deep"), None,
+                                                             "cpu").load())
+
+
+def test_a_state_dict_in_openais_layout_is_bounded_before_it_is_built(tmp_path):
+    """OpenAI's layout builds the model from the checkpoint's shapes: a small file naming
+    thousands of blocks, or a huge context, is refused before open_clip builds it."""
+    state = {f"visual.transformer.resblocks.{i}.attn.in_proj_weight": torch.zeros(0) for i in range(1000)}
+    state.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, tmp_path / "blocks.pt")
+    assert "no CLIP comes near (1000 image blocks" in _one_line(
+        lambda: Segmenter("ViT-B-32", str(tmp_path / "blocks.pt"), "cpu").load())
+    long = {"positional_embedding": torch.zeros(20000, 8), "input_resolution": torch.tensor(224)}
+    torch.save(long, tmp_path / "context.pt")
+    assert "20000-token context" in _one_line(lambda: Segmenter("ViT-B-32", str(tmp_path / "context.pt"),
+                                                                "cpu").load())
+
+
+@pytest.mark.parametrize("tower", ["vision_cfg", "text_cfg"])
+@pytest.mark.parametrize("change, expected", [
+    ({"norm_kwargs": {"eps": "a"}}, "norm_kwargs are not a LayerNorm's"),
+    ({"norm_kwargs": {"eps": -1}}, "norm_kwargs are not a LayerNorm's"),
+    ({"act_kwargs": {"approximate": "bogus"}}, "act_kwargs are not GELU's"),
+])
+def test_layer_keywords_that_would_fail_mid_run_are_refused_at_load(tmp_path, tower, change, expected):
+    cfg = tiny_config(16, True)
+    cfg[tower] = {**cfg[tower], **change}
+    assert expected in _one_line(lambda: Segmenter(_folder_with(tmp_path, cfg), None, "cpu").load())
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    cfg = tiny_config(16, True)
+    clip = random_clip(cfg)
+    with torch.no_grad():
+        clip.visual.proj[0, 0] = float("nan")
+    folder = open_clip_folder(tmp_path / "nan", cfg, clip)
+    assert "not finite numbers (NaN or infinite) in visual.proj" in _one_line(
+        lambda: Segmenter(f"local-dir:{folder}", None, "cpu").load())
+
+
+def test_a_normalisation_no_camera_gives_falls_back_to_openais(tmp_path):
+    cfg = tiny_config(16, True)
+    for name, mean, std in (("tiny-std", (0.5, 0.5, 0.5), (1e-30, 0.2, 0.2)), ("bools", (True, False, True), (0.2,) * 3)):
+        folder = open_clip_folder(tmp_path / name, cfg, random_clip(cfg), {"mean": mean, "std": std})
+        assert Segmenter(f"local-dir:{folder}", None, "cpu").load().source.std == (68.501, 66.632, 70.323)
 
 
 def test_a_fifo_config_is_refused_without_blocking(tmp_path):
@@ -609,6 +653,8 @@ def test_paths_no_file_system_takes(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
     assert "is a file, not a folder" in _one_line(lambda: Segmenter(f"local-dir:{weights}", None, "cpu").load())
+    assert "cannot use folder" in _one_line(lambda: Segmenter(f"local-dir:{tmp_path}/{'x' * 300}", None,
+                                                              "cpu").load())
 
 
 def test_a_folder_path_object_is_a_model(tmp_path):

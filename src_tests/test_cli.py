@@ -439,6 +439,7 @@ def test_segment_with_a_local_dir_model_of_another_patch_size(tmp_path):
     (["--model", "local-dir:/nonexistent/model"], "not found"),
     (["--model", "ViT-B-32", "--pretrained", "hf-hub:org/repo"], "could not download hf-hub:org/repo"),
     (["--model", "hf-hub:org/repo", "--pretrained", "openai"], "brings its own weights"),
+    (["--model", "ViT-B-32", "--pretrained", "/tmp/a\nb\x1b[31m.pt"], "weights file not found"),  # still one line
 ])
 def test_model_errors_are_one_line(tmp_path, argv, expected):
     import os

@@ -23,7 +23,13 @@ from pathlib import Path
 from napari_sclip.engine._torch import open_clip, torch
 from napari_sclip.engine.errors import ActivationWarning, DeviceError, ModelError
 from napari_sclip.engine.progress import Progress, ProgressCallback
-from napari_sclip.engine.sources import ModelSource, check_config, registered_config, resolve_source
+from napari_sclip.engine.sources import (
+    ModelSource,
+    check_config,
+    openai_layout_bounds,
+    registered_config,
+    resolve_source,
+)
 from napari_sclip.engine.weights import WeightsFile, describe_cause, read_state_dict
 
 
@@ -158,6 +164,7 @@ def build_model(source: ModelSource | str, weights: WeightsFile,
     state, openai_layout = read_state_dict(weights.path)
     guess = None
     if openai_layout:
+        openai_layout_bounds(state, str(weights.path))
         quick = next(q for q in (quick_gelu, source.quick_gelu, True) if q is not None)
         try:
             # open_clip infers the architecture from the weights (and casts to fp16): reload fp32.

@@ -192,9 +192,46 @@ def check_config(model_cfg: dict, label: str) -> None:
 
 #: Bounds no CLIP comes near (ViT-bigG/14: 48 blocks of width 1664, 2.5 B parameters), so that a
 #: damaged or hostile config cannot make the engine allocate without end.
-_MAX_PARAMETERS = 10**10
+_MAX_PARAMETERS = 5 * 10**9
+_MAX_DEPTH = 128
 #: CLIP reads 77 tokens; long-context variants a few hundred.  The text mask is context² floats.
 _MAX_CONTEXT = 1024
+
+
+def _odd_keywords(model_cfg: dict) -> str | None:
+    """open_clip passes ``norm_kwargs`` to LayerNorm and ``act_kwargs`` to GELU: only a positive
+    ``eps`` and GELU's ``approximate`` make sense there; anything else fails mid-run."""
+    for tower in ("vision_cfg", "text_cfg"):
+        part = model_cfg.get(tower, {})
+        norm, act = part.get("norm_kwargs", {}), part.get("act_kwargs", {})
+        eps = norm.get("eps", 1e-5) if isinstance(norm, dict) else None
+        if not isinstance(norm, dict) or set(norm) - {"eps"} or isinstance(eps, bool) \
+                or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            return f"its {tower} norm_kwargs are not a LayerNorm's (a small positive eps)"
+        if not isinstance(act, dict) or set(act) - {"approximate"} or act.get("approximate", "none") not in ("none", "tanh"):
+            return f"its {tower} act_kwargs are not GELU's (approximate: none or tanh)"
+    return None
+
+
+def openai_layout_bounds(state: dict, label: str) -> None:
+    """The bounds of :func:`check_config` for a state dict in OpenAI's layout, whose architecture
+    comes from its shapes: checked before open_clip builds it at full size."""
+    def blocks(prefix: str) -> int:
+        indices = {key[len(prefix):].split(".", 1)[0] for key in state if key.startswith(prefix)}
+        return max((int(i) + 1 for i in indices if i.isdigit()), default=0)
+
+    def rows(key: str) -> int:
+        tensor = state.get(key)
+        return int(tensor.shape[0]) if tensor is not None and tensor.ndim else 0
+
+    depth, text_depth = blocks("visual.transformer.resblocks."), blocks("transformer.resblocks.")
+    width, text_width = rows("visual.conv1.weight"), rows("ln_final.weight")
+    parameters = 12 * (width * width * depth + text_width * text_width * text_depth)
+    if max(depth, text_depth) > _MAX_DEPTH or rows("positional_embedding") > _MAX_CONTEXT \
+            or parameters > _MAX_PARAMETERS:
+        raise ModelError(f"weights file {label} describes a model no CLIP comes near ({depth} image blocks, "
+                         f"{text_depth} text blocks, a {rows('positional_embedding')}-token context); "
+                         "pass the weights of a CLIP ViT")
 
 
 def _implausible(model_cfg: dict) -> str | None:
@@ -210,8 +247,12 @@ def _implausible(model_cfg: dict) -> str | None:
     sizes = (arch.patch_size, arch.depth, arch.width, arch.image_size, arch.embed_dim, arch.text_width,
              arch.text_depth, arch.vocab_size, arch.context_length, arch.heads)
     if min(sizes) < 1 or max(sizes) > 10**7 or arch.patch_size > arch.image_size or arch.width % arch.heads \
-            or not 0 < arch.mlp_ratio <= 64 or arch.context_length > _MAX_CONTEXT:
+            or not 1 <= arch.mlp_ratio * arch.width and arch.mlp_ratio <= 64 or arch.context_length > _MAX_CONTEXT \
+            or max(arch.depth, arch.text_depth) > _MAX_DEPTH:
         return "its config gives sizes no ViT has"
+    why = _odd_keywords(model_cfg)
+    if why:
+        return why
     if arch.parameters > _MAX_PARAMETERS:
         return f"its config describes {arch.parameters / 1e9:.0f} billion parameters, more than any CLIP"
     return None
@@ -228,9 +269,9 @@ def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
     def valid(values):
         return (isinstance(values, (list, tuple)) and len(values) == 3
-                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values))
 
-    if not (valid(mean) and valid(std)) or min(std) <= 0:
+    if not (valid(mean) and valid(std)) or min(std) < 1e-3:
         return OPENAI_MEAN, OPENAI_STD
     if all(abs(a - b) < 1e-6 for a, b in zip((*mean, *std), (*OPENAI_DATASET_MEAN, *OPENAI_DATASET_STD))):
         return OPENAI_MEAN, OPENAI_STD
@@ -239,11 +280,15 @@ def _normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _folder_source(folder: Path, label: str, weights_file: Path | None) -> tuple[ModelSource, Path]:
     """A folder with an ``open_clip_config.json`` and a weights file (or ``weights_file``)."""
-    if folder.is_file():
-        raise ModelError(f"{label} is a file, not a folder; give a checkpoint file as pretrained, with "
+    try:
+        is_file, is_dir = folder.is_file(), folder.is_dir()
+    except OSError as exc:  # a name too long
+        raise ModelError(f"cannot use folder {_printable(str(folder))[:200]} ({type(exc).__name__})") from None
+    if is_file:
+        raise ModelError(f"{_printable(label)} is a file, not a folder; give a checkpoint file as pretrained, with "
                          "the model it is for (e.g. --model ViT-B-32 --pretrained FILE)")
-    if not folder.is_dir():
-        raise ModelError(f"{label}: folder {folder} not found")
+    if not is_dir:
+        raise ModelError(f"{_printable(label)}: folder not found")
     model_cfg, preprocess = read_config_file(folder / CONFIG_FILE)
     check_config(model_cfg, label)
     if weights_file is None:
@@ -305,9 +350,6 @@ def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> 
         scheme, where = f"{LOCAL_DIR}{pretrained}", ""
     else:
         scheme = None
-    if scheme is not None and scheme is not model and model != config.default_model():
-        warnings.warn(f"{_printable(pretrained)[:200]} brings its own architecture (its {CONFIG_FILE}); "
-                      f"the model {model} is not used", stacklevel=4)
 
     if scheme is not None:
         if scheme.startswith(LOCAL_DIR):
@@ -333,6 +375,9 @@ def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> 
 
                 config_path = hub_download(repo, [CONFIG_FILE], scheme, progress)
                 source, path = _folder_source(config_path.parent, scheme, override.path)
+        if scheme is not model and model != config.default_model():  # after the files: a failed download stays one line
+            warnings.warn(f"{_printable(pretrained)[:200]} brings its own architecture (its {CONFIG_FILE}); "
+                          f"the model {model} is not used", stacklevel=4)
         return (replace(source, pretrained=where) if where else source), WeightsFile(path)
 
     from napari_sclip.engine._torch import open_clip

@@ -21,7 +21,9 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,8 +223,8 @@ def resolve_weights(
         if not filename:
             raise ModelError(f"{pretrained} is a whole repo; give it as the model (--model {pretrained})")
         offline = (f"could not download {pretrained}; to work offline, download the file elsewhere (hf download "
-                   f"{repo_id} {filename} --local-dir FOLDER) and give it as the weights: --model {model} "
-                   f"--pretrained FOLDER/{filename}{activation_hint}")
+                   f"{repo_id} {shlex.quote(filename)} --local-dir FOLDER) and give it as the weights: --model "
+                   f"{model} --pretrained {shlex.quote('FOLDER/' + filename)}{activation_hint}")
         return WeightsFile(hub_download(repo_id, [filename], pretrained, progress, offline=offline))
     try:
         candidate = Path(pretrained).expanduser().absolute()
@@ -317,7 +319,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             raw = read_torchscript(path)
         else:
             _check_zip_records(path)
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. torch's notes on sparse tensors, refused below
+                warnings.simplefilter("ignore")
+                raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"weights file not found: {path}") from None
     except Exception as exc:
@@ -343,4 +347,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     if not all(v.layout == torch.strided and v.device.type == "cpu" and v.is_floating_point() for v in state.values()):
         raise ModelError(f"weights file {path} holds tensors that are not dense floating-point numbers "
                          "(integer, complex, sparse or without data); pass a state dict of a CLIP model")
+    broken = next((key for key, value in state.items() if not bool(torch.isfinite(value).all())), None)
+    if broken is not None:  # every label would be the same, with no error anywhere
+        raise ModelError(f"weights file {path} holds values that are not finite numbers (NaN or infinite) in "
+                         f"{broken}; download it again or pass another file")
     return state, openai_layout
