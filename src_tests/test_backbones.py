@@ -230,7 +230,9 @@ BAD_CONFIGS = {
                                            "final_ln_after_pool": True}}, "pools its tokens"),
     # A damaged or hostile config must not make the engine allocate without end.
     "a million blocks": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "layers": 10**6}},
-                         "more than any CLIP"),
+                         "sizes no ViT has"),
+    "a trillion parameters": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "layers": 100,
+                                              "width": 100_000, "head_width": 100}}, "more than any CLIP"),
     "sizes as text": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "width": "wide"}},
                       "not whole numbers"),
     "zero patch": ({"vision_cfg": {**tiny_config(16, True)["vision_cfg"], "patch_size": 0}}, "sizes no ViT has"),
