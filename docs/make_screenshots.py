@@ -5,7 +5,8 @@ Run under a display (Xvfb works):
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py docs/images
 
 The model comes from the NAPARI_SCLIP_* environment variables, as in normal use; with the default
-(ViT-B-16 / openai) the pictures show real SCLIP output.
+(ViT-B-16 / openai) the pictures show real SCLIP output.  ``--settings-only`` takes the two
+pictures of the settings (01, 04), which need no weights; ``--review-only`` the review panel's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def pump(seconds: float) -> None:
         time.sleep(0.02)
 
 
-def main(out: Path) -> None:
+def main(out: Path, settings_only: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     viewer, widget = open_gui([])
     window = viewer.window._qt_window
@@ -42,6 +43,9 @@ def main(out: Path) -> None:
     pump(0.5)
     window.grab().save(str(out / "04-advanced.png"))
     widget._advanced.collapse(animate=False)
+    if settings_only:  # no weights needed: the settings as a new user sees them
+        viewer.close()
+        return
 
     widget._run_button.click()
     while widget.running:
@@ -91,6 +95,9 @@ def review(out: Path) -> None:
 
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images")
-    if "--review-only" not in sys.argv:
+    if "--settings-only" in sys.argv:
+        main(target, settings_only=True)
+    elif "--review-only" not in sys.argv:
         main(target)
-    review(target)
+    if "--settings-only" not in sys.argv:
+        review(target)
