@@ -40,21 +40,26 @@ def register_tiny_model(folder: Path) -> None:
             open_clip.add_model_config(path)
 
 
-def make_tiny_clip(seed: int = 0, vision_layers: int | None = None):
-    """A tiny CLIP with random weights (non-trivial biases, so every term of CSA matters);
-    ``vision_layers`` overrides the ViT's depth (SC-CLIP needs 12)."""
+def random_clip(cfg: dict, seed: int = 0):
+    """A CLIP of open_clip config ``cfg`` with random weights and non-trivial biases (so that
+    every term of the attention matters)."""
     from napari_sclip.engine._torch import open_clip, torch
 
     torch.manual_seed(seed)
-    cfg = json.loads(json.dumps(TINY_CONFIG))
-    if vision_layers is not None:
-        cfg["vision_cfg"]["layers"] = vision_layers
     model = open_clip.model.CLIP(**cfg).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.02)
     return model
+
+
+def make_tiny_clip(seed: int = 0, vision_layers: int | None = None):
+    """The tiny CLIP with random weights; ``vision_layers`` overrides the ViT's depth."""
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    if vision_layers is not None:
+        cfg["vision_cfg"]["layers"] = vision_layers
+    return random_clip(cfg, seed)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from napari_sclip.engine.model import clear_model_cache
 from napari_sclip.engine.presets import PRESETS, Preset
 from napari_sclip.engine.text import prompt_templates
 
-from conftest import natural_image
+from conftest import natural_image, random_clip
 from reference_methods import method_features_reference
 from reference_sclip import text_features_reference
 
@@ -39,19 +39,6 @@ def tiny_config(patch: int, quick: bool, layers: int = 3) -> dict:
         "vision_cfg": {"image_size": patch * 8, "layers": layers, "width": 64, "head_width": 32, "patch_size": patch},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     }
-
-
-def random_clip(cfg: dict, seed: int = 0):
-    """A CLIP of ``cfg`` with random weights and non-trivial biases."""
-    import open_clip
-
-    torch.manual_seed(seed)
-    clip = open_clip.model.CLIP(**cfg).eval()
-    with torch.no_grad():
-        for name, param in clip.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.02)
-    return clip
 
 
 def registered(tmp_path: Path, name: str, cfg: dict) -> str:

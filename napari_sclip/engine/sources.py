@@ -343,11 +343,11 @@ def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> 
         if pretrained and not _is_file_or_hub_file(pretrained):
             raise ModelError(f"model {model} brings its own weights; leave pretrained out, or give a "
                              f"checkpoint file for its architecture (got {pretrained!r})")
-        scheme, where = model, pretrained
+        scheme, where, named_by_pretrained = model, pretrained, False
     elif pretrained.startswith((HF_HUB, LOCAL_DIR)) and not _is_hub_file(pretrained):
-        scheme, where = pretrained, ""
+        scheme, where, named_by_pretrained = pretrained, "", True
     elif pretrained and not pretrained.startswith(HF_HUB) and _is_dir(pretrained):
-        scheme, where = f"{LOCAL_DIR}{pretrained}", ""
+        scheme, where, named_by_pretrained = f"{LOCAL_DIR}{pretrained}", "", True
     else:
         scheme = None
 
@@ -375,7 +375,7 @@ def _resolve(model: str, pretrained: str, progress: ProgressCallback | None) -> 
 
                 config_path = hub_download(repo, [CONFIG_FILE], scheme, progress)
                 source, path = _folder_source(config_path.parent, scheme, override.path)
-        if scheme is not model and model != config.default_model():  # after the files: a failed download stays one line
+        if named_by_pretrained and model != config.default_model():  # after the files: a failed download stays one line
             warnings.warn(f"{_printable(pretrained)[:200]} brings its own architecture (its {CONFIG_FILE}); "
                           f"the model {model} is not used", stacklevel=4)
         return (replace(source, pretrained=where) if where else source), WeightsFile(path)
