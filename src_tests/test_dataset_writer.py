@@ -192,6 +192,27 @@ def test_export_images_writes_stacks_as_slices_and_updates_in_place(tmp_path, re
     assert sum(manifest["splits"]["counts"].values()) == 4
 
 
+def test_manifest_models_carry_patch_size_and_sc_clip_layers_through_the_journal(tmp_path, registry):
+    """The manifest's ``models`` say which patch size and which SC-CLIP blocks labelled the
+    samples, and say it again, unchanged, when a reopened dataset rebuilds them from its journal."""
+    layers = {"similarity": 16, "post": 6, "fuse_start": 8, "fuse_end": 19, "cls_weight": 0.1,
+              "rule": "authors' ViT-L/14 setting"}
+    large = {"model": "ViT-L-14", "pretrained": "openai", "quick_gelu": True, "patch_size": 14, "method": "sc-clip",
+             "sc_clip_layers": layers, "window": 224, "device": "cpu"}
+    small = {**large, "model": "ViT-B-32", "patch_size": 32, "method": "sclip"}
+    del small["sc_clip_layers"]
+    root = tmp_path / "ds"
+    with DatasetWriter(root, registry) as writer:
+        writer.write(_sample("a", meta=large))
+        writer.write(_sample("b", seed=1, meta=small))
+        writer.write(_sample("c", seed=2, meta=dict(large)))  # the same setting again: one entry
+    expected = [{key: value for key, value in params.items() if key != "device"} for params in (large, small)]
+    assert json.loads((root / "dataset.json").read_text())["models"] == expected
+    with DatasetWriter(root) as reopened:  # its entries come from the journal
+        reopened.write(_sample("d", seed=3, meta=dict(small)))
+    assert json.loads((root / "dataset.json").read_text())["models"] == expected
+
+
 def test_training_ids_survive_a_removed_class_and_a_new_one(tmp_path, registry):
     with DatasetWriter(tmp_path / "ds", registry) as writer:
         first = writer.write(_sample("first"))

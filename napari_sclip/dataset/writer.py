@@ -80,8 +80,9 @@ COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Per-image facts that say how labels were made (their distinct combinations are the manifest's
 #: ``models``): the model, its weights and activation, the method and its parameters.
 _MODEL_KEYS = (
-    "model", "pretrained", "quick_gelu", "method", "short_side", "window", "stride", "logit_scale",
-    "prob_threshold", "background_class", "area_threshold", "pamr", "pamr_iterations", "pamr_dilations",
+    "model", "pretrained", "quick_gelu", "patch_size", "method", "sc_clip_layers", "short_side", "window", "stride",
+    "logit_scale", "prob_threshold", "background_class", "area_threshold", "pamr", "pamr_iterations",
+    "pamr_dilations",
 )
 #: Each split's index: the rows Hugging Face's imagefolder (and the loaders in docs/dataset.md) read.
 INDEX = "metadata.jsonl"
@@ -295,7 +296,7 @@ class Entry:
         return {"id": image_id, "split": self.split, "image": self.image, "review_status": self.review_status,
                 "edited": self.edited, "sha256": self.identity[0],
                 "slice": list(self.identity[1]) if self.identity[1] is not None else None,
-                "from_file": self.from_file, "model": [[key, value] for key, value in self.model],
+                "from_file": self.from_file, "model": [[key, _thawed(value)] for key, value in self.model],
                 "summary": self.summary.to_json() if self.summary is not None else None,
                 "stat": list(meta_stat)}
 
@@ -382,12 +383,20 @@ def _files_of(entry: Entry, image_id: str) -> list[tuple[str, str]]:
     return [tuple(entry.image.split("/", 1)), ("masks", f"{image_id}.png")]
 
 
+class _FrozenObject(tuple):
+    """A JSON object's ``(key, value)`` pairs, hashable, told apart from a frozen list."""
+
+
 def _frozen(value: Any) -> Any:
-    """A JSON value as a hashable one (lists become tuples)."""
+    """A JSON value as a hashable one (lists become tuples, objects :class:`_FrozenObject`)."""
+    if isinstance(value, dict):
+        return _FrozenObject((str(key), _frozen(item)) for key, item in value.items())
     return tuple(_frozen(item) for item in value) if isinstance(value, (list, tuple)) else value
 
 
 def _thawed(value: Any) -> Any:
+    if isinstance(value, _FrozenObject):
+        return {key: _thawed(item) for key, item in value}
     return [_thawed(item) for item in value] if isinstance(value, tuple) else value
 
 
