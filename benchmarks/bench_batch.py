@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src_tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_engine import _cpu_name  # noqa: E402
+from gpu_variants import VARIANTS  # noqa: E402
 
 CLASSES = ["person", "sky", "tree", "road", "car", "building", "grass", "dog"]
 VIT_B16 = "ViT-B-16-quickgelu"
@@ -406,51 +408,94 @@ def bench_end_to_end(args, tmp: Path) -> dict:
 
 def bench_windows(args, tmp: Path) -> dict:
     import torch
+    from gpu_variants import build, profile_by_kind
 
-    from napari_sclip.engine.methods import get_method
     from napari_sclip.engine.segmenter import Segmenter
 
     model, checkpoint = vit_b16_checkpoint(tmp)
     segmenter = Segmenter(model, checkpoint, args.device, feature_cache=False)
     loaded = segmenter.load()
-    device = loaded.device
-    method = get_method("sclip")
-    rows = []
+    device, visual = loaded.device, loaded.clip.visual
+    photo_crops, text, reference = photo_windows(segmenter, tmp, args.agreement_images)
+    rows, profiles = [], {}
     with precision(args.precision, args.device) as mode:
-        from napari_sclip.engine import segmenter as segmenter_module
-
-        for batch in args.batch_sizes:
-            crops = torch.randn(batch, 3, 224, 224, device=device)
-
-            def timed(crops=crops) -> list[float]:
-                times = []
-                with torch.inference_mode():
-                    for k in range(args.repeats + 1):  # the first is a warm-up
-                        _sync(device)
-                        start = time.perf_counter()
-                        with segmenter_module.autocast(device):
-                            method.features(loaded.clip.visual, crops)
-                        _sync(device)
-                        if k:
-                            times.append(time.perf_counter() - start)
-                return times
-
-            with Timer() as timer:
-                times = in_thread(timed)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            rows.append({"batch": batch, "seconds": min(times), "windows_per_s": batch / min(times),
-                         "peak_gpu_mb": peak, "load": timer.load})
-            print(f"  batch {batch}: {batch / min(times):.1f} windows/s", flush=True)
-    figures: dict = {"device": str(device), "precision": mode, "rows": rows}
-    table(["device", "precision", "batch", "best of", "s per batch", "windows/s", "peak GPU memory", "load"],
-          [[figures["device"], mode, r["batch"], args.repeats, f"{r['seconds']:.3f}", f"{r['windows_per_s']:.1f}",
-            f"{r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else "-", r["load"]] for r in rows])
-    if device.type == "cuda":
+        for variant in args.variants:
+            for batch in args.batch_sizes:
+                try:  # one variant failing (a compiler, a capture) must not cost the others' figures
+                    with Timer() as timer:
+                        row = in_thread(functools.partial(measure_variant, variant, visual, batch, args.repeats,
+                                                          (photo_crops, text, reference)))
+                except Exception as exc:
+                    print(f"  {variant}, batch {batch}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    rows.append({"variant": variant, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                    continue
+                rows.append({**row, "load": timer.load})
+                print(f"  {variant}, batch {batch}: {row['windows_per_s']:.1f} windows/s, "
+                      f"patch labels {row['patch_labels_equal_fp32']:.3%} equal to fp32's", flush=True)
+            if args.profile and device.type == "cuda":
+                batch = min(args.batch_sizes, key=lambda b: abs(b - 128))
+                try:
+                    run = build(variant, visual, batch, (224, 224))
+                    profiles[variant] = {"batch": batch,
+                                         "kinds": profile_by_kind(run, torch.randn(batch, 3, 224, 224, device=device))}
+                except Exception as exc:
+                    print(f"  profile of {variant} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    figures: dict = {"device": str(device), "precision": mode, "rows": rows, "profiles": profiles}
+    table(["variant", "device", "batch", "best of", "first call (s)", "s per batch", "windows/s", "patch labels = fp32",
+           "peak GPU memory", "load"],
+          [[r["variant"], figures["device"], r["batch"], args.repeats, f"{r['first_s']:.2f}", f"{r['seconds']:.3f}",
+            f"{r['windows_per_s']:.1f}", f"{r['patch_labels_equal_fp32']:.2%}",
+            f"{r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else "-", r["load"]]
+           for r in rows if "error" not in r])
+    for variant, found in profiles.items():
+        print(f"where the time goes: {variant}, batch {found['batch']}, GPU kernel time by kind")
+        table(["kind", "ms per batch", "share"], [[k, f"{ms:.2f}", f"{share:.0%}"] for k, ms, share in found["kinds"]])
+    if device.type == "cuda" and "engine" in args.variants:
         figures["agreement"] = fp16_agreement(segmenter, tmp, args.agreement_images)
         a = figures["agreement"]
         print(f"fp16 vs fp32 labels on {a['images']} photos of 512 px, 8 classes: "
               f"{a['equal_pixels']:.2%} of pixels equal (worst image {a['worst_image']:.2%})")
     return figures
+
+
+def measure_variant(variant: str, visual, batch: int, repeats: int, agreement_set) -> dict:
+    """One variant at one batch size: its speed on random windows, peak GPU memory, and its
+    patch labels on the photos' windows against fp32's."""
+    import torch
+    from gpu_variants import build, label_agreement, time_variant
+
+    device = next(visual.parameters()).device
+    crops = torch.randn(batch, 3, 224, 224, device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    run = build(variant, visual, batch, (224, 224))
+    timing = time_variant(run, crops, repeats, lambda: _sync(device))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    photo_crops, text, reference = agreement_set
+    return {"variant": variant, "batch": batch, **timing, "windows_per_s": batch / timing["seconds"],
+            "peak_gpu_mb": peak, "patch_labels_equal_fp32": label_agreement(run, reference, photo_crops, text, batch)}
+
+
+def photo_windows(segmenter, tmp: Path, count: int):
+    """The engine's normalised 224 px windows of ``count`` photos ``(W, 3, 224, 224)`` on the
+    device, the vocabulary's text features ``(N, E)``, and fp32's best class per patch."""
+    import torch
+
+    from napari_sclip.engine.methods.sclip import sclip_patch_features
+    from napari_sclip.engine.vocabulary import parse_vocabulary
+
+    device = segmenter.device
+    vocabulary = parse_vocabulary(CLASSES)
+    crops = []
+    for image in decoded(photo_jpegs(tmp / "windows", count, seed=2)):
+        prepared = segmenter.prepare(image, vocabulary)
+        crops += [prepared.pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in prepared.windows]
+    crops = torch.stack(crops).to(device)
+    text = torch.from_numpy(segmenter.text_features(CLASSES)).to(device)
+    with torch.inference_mode():
+        reference = (sclip_patch_features(segmenter.load().clip.visual, crops).float() @ text.T).argmax(-1)
+    return crops, text, reference
 
 
 def fp16_agreement(segmenter, tmp: Path, count: int) -> dict:
@@ -566,6 +611,9 @@ def main() -> None:
                          help="default: 32 128 256 on CUDA, 4 8 on the CPU")
     windows.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (best is kept)")
     windows.add_argument("--agreement-images", type=int, default=4, help="photos for fp16 vs fp32 (CUDA)")
+    windows.add_argument("--variants", nargs="+", default=["engine"], choices=VARIANTS,
+                         help="ways to run the tower (benchmarks/gpu_variants.py); default: the engine's")
+    windows.add_argument("--profile", action="store_true", help="GPU kernel time by kind per variant (CUDA)")
 
     dask = commands.add_parser("dask", help="a local Dask cluster against the single-process pipeline")
     dask.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
