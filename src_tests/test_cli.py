@@ -434,6 +434,10 @@ def test_segment_with_a_local_dir_model_of_another_patch_size(tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--model", "bioclip"], "could not download hf-hub:imageomics/bioclip"),
+    # A tag with no URL names its hub file (open_clip's pretrained config) and how to use it.
+    (["--model", "ViT-B-16", "--pretrained", "laion2b_s34b_b88k"],
+     "hf download laion/CLIP-ViT-B-16-laion2B-s34B-b88K open_clip_pytorch_model.bin --local-dir FOLDER, "
+     "then FOLDER/open_clip_pytorch_model.bin): the widget's weights field"),
     (["--model", "hf-hub:org"], "is not a Hugging Face repo"),
     (["--model", "RN50", "--pretrained", "x.pt"], "is a ResNet, not a ViT"),
     (["--model", "local-dir:/nonexistent/model"], "not found"),

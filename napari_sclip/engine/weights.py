@@ -81,8 +81,16 @@ def _looks_like_path(pretrained: str) -> bool:
     )
 
 
-def _offline_hint(model: str, tag: str, url: str | None) -> str:
-    where = f" (download it elsewhere from {url})" if url else ""
+def _offline_hint(model: str, tag: str, cfg: dict) -> str:
+    """Where else to get a tag's file: its URL, or the ``hf download`` of its hub file."""
+    if cfg.get("url"):
+        where = f" (download it elsewhere from {cfg['url']})"
+    elif cfg.get("hf_hub"):
+        repo_id, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or _HUB_DEFAULT_FILE
+        where = f" (download it elsewhere: hf download {repo_id} {filename} --local-dir FOLDER, then FOLDER/{filename})"
+    else:
+        where = ""
     return (
         f"could not download the '{tag}' weights for {model}; to work offline, use a local "
         f"checkpoint{where}: the widget's weights field under Advanced, --pretrained PATH in the "
@@ -177,7 +185,7 @@ def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | 
         filename = filename or _HUB_DEFAULT_FILE
         names = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
         return hub_download(repo_id, names, f"the '{tag}' weights for {model}", progress,
-                            offline=_offline_hint(model, tag, cfg.get("url")))
+                            offline=_offline_hint(model, tag, cfg))
     if cfg.get("url"):
         from open_clip.pretrained import download_pretrained_from_url
 
@@ -188,7 +196,7 @@ def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | 
             cache.mkdir(parents=True, exist_ok=True)
             return Path(download_pretrained_from_url(cfg["url"], cache_dir=str(cache)))
         except Exception as exc:
-            raise ModelError(f"{_offline_hint(model, tag, cfg.get('url'))} ({describe_cause(exc)})") from None
+            raise ModelError(f"{_offline_hint(model, tag, cfg)} ({describe_cause(exc)})") from None
     raise ModelError(f"the '{tag}' weights for {model} have no download location in open_clip")
 
 
