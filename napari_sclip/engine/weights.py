@@ -81,13 +81,19 @@ def _looks_like_path(pretrained: str) -> bool:
     )
 
 
+def _hub_file(hub: str) -> tuple[str, str]:
+    """``(repo id, file)`` of open_clip's ``hf_hub``: "org/repo/" names the repo's default file,
+    "org/repo/file.bin" a given one."""
+    repo_id, filename = os.path.split(hub)
+    return repo_id, filename or _HUB_DEFAULT_FILE
+
+
 def _offline_hint(model: str, tag: str, cfg: dict) -> str:
     """Where else to get a tag's file: its URL, or the ``hf download`` of its hub file."""
     if cfg.get("url"):
         where = f" (download it elsewhere from {cfg['url']})"
     elif cfg.get("hf_hub"):
-        repo_id, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or _HUB_DEFAULT_FILE
+        repo_id, filename = _hub_file(cfg["hf_hub"])
         where = f" (download it elsewhere: hf download {repo_id} {filename} --local-dir FOLDER, then FOLDER/{filename})"
     else:
         where = ""
@@ -180,9 +186,7 @@ def hub_download(repo_id: str, names: list[str], label: str, progress: ProgressC
 def _download_tag(model: str, tag: str, cfg: dict, progress: ProgressCallback | None) -> Path:
     hub = cfg.get("hf_hub", "")
     if hub:
-        # "org/repo/" names the repo's default file, "org/repo/file.bin" a given one.
-        repo_id, filename = os.path.split(hub)
-        filename = filename or _HUB_DEFAULT_FILE
+        repo_id, filename = _hub_file(hub)
         names = [_HUB_SAFETENSORS_FILE, filename] if filename == _HUB_DEFAULT_FILE else [filename]
         return hub_download(repo_id, names, f"the '{tag}' weights for {model}", progress,
                             offline=_offline_hint(model, tag, cfg))
