@@ -368,10 +368,11 @@ def _segment(args: argparse.Namespace) -> int:
     vocabulary = _load_vocabulary(args)
     images = find_images(args.images)
     ratios = check_ratios(args.splits) if args.splits else None
-    client_wanted = args.workers is not None or bool(args.scheduler)
-    if args.workers is not None and args.scheduler:
+    # An empty --scheduler (an unset variable in a job script) is an error, not a local run.
+    client_wanted = args.workers is not None or args.scheduler is not None
+    if args.workers is not None and args.scheduler is not None:
         raise SclipError("choose --workers (a cluster on this machine) or --scheduler (an existing one), not both")
-    if args.devices and (args.workers is not None or args.scheduler):
+    if args.devices and client_wanted:
         raise SclipError("--devices is for one machine; on a cluster each worker uses its own device (--device)")
     devices = _devices(args.devices) if args.devices else [args.device]
     if not args.devices and client_wanted is False and (args.device or config.default_device()) in ("auto", "cuda"):
@@ -604,15 +605,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if truth.background_class is None and any(setting.area_threshold is not None for setting in settings):
         raise SclipError("--area-threshold needs a background class (--background-class I)")
-    if args.workers is not None and args.scheduler:
+    if args.workers is not None and args.scheduler is not None:
         raise SclipError("choose --workers (a cluster on this machine) or --scheduler (an existing one), not both")
     predictions = _evaluation_outputs(args, truth)
     segmenter = Segmenter(args.model, args.pretrained, args.device, quick_gelu=args.quick_gelu,
                           batch_size=args.batch_size, feature_cache=False)
     options = {"short_side": args.short_side, "window": args.window, "stride": args.stride, "pamr": args.pamr,
                "predictions": str(predictions) if predictions else None}
-    model = {key: value for key, value in segmenter.settings().items()
-             if key in ("model", "pretrained", "device", "quick_gelu")}
+    model = {"model": segmenter.model_name, "pretrained": segmenter.pretrained, "device": segmenter.device_name,
+             "quick_gelu": segmenter.quick_gelu}  # the weights as resolved here: a new default is a new run
     # The same command goes on where an interrupted one stopped: its tally is kept in the cache.
     run_id = fingerprint(truth, settings, model, options)
     checkpoint = Checkpoint(config.cache_dir() / "evaluate" / f"{run_id[:32]}.json", run_id)
@@ -626,7 +627,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress_bar(args.quiet, total=total, unit="image"))
         client = None
-        if args.workers is not None or args.scheduler:
+        if args.workers is not None or args.scheduler is not None:
             from napari_sclip.dataset.cluster import open_client
 
             bar.set_postfix_str("starting Dask workers" if args.workers else "connecting to the Dask scheduler")

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,11 @@ from napari_sclip.engine.vocabulary import parse_vocabulary
 
 from conftest import TINY_MODEL, natural_image, same_files_apart_from_timestamps
 from dataset_helpers import assert_consistent, cli_command, dataset_masks, run, save_images
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # the cluster tests skip
+    _WorkerPlugin = object
 
 CLASSES = ["grass", "sky, clouds", "person"]
 
@@ -390,7 +397,10 @@ def test_a_dask_run_and_a_local_run_at_once_never_lose_a_class(tmp_path, tiny_di
     [
         (["--workers", "0"], "expected a positive whole number"),
         (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not both"),
-        (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler at tcp://127.0.0.1:1"),
+        (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler at tcp://127.0.0.1:1: connection refused"),
+        # An unset variable in a job script: an error, never a quiet run on the login node.
+        (["--scheduler", ""], "the Dask scheduler address is empty"),
+        (["--scheduler", "tcp://nosuchhost.invalid:8786"], "unknown host 'nosuchhost.invalid'"),
         (["--devices", "cpu,cpu"], "names a device twice"),
         (["--devices", "cpu,cpu:0"], "names a device twice"),
     ],
@@ -452,6 +462,130 @@ def test_segment_on_an_existing_cluster_by_its_scheduler_address(tmp_path, tiny_
         assert client.run(lambda: 1)  # still up
     assert_consistent(tmp_path / "ds")
     assert sorted(dataset_masks(tmp_path / "ds")) == sorted(path.stem for path in images)
+
+
+@pytest.mark.cluster
+def test_relative_paths_and_worker_side_weights_reach_workers_started_elsewhere(tmp_path, tiny_dir, tiny_checkpoint):
+    """Run from its own folder with relative images, dataset and weights, the command labels on
+    workers whose working folder is another; and with no weights named, each worker takes its
+    own environment's default (NAPARI_SCLIP_PRETRAINED set for the workers, not the client)."""
+    pytest.importorskip("distributed")
+    from napari_sclip.dataset.cluster import open_client
+
+    job = tmp_path / "job"
+    images = save_images(job / "in", 4, 64, 80)
+    shutil.copy(tiny_checkpoint, job / "tiny.pt")
+    client_env = {key: value for key, value in os.environ.items() if key != "NAPARI_SCLIP_PRETRAINED"}
+    client_env["HF_HUB_OFFLINE"] = "1"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NAPARI_SCLIP_PRETRAINED", str(tiny_checkpoint))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        cluster = open_client(workers=1)
+        client = cluster.__enter__()
+    try:
+        assert os.getcwd() != str(job)
+        address = client.scheduler.address
+        relative = run(cli_command(tiny_dir, Path("tiny.pt"), "segment", "in", "--classes", "a; b", "--out", "ds",
+                                   "--scheduler", address), cwd=job, env=client_env)
+        assert relative.returncode == 0 and not relative.stderr, relative.stderr
+        defaults = run(cli_command(tiny_dir, None, "segment", "in", "--classes", "a; b", "--out", "ds2",
+                                   "--scheduler", address), cwd=job, env=client_env)
+        assert defaults.returncode == 0 and not defaults.stderr, defaults.stderr
+    finally:
+        cluster.__exit__(None, None, None)
+    for name in ("ds", "ds2"):
+        assert sorted(dataset_masks(job / name)) == sorted(path.stem for path in images)
+    meta = json.loads(next((job / "ds").glob("*/meta/im0.json")).read_text())
+    assert meta["source"]["path"] == str(job / "in" / "im0.png")  # absolute, links kept
+    meta = json.loads(next((job / "ds2").glob("*/meta/im0.json")).read_text())
+    assert (meta.get("provenance") or meta)["pretrained"] == str(tiny_checkpoint)
+
+
+@pytest.mark.cluster
+def test_a_lost_scheduler_is_one_line_and_the_rerun_completes(tmp_path, tiny_dir, tiny_checkpoint):
+    pytest.importorskip("distributed")
+    from napari_sclip.dataset.cluster import open_client
+
+    images = save_images(tmp_path / "in", 24, 64, 80)
+    out = tmp_path / "ds"
+    with open_client(workers=1) as client:
+        command = _dask_command(tiny_dir, tiny_checkpoint, tmp_path / "in", out, "--scheduler", client.scheduler.address)
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*/meta/*.json"))) < 2:
+            time.sleep(0.01)
+        client.shutdown()  # the scheduler and its worker go away mid-run
+        code, err = process.wait(timeout=120), process.stderr.read().strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "lost the Dask scheduler" in err, err
+    done = run(_dask_command(tiny_dir, tiny_checkpoint, tmp_path / "in", out))
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert sorted(dataset_masks(out)) == sorted(path.stem for path in images)
+
+
+class _PoisonReader(_WorkerPlugin):
+    """Makes a worker process die (as from running out of memory) when it reads a file whose
+    name starts with "poison"; the nanny's new worker gets it again."""
+
+    name = "poison-reader"
+
+    def setup(self, worker):
+        from napari_sclip.io import images
+
+        real = images.read_with_layout
+
+        def read(path, *args, **kwargs):
+            if Path(path).name.startswith("poison"):
+                os._exit(1)
+            return real(path, *args, **kwargs)
+
+        images.read_with_layout = read
+
+
+@pytest.mark.cluster
+def test_a_file_that_kills_workers_fails_alone(tmp_path, tiny_dir, tiny_checkpoint):
+    """A task whose file kills every worker that reads it is split: its other files are written,
+    and only that file fails, saying why."""
+    pytest.importorskip("distributed")
+    import dask
+
+    from napari_sclip import Segmenter
+    from napari_sclip.dataset.cluster import open_client
+
+    paths = save_images(tmp_path / "in", 3, 64, 80)
+    poison = tmp_path / "in" / "poison.png"
+    shutil.copy(paths[0], poison)
+    Image.fromarray(np.roll(np.asarray(Image.open(poison)), 5, axis=0)).save(poison)  # other bytes
+    segmenter = Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu")
+    # One task at a time on the one worker: a dying worker takes no bystander task with it.
+    settings = {"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set(settings), open_client(workers=1) as client:
+        client.register_plugin(_PoisonReader())
+        items = list(label_images([paths[0], poison, *paths[1:]], parse_vocabulary(["a", "b"]), tmp_path / "ds",
+                                  segmenter, client=client, chunk_size=4))
+    statuses = {item.path.name: item.status for item in items}
+    assert statuses == {"im0.png": "written", "im1.png": "written", "im2.png": "written", "poison.png": "failed"}
+    failed = next(item for item in items if item.status == "failed")
+    assert "a Dask worker died each time it labelled this file" in failed.reason
+    assert sorted(dataset_masks(tmp_path / "ds")) == ["im0", "im1", "im2"]
+
+
+@pytest.mark.cluster
+def test_a_worker_that_cannot_run_napari_sclip_is_named(tmp_path, tiny_checkpoint):
+    pytest.importorskip("distributed")
+    from napari_sclip import Segmenter
+    from napari_sclip.dataset.cluster import ClusterError, open_client
+
+    paths = save_images(tmp_path / "in", 2, 64, 80)
+    with open_client(workers=1) as client:
+        client.run(lambda: sys.modules.__setitem__("napari_sclip.dataset.cluster", None))  # as if not installed
+        address, info = next(iter(client.scheduler_info()["workers"].items()))
+        with pytest.raises(ClusterError) as caught:
+            list(label_images(paths, parse_vocabulary(["a", "b"]), tmp_path / "ds",
+                              Segmenter(TINY_MODEL, str(tiny_checkpoint), "cpu"), client=client))
+    message = str(caught.value)
+    assert message.startswith(f"Dask worker {info['name']} ({address}) cannot run napari-sclip (") and "\n" not in message
+    assert "No module named" in message or "ModuleNotFoundError" in message
+    assert "every worker needs napari-sclip" in message
 
 
 # -- found by the attacker's pass ----------------------------------------------------------------

@@ -202,6 +202,43 @@ def test_map_bounded_keeps_at_most_max_in_flight(module_client):
     assert 1 <= max(unfinished) <= max_in_flight
 
 
+def _nap(item):
+    time.sleep(1.0 if item == 0 else 0.01)
+    return item
+
+
+def test_map_bounded_follows_a_growing_limit_and_an_iterator_that_offers_more(module_client):
+    """Workers joining mid-run raise the limit: more tasks go out while the first still runs.
+    An iterator that ran dry and offers items again after a result is read again."""
+    asked, pulled_before_first_result = [], []
+    offered = [1, 2, 3]
+
+    class Items:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if not offered:
+                raise StopIteration
+            return offered.pop(0)
+
+    def limit() -> int:
+        asked.append(time.monotonic())
+        return 1 if len(asked) == 1 else 3
+
+    results = []
+    items = Items()
+    offered.insert(0, 0)  # item 0 naps: the others must go out beside it once the limit grows
+    for index, result in map_bounded(module_client, _nap, items, max_in_flight=limit, key_prefix="grow"):
+        if not results:
+            pulled_before_first_result.append(4 - len(offered))
+        results.append(result)
+        if result == 0 and 99 not in results:
+            offered.append(99)  # the last task is done and the iterator was dry: now it has one more
+    assert pulled_before_first_result[0] >= 3  # the grown limit sent more while item 0 napped
+    assert sorted(results) == [0, 1, 2, 3, 99] and len(asked) > 2
+
+
 def test_closing_the_map_cancels_its_tasks(module_client):
     results = map_bounded(module_client, _double_slowly, range(1000), max_in_flight=5,
                           key_prefix="closed")

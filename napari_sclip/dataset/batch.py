@@ -30,10 +30,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -236,7 +238,8 @@ class _Ledger:
         from napari_sclip.engine.errors import ImageError
         from napari_sclip.io.images import slice_indices
 
-        turn, path = numbered[0], Path(numbered[1])
+        # Absolute (links kept): a Dask worker started in another folder reads the same file.
+        turn, path = numbered[0], Path(os.path.abspath(numbered[1]))
         try:
             status = os.stat(path)
             sha = sha256_of(path)
@@ -392,7 +395,11 @@ def _run_on_cluster(
 ) -> Iterator[SliceOutcome | BatchItem]:
     """Plan here (hashing in reader threads), label chunks of ``chunk_size`` files on the workers,
     at most two chunks per worker thread in flight; a chunk whose worker dies is run again
-    elsewhere by the scheduler (its samples' files are simply written again)."""
+    elsewhere by the scheduler (its samples' files are simply written again).  A chunk that killed
+    every worker that tried it is split: each of its files goes again on its own, so that only
+    the file that kills workers fails."""
+    import distributed
+
     from napari_sclip.dataset.cluster import ClusterError, install_segmenter, map_bounded
     from napari_sclip.engine.errors import SclipError
     from napari_sclip.engine.sources import registered_config
@@ -428,8 +435,20 @@ def _run_on_cluster(
         return chunk
 
     done: set[int] = set()
-    threads = sum(client.nthreads().values()) or 1
-    results = map_bounded(client, _label_chunk, chunks(), max_in_flight=2 * threads,
+    alone: deque[_Chunk] = deque()  # the files of split chunks, one per chunk
+
+    class Feed:
+        """The split chunks' files first, then the planned chunks; it can offer more after it
+        has run dry, when a chunk is split."""
+
+        def __iter__(self):
+            return self
+
+        def __next__(self) -> _Chunk:
+            return _keep(alone.popleft()) if alone else next(planned)
+
+    planned = chunks()
+    results = map_bounded(client, _label_chunk, Feed(), max_in_flight=_TwoPerThread(client),
                           key_prefix="napari-sclip-label", return_exceptions=True)
     try:
         while True:
@@ -439,22 +458,48 @@ def _run_on_cluster(
                 index, outcomes = next(results)
             except StopIteration:
                 break
+            except (distributed.CancelledError, distributed.comm.CommClosedError) as exc:
+                raise ClusterError(f"lost the Dask scheduler ({type(exc).__name__}); what was written is kept: "
+                                   "run the same command again to go on") from None
             done.add(index)
             chunk = in_flight.pop(index)
             if type(outcomes).__name__ == "KilledWorker":
-                # Its files took down every worker that tried them: they fail, the run goes on,
-                # and the next run tries them again.
-                reason = "a Dask worker died each time it labelled this file or another of its task; run again"
+                if len(chunk.jobs) > 1:
+                    alone.extend(replace(chunk, jobs=(job,)) for job in chunk.jobs)
+                    continue
+                # It took down every worker that tried it: it fails, the run goes on, and the next
+                # run tries it again.
+                reason = "a Dask worker died each time it labelled this file (memory?); run again"
                 outcomes = [SliceOutcome(job.path, sliced, reason=f"{job.path}: {reason}")
                             for job in chunk.jobs for sliced in job.slices]
             elif isinstance(outcomes, BaseException):
                 if isinstance(outcomes, SclipError):
                     raise outcomes
-                raise ClusterError(f"a Dask task failed: {type(outcomes).__name__}: {outcomes}") from outcomes
+                hint = ""
+                if "deserializ" in str(outcomes):  # the scheduler unpickles the tasks it is sent
+                    hint = " (the Dask scheduler, as well as every worker, needs napari-sclip installed)"
+                raise ClusterError(f"a Dask task failed: {type(outcomes).__name__}: {outcomes}{hint}") from outcomes
             yield from outcomes
         yield from settled
     finally:
         results.close()
+
+
+@dataclass
+class _TwoPerThread:
+    """Tasks to keep in flight: two per worker thread of the cluster as it is now (workers join
+    and leave), asking the scheduler at most once every ``every`` seconds."""
+
+    client: Any
+    every: float = 1.0
+    limit: int = 2
+    asked_at: float = float("-inf")
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if now - self.asked_at >= self.every:
+            self.limit, self.asked_at = 2 * max(1, sum(self.client.nthreads().values())), now
+        return self.limit
 
 
 def _default_threads() -> int:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -103,10 +104,17 @@ def open_client(
             client = distributed.Client(address, timeout=connect_timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {address}: {_one_line(exc)}") from None
+        # The client logs a lost scheduler with a traceback; the run reports it in one line.
+        client_log = logging.getLogger("distributed.client")
+        level = client_log.level
+        client_log.setLevel(max(level, log_level))
         try:
             yield client
         finally:
-            client.close()
+            try:
+                client.close()
+            finally:
+                client_log.setLevel(level)
         return
 
     import dask
@@ -168,12 +176,36 @@ class _IgnoringSigint:
             self._previous = None
 
 
+def _reach(address: str, timeout: float) -> None:
+    """A TCP connection to a ``tcp://`` or ``tls://`` address, opened and closed: an unknown host
+    or a refused connection says so at once (Dask's own connect retries until its timeout)."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location, default_port=8786)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise OSError(f"unknown host {host!r}") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except ConnectionRefusedError:
+        raise OSError(f"connection refused by {host}:{port}: is the scheduler running, on that port?") from None
+
+
 def _probe(address: str, timeout: float) -> None:
     """Open and close a connection to ``address``; raises what connecting raises."""
     import asyncio
     import threading
 
     from distributed.comm import connect
+
+    _reach(address, timeout)
 
     async def probe():
         comm = await connect(address, timeout=timeout)
@@ -393,21 +425,42 @@ def install_segmenter(
     """
     plugin = SegmenterPlugin(segmenter_kwargs, model_configs=model_configs, devices=devices,
                              torch_threads=torch_threads)
-    current = client.run(_installed_fingerprint)
+    current = client.run(_installed_fingerprint, on_error="return")
+    broken = {worker: value for worker, value in current.items() if isinstance(value, BaseException)}
+    if broken:
+        worker, exc = next(iter(broken.items()))
+        raise ClusterError(f"Dask worker {_worker_label(client, worker)} cannot run napari-sclip "
+                           f"({type(exc).__name__}: {_one_line(exc)}){_ENVIRONMENT_HINT}")
     if current and all(value == plugin.fingerprint for value in current.values()):
         return plugin
     register = getattr(client, "register_plugin", None) or client.register_worker_plugin
     try:
         register(plugin, name=PLUGIN_NAME)
-    except BaseException:
+    except BaseException as exc:
         # The scheduler keeps a plugin whose setup failed and would give it to every worker that
         # joins later: take it back, so that the cluster is left without a segmenter, not a broken one.
         try:
             client.unregister_worker_plugin(PLUGIN_NAME)
         except Exception:
             pass
+        if isinstance(exc, Exception) and not isinstance(exc, SclipError):  # a worker's environment
+            raise ClusterError(f"a Dask worker could not set up the model ({type(exc).__name__}: "
+                               f"{_one_line(exc)}){_ENVIRONMENT_HINT}") from None
         raise
     return plugin
+
+
+#: Said after a worker's import or setup failure.
+_ENVIRONMENT_HINT = "; every worker needs napari-sclip and its dependencies installed, as here"
+
+
+def _worker_label(client: Client, address: str) -> str:
+    """A worker's name where it has one (``dask worker --name``), else its address."""
+    try:
+        name = client.scheduler_info()["workers"][address].get("name")
+    except Exception:
+        name = None
+    return f"{name} ({address})" if name not in (None, address) else address
 
 
 def _installed_fingerprint(dask_worker) -> str | None:
@@ -460,7 +513,7 @@ def map_bounded(
     function: Callable[[Any], Any],
     items: Iterable[Any],
     *,
-    max_in_flight: int,
+    max_in_flight: int | Callable[[], int],
     key_prefix: str,
     retries: int = 0,
     return_exceptions: bool = False,
@@ -469,7 +522,10 @@ def map_bounded(
     order the tasks complete; ``index`` is the item's position in ``items``.
 
     At most ``max_in_flight`` tasks are outstanding at any time, and ``items`` is read only as
-    tasks complete, so a stream of a million items takes bounded memory.  Each task's key is
+    tasks complete, so a stream of a million items takes bounded memory; an iterator (not a
+    generator) that has run dry is asked again after each result.  A callable
+    ``max_in_flight`` is asked again while tasks run, so that a limit that follows the cluster's
+    workers grows as workers join.  Each task's key is
     ``f"{key_prefix}-{token}-{index}"``, with a token unique to this call: a task that the
     scheduler runs again after its worker died keeps its key, and two calls never share one.
 
@@ -478,7 +534,8 @@ def map_bounded(
     times; a task whose workers kept dying raises :class:`distributed.KilledWorker`.  Ending the
     iteration early (``break``, ``close()``, an exception, Ctrl+C) cancels the outstanding tasks.
     """
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+    if not callable(max_in_flight) and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
+                                        or max_in_flight < 1):
         raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
     distributed = _import_distributed()
     return _map_bounded(distributed, client, function, items, max_in_flight, key_prefix, retries,
@@ -503,15 +560,23 @@ def _map_bounded(distributed, client, function, items, max_in_flight, key_prefix
         completed.add(future)
         return True
 
-    try:
-        while len(pending) < max_in_flight and submit_one():
+    def top_up() -> None:
+        limit = max(1, max_in_flight()) if callable(max_in_flight) else max_in_flight
+        while len(pending) < limit and submit_one():
             pass
+
+    try:
+        top_up()
         while pending:
+            if not completed.has_ready():
+                time.sleep(0.05)
+                top_up()  # workers may have joined
+                continue
             future, result = next(completed)
             index = pending.pop(future)
             status = future.status
             del future  # released: the scheduler forgets the task, its worker drops the result
-            submit_one()  # keep the cluster busy while the caller handles this result
+            top_up()  # keep the cluster busy while the caller handles this result
             if status == "error":
                 _, exc, traceback = result
                 if return_exceptions:
@@ -522,6 +587,7 @@ def _map_bounded(distributed, client, function, items, max_in_flight, key_prefix
                 raise result if isinstance(result, BaseException) else distributed.CancelledError(index)
             yield index, result
             del result
+            top_up()  # an iterator that had run dry may offer more once the caller has a result
     finally:
         if pending:
             client.cancel(list(pending))

@@ -646,7 +646,7 @@ class DatasetWriter:
         vocabulary: Sequence[tuple[str, ...]] | None = None,
         activity: str | None = None,
     ):
-        self.root = Path(root).expanduser()
+        self.root = Path(os.path.abspath(Path(root).expanduser()))  # as workers elsewhere see it
         self.previous: dict[str, Any] | None = None  # the manifest as last written or read
         self._lock: DatasetLock | None = None
         self._created = False  # this writer made the dataset (and removes it if it fails empty)

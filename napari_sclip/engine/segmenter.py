@@ -295,6 +295,9 @@ class Segmenter:
         self.method = get_method(method).name
         self.feature_cache = feature_cache
         self.model_name, self.pretrained = normalise_choice(model, None if pretrained is None else str(pretrained))
+        # No weights named: another process (a Dask worker) fills in its own default, which its
+        # environment may set (NAPARI_SCLIP_PRETRAINED).
+        self._pretrained_named = bool(str(pretrained or "").strip())
         self.device_name = device or config.default_device()
         self.quick_gelu = quick_gelu
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -305,8 +308,10 @@ class Segmenter:
         self._lock = threading.Lock()
 
     def settings(self) -> dict[str, Any]:
-        """The keyword arguments that make an equal segmenter (in another process, say)."""
-        return {"model": self.model_name, "pretrained": self.pretrained, "device": self.device_name,
+        """The keyword arguments that make an equal segmenter in another process (a default
+        left to that process's own)."""
+        return {"model": self.model_name, "pretrained": self.pretrained if self._pretrained_named else None,
+                "device": self.device_name,
                 "quick_gelu": self.quick_gelu, "batch_size": self._batch_size, "method": self.method,
                 "feature_cache": self.feature_cache}
 

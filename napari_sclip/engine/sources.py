@@ -35,6 +35,8 @@ from napari_sclip.engine.progress import ProgressCallback
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
+#: Weights named with one of these endings are a file, never an open_clip tag.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CONFIG_FILE = "open_clip_config.json"
 #: The weights file a folder or repo is read from: the first of these that it has.
 WEIGHTS_FILES = (
@@ -97,11 +99,37 @@ def normalise_choice(model: str | None, pretrained: str | None) -> tuple[str, st
     repo, a folder)."""
     from napari_sclip.engine.presets import find_preset
 
-    model = str(model or config.default_model()).strip()
+    model = _anchored(str(model or config.default_model()).strip(), weights=False)
     pretrained = str(pretrained or "").strip() or None
     if pretrained is None and find_preset(model) is None and not model.startswith((HF_HUB, LOCAL_DIR)):
         pretrained = config.default_pretrained()
-    return model, pretrained
+    return model, None if pretrained is None else _anchored(pretrained, weights=True)
+
+
+def looks_like_path(pretrained: str) -> bool:
+    """Whether weights named ``pretrained`` are meant as a file rather than an open_clip tag."""
+    return (
+        os.sep in pretrained
+        or "/" in pretrained
+        or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)
+        or pretrained.startswith("~")
+    )
+
+
+def _anchored(choice: str, weights: bool) -> str:
+    """A local path in a model choice made absolute (``~`` expanded, links kept): another
+    process, such as a Dask worker started in another folder, reads the same file.  A model is
+    a path only as ``local-dir:``; weights also as a file or folder."""
+    if choice.startswith(LOCAL_DIR):
+        folder = choice[len(LOCAL_DIR):].strip()
+        return f"{LOCAL_DIR}{os.path.abspath(os.path.expanduser(folder))}" if folder not in ("", ".") else choice
+    if not weights or choice.startswith(HF_HUB):
+        return choice
+    try:
+        local = looks_like_path(choice) or os.path.exists(os.path.expanduser(choice))
+    except (OSError, ValueError):  # a NUL byte: the loader says so in its own words
+        return choice
+    return os.path.abspath(os.path.expanduser(choice)) if local else choice
 
 
 def _depth(value, level: int = 0) -> int:

@@ -32,13 +32,13 @@ from napari_sclip.engine import config
 from napari_sclip.engine._torch import open_clip, torch
 from napari_sclip.engine.errors import ModelError
 from napari_sclip.engine.progress import Progress, ProgressCallback
+from napari_sclip.engine.sources import looks_like_path
 from napari_sclip.engine.torchscript import ArchiveError, is_torchscript, read_torchscript
 
 #: Integer entries of OpenAI's state dicts that are not parameters; their presence marks the layout.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 #: Buffers rebuilt by the model itself, present in some TorchScript archives.
 _DERIVED_KEYS = ("attn_mask",)
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # open_clip's files on the Hugging Face hub; the safetensors copy is preferred when a repo has one.
 _HUB_DEFAULT_FILE = "open_clip_pytorch_model.bin"
 _HUB_SAFETENSORS_FILE = "open_clip_model.safetensors"
@@ -70,15 +70,6 @@ class WeightsFile:
             return f"tag:{self.tag}"
         stat = self.path.stat()
         return f"file:{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _looks_like_path(pretrained: str) -> bool:
-    return (
-        os.sep in pretrained
-        or "/" in pretrained
-        or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES)
-        or pretrained.startswith("~")
-    )
 
 
 def _hub_file(hub: str) -> tuple[str, str]:
@@ -248,7 +239,7 @@ def resolve_weights(
         raise ModelError(f"cannot use weights path {shown!r} ({type(exc).__name__})") from None
     if exists:
         raise ModelError(f"weights path {candidate} is not a file")
-    if _looks_like_path(pretrained):
+    if looks_like_path(pretrained):
         raise ModelError(f"weights file not found: {candidate}")
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not cfg:
