@@ -59,7 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="methods:\n" + "\n".join(f"  {m.name:<10} {m.description}" for m in METHODS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    seg.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
+    seg.add_argument("-r", "--recursive", action="store_true",
+                     help="take the images in the folders' subfolders too (hidden ones and linked folders left out)")
+    seg.add_argument("--files-from", metavar="LIST",
+                     help="a text file of image paths, one per line (relative ones from the current folder; "
+                     "# starts a comment), for more files than a command line takes; - reads standard input")
     vocab = seg.add_mutually_exclusive_group(required=True)
     vocab.add_argument(
         "--classes",
@@ -366,7 +371,15 @@ def _segment(args: argparse.Namespace) -> int:
     from napari_sclip.io.images import find_images
 
     vocabulary = _load_vocabulary(args)
-    images = find_images(args.images)
+    out = Path(args.out).expanduser()
+    if not args.images and args.files_from is None:
+        raise SclipError("give images, folders of images or --files-from LIST")
+    # The dataset's own images are never input, even when it lies inside a folder given.
+    images = find_images(args.images, recursive=args.recursive, exclude=out) if args.images else []
+    if args.files_from is not None:
+        images = list(dict.fromkeys([*images, *_listed_files(args.files_from)]))
+    if not images:
+        raise SclipError(f"{args.files_from} lists no images")
     ratios = check_ratios(args.splits) if args.splits else None
     # An empty --scheduler (an unset variable in a job script) is an error, not a local run.
     client_wanted = args.workers is not None or args.scheduler is not None
@@ -394,7 +407,6 @@ def _segment(args: argparse.Namespace) -> int:
         "background_class": args.background_class,
         "area_threshold": args.area_threshold,
     }
-    out = Path(args.out).expanduser()
     counts = {"written": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -431,6 +443,24 @@ def _segment(args: argparse.Namespace) -> int:
     if failures:
         return EXIT_SOME_FAILED if usable else EXIT_ERROR
     return 0
+
+
+def _listed_files(source: str) -> list[Path]:
+    """The paths of a ``--files-from`` list, as given: one that cannot be read fails on its own
+    in the run, like any unreadable image."""
+    from napari_sclip._files import describe_os_error
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise SclipError(f"--files-from {source}: no such file") from None
+        reason = describe_os_error(exc, Path(source)) if isinstance(exc, OSError) else "not a UTF-8 text file"
+        raise SclipError(f"cannot read --files-from {source}: {reason}") from None
+    if "\0" in text:
+        raise SclipError(f"--files-from {source} holds a NUL byte: write one path per line")
+    lines = (line.strip() for line in text.splitlines())
+    return [Path(line).expanduser() for line in lines if line and not line.startswith("#")]
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -46,7 +46,8 @@ def test_segment_folder_writes_a_dataset(images, model_args, tmp_path):
         ("person", ["astronaut"], 0), ("sky", [], 1), ("rocket", [], 2)
     ]
     assert manifest["models"] == [{
-        "model": TINY_MODEL, "pretrained": model_args[3], "quick_gelu": True, "method": "sclip", "short_side": 336,
+        "model": TINY_MODEL, "pretrained": model_args[3], "quick_gelu": True, "patch_size": 16, "method": "sclip",
+        "short_side": 336,
         "window": 224, "stride": 112, "logit_scale": 40.0, "prob_threshold": 0.0, "pamr": False,
     }]
     assert (out / "classes.txt").read_text() == "person\nsky\nrocket\n"
@@ -454,3 +455,43 @@ def test_model_errors_are_one_line(tmp_path, argv, expected):
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "NAPARI_SCLIP_CACHE_DIR": str(tmp_path / "c")})
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr
+
+
+def test_recursive_folders_and_file_lists(tmp_path, tiny_dir, tiny_checkpoint):
+    """`-r` takes subfolders (not hidden ones, nor the dataset itself when it lies inside the
+    folder), and `--files-from` a list too long for a command line; a listed file that is missing
+    fails on its own."""
+    from dataset_helpers import cli_command, run
+
+    source = tmp_path / "in"
+    for relative in ("a.png", "sub/b.png", "sub/deeper/c.png", ".hidden/d.png", "sub/.cache/e.png"):
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(natural_image(64, 80), len(relative), axis=1)).save(source / relative)
+    flat = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(source / "sub"), "--classes", "a; b",
+                           "--out", str(tmp_path / "flat")))
+    assert flat.returncode == 0 and sorted(_dataset_masks(tmp_path / "flat")) == ["b"]
+    nested = source / "labels"  # the dataset inside the folder it labels
+    for attempt in range(2):  # the second run finds every image there already, and no new input
+        done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(source), "-r", "--classes", "a; b",
+                               "--out", str(nested)))
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert sorted(_dataset_masks(nested)) == ["a", "b", "c"]
+    empty = tmp_path / "only-subfolders"
+    (empty / "x").mkdir(parents=True)
+    Image.fromarray(natural_image(64, 80)).save(empty / "x" / "f.png")
+    refused = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(empty), "--classes", "a", "--out",
+                              str(tmp_path / "no")))
+    assert refused.returncode == 1 and "--recursive takes subfolders too" in refused.stderr
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("# made by find\nin/a.png\n\nin/sub/deeper/c.png\nin/missing.png\n")
+    listed = run(cli_command(tiny_dir, tiny_checkpoint, "segment", "--files-from", str(listing), "--classes", "a; b",
+                             "--out", str(tmp_path / "listed")), cwd=tmp_path)
+    assert listed.returncode == 2, listed.stderr  # some failed
+    lines = listed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"napari-sclip: skipped {source / 'missing.png'}: "), lines
+    assert sorted(_dataset_masks(tmp_path / "listed")) == ["a", "c"]
+    for bad, message in (("nonexistent.txt", "no such file"), (str(tmp_path), "cannot read --files-from")):
+        done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", "--files-from", bad, "--classes", "a",
+                               "--out", str(tmp_path / "bad")))
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import threading
 import warnings
@@ -33,24 +34,44 @@ _EXIF_ORIENTATION = 0x0112
 _PILLOW_WARNINGS = threading.Lock()
 
 
-def find_images(paths: list[str | Path]) -> list[Path]:
-    """Expand folders (not recursively) to their image files; keep files as given.
+def find_images(paths: list[str | Path], recursive: bool = False, exclude: Path | None = None) -> list[Path]:
+    """Expand folders to their image files (with ``recursive``, those of their subfolders too,
+    hidden ones and linked folders left out), in name order; keep files as given.  Nothing
+    under ``exclude`` (the dataset being written, say) is taken.
 
     Raises :class:`ImageError` for a path that does not exist or a folder without images.
     """
     found: list[Path] = []
+    skipped = os.path.abspath(exclude) if exclude is not None else None
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = [p for p in _folder_files(path, recursive)
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not _inside(p, skipped)]
             if not images:
-                raise ImageError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                where = "or its subfolders " if recursive else ""
+                hint = "" if recursive else "; --recursive takes subfolders too"
+                raise ImageError(f"folder {path} {where}holds no images ({', '.join(IMAGE_SUFFIXES)}){hint}")
             found.extend(images)
         elif path.is_file():
             found.append(path)
         else:
             raise ImageError(f"image not found: {path}")
     return list(dict.fromkeys(found))
+
+
+def _folder_files(folder: Path, recursive: bool) -> list[Path]:
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file())
+    files = []
+    for top, folders, names in os.walk(folder):  # links to folders are not followed
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        files.extend(Path(top) / name for name in sorted(names) if os.path.isfile(os.path.join(top, name)))
+    return files
+
+
+def _inside(path: Path, folder: str | None) -> bool:
+    return folder is not None and os.path.abspath(path).startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def exif_orientation(path: str | Path) -> int:
