@@ -140,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="label images already in the dataset again (never those a person edited or reviewed)",
     )
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.add_argument("--log-every", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                     help="where stderr is not a terminal (a batch job's log): a progress line this often "
+                     "(default 60)")
 
     coco = commands.add_parser(
         "export-coco",
@@ -345,13 +348,15 @@ def _progress_bar(quiet: bool, **options) -> Iterator:
 class _SliceProgress:
     """The ``segment`` progress bar: one step per 2D slice, with images per second and the time
     left (a file counts as one slice until it is read; a stack then grows the total), and the
-    model's download in its postfix."""
+    model's download in its postfix; in a log, its lines (:class:`_LogLines`)."""
 
-    def __init__(self, bar):
-        self.bar = bar
+    def __init__(self, bar, log: _LogLines | None = None):
+        self.bar, self.log = bar, log
 
     def __call__(self, step) -> None:
         if step.stage == "slices":
+            if self.log is not None:
+                self.log.update(step.done, step.total)
             if step.done and getattr(self.bar, "postfix", None):
                 self.bar.set_postfix_str("", refresh=False)
             self.bar.total = step.total
@@ -362,6 +367,63 @@ class _SliceProgress:
             self.bar.set_postfix_str("downloading weights" + size)
         elif step.stage == "load":
             self.bar.set_postfix_str("loading model" if step.done < step.total else "")
+
+
+class _LogLines:
+    """Progress for a log (stderr not a terminal, as in a batch job): every ``every`` seconds a
+    line with the slices done, failures, the rate and the time left, or that nothing is done yet
+    (the model loading, or a cluster with no workers)."""
+
+    def __init__(self, every: float, out=None):
+        import threading
+        import time
+
+        self.every, self.out, self._clock = every, out or sys.stderr, time.monotonic
+        self.done = self.total = self.failed = 0
+        self._start = self._clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="napari-sclip log progress", daemon=True)
+
+    def __enter__(self) -> _LogLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def line(self) -> str:
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        if not self.done:
+            return f"napari-sclip: 0 of {self.total} done; waiting for the model (or for Dask workers)"
+        rate = self.done / max(self._clock() - self._start, 1e-9)
+        left = (self.total - self.done) / rate
+        return (f"napari-sclip: {self.done} of {self.total} done{failed}, {rate:.1f}/s, "
+                f"about {_duration(left)} left")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            print(self.line(), file=self.out, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{max(1, round(seconds))} s"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -411,6 +473,10 @@ def _segment(args: argparse.Namespace) -> int:
     failures: list[str] = []
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress_bar(args.quiet, total=len(images), unit="slice"))
+        log = None
+        if not args.quiet and not sys.stderr.isatty():
+            log = stack.enter_context(_LogLines(args.log_every))
+            log.update(0, len(images))
         client = None
         if client_wanted:
             from napari_sclip.dataset.cluster import open_client
@@ -420,12 +486,14 @@ def _segment(args: argparse.Namespace) -> int:
             bar.set_postfix_str("loading the model on the workers")
         run = label_images(
             images, vocabulary, out, segmenters, options=options, overwrite=args.overwrite,
-            ratios=ratios, progress=_SliceProgress(bar), client=client,
+            ratios=ratios, progress=_SliceProgress(bar, log), client=client,
         )
         for item in run:
             counts[item.status] += 1
             if item.status == "failed":
                 failures.append(item.reason)
+                if log is not None:
+                    log.failed = len(failures)
 
     # Some images done: the others were skipped.  None done: the input itself is unusable.
     usable = len(failures) < len(images)

@@ -14,11 +14,11 @@ from PIL import Image
 from conftest import TINY_MODEL, natural_image
 
 
-def cli_command(tiny_dir: Path, checkpoint: Path | None, *argv: str) -> list[str]:
+def cli_command(tiny_dir: Path, checkpoint: Path | None, *argv: str, quiet: bool = True) -> list[str]:
     """``napari-sclip ARGV --model <tiny> ...`` as a fresh interpreter (which must register the
     tiny model with open_clip first); no ``--pretrained`` where ``checkpoint`` is ``None``."""
     weights = ["--pretrained", str(checkpoint)] if checkpoint is not None else []
-    args = [*argv, "--model", TINY_MODEL, *weights, "--device", "cpu", "--quiet"]
+    args = [*argv, "--model", TINY_MODEL, *weights, "--device", "cpu", *(["--quiet"] if quiet else [])]
     code = (
         f"import sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         f"from conftest import register_tiny_model; register_tiny_model(Path({str(tiny_dir)!r})); "

@@ -495,3 +495,27 @@ def test_recursive_folders_and_file_lists(tmp_path, tiny_dir, tiny_checkpoint):
         done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", "--files-from", bad, "--classes", "a",
                                "--out", str(tmp_path / "bad")))
         assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+
+
+def test_a_batch_log_gets_progress_lines(tmp_path, tiny_dir, tiny_checkpoint):
+    """With stderr in a file (a SLURM job's log), no bar: a progress line every --log-every
+    seconds, then the summary."""
+    import re
+
+    from dataset_helpers import cli_command, run, save_images
+
+    save_images(tmp_path / "in", 6, 64, 80)
+    done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a; b",
+                           "--out", str(tmp_path / "ds"), "--log-every", "0.05", quiet=False))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == f"6 image(s) labelled into {tmp_path / 'ds'}"
+    progress = lines[:-1]
+    assert progress and all(
+        re.fullmatch(r"napari-sclip: (0 of 6 done; waiting for the model \(or for Dask workers\)"
+                     r"|[1-6] of 6 done, [0-9.]+/s, about [0-9]+ (s|min) left)", line) for line in progress), progress
+    assert "\r" not in done.stderr  # no bar drawn into the log
+    refused = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a",
+                              "--out", str(tmp_path / "x"), "--log-every", "0"))
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "positive number of seconds" in refused.stderr
