@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -62,9 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     seg.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
     seg.add_argument("-r", "--recursive", action="store_true",
                      help="take the images in the folders' subfolders too (hidden ones and linked folders left out)")
-    seg.add_argument("--files-from", metavar="LIST",
+    seg.add_argument("--files-from", metavar="LIST", action="append",
                      help="a text file of image paths, one per line (relative ones from the current folder; "
-                     "# starts a comment), for more files than a command line takes; - reads standard input")
+                     "# starts a comment), for more files than a command line takes; - reads standard input; "
+                     "may be given more than once")
     vocab = seg.add_mutually_exclusive_group(required=True)
     vocab.add_argument(
         "--classes",
@@ -142,7 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.add_argument("--log-every", type=_positive_seconds, default=60.0, metavar="SECONDS",
                      help="where stderr is not a terminal (a batch job's log): a progress line this often "
-                     "(default 60)")
+                     "(1 to 86400; default 60)")
 
     coco = commands.add_parser(
         "export-coco",
@@ -398,7 +400,8 @@ class _LogLines:
     def line(self) -> str:
         failed = f" ({self.failed} failed)" if self.failed else ""
         if not self.done:
-            return f"napari-sclip: 0 of {self.total} done; waiting for the model (or for Dask workers)"
+            return (f"napari-sclip: 0 of {self.total} done so far (reading and planning, loading the model, "
+                    "or waiting for Dask workers)")
         rate = self.done / max(self._clock() - self._start, 1e-9)
         left = (self.total - self.done) / rate
         return (f"napari-sclip: {self.done} of {self.total} done{failed}, {rate:.1f}/s, "
@@ -421,8 +424,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 1 <= value <= 86400:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 1 to 86400, got {text!r}")
     return value
 
 
@@ -438,10 +441,10 @@ def _segment(args: argparse.Namespace) -> int:
         raise SclipError("give images, folders of images or --files-from LIST")
     # The dataset's own images are never input, even when it lies inside a folder given.
     images = find_images(args.images, recursive=args.recursive, exclude=out) if args.images else []
-    if args.files_from is not None:
-        images = list(dict.fromkeys([*images, *_listed_files(args.files_from)]))
+    for listing in args.files_from or ():
+        images = list(dict.fromkeys([*images, *_listed_files(listing)]))
     if not images:
-        raise SclipError(f"{args.files_from} lists no images")
+        raise SclipError(f"--files-from {' '.join(args.files_from)} lists no images")
     ratios = check_ratios(args.splits) if args.splits else None
     # An empty --scheduler (an unset variable in a job script) is an error, not a local run.
     client_wanted = args.workers is not None or args.scheduler is not None
@@ -514,21 +517,30 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _listed_files(source: str) -> list[Path]:
-    """The paths of a ``--files-from`` list, as given: one that cannot be read fails on its own
-    in the run, like any unreadable image."""
+    """The paths of a ``--files-from`` list, as given: one per line (only ``\\n`` ends a line,
+    spaces are kept, bytes that are not UTF-8 are kept as the file system gives them), ``#``
+    starting a comment.  A listed path that cannot be read fails on its own in the run."""
+    import stat
+
     from napari_sclip._files import describe_os_error
 
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise SclipError(f"--files-from {source}: no such file") from None
-        reason = describe_os_error(exc, Path(source)) if isinstance(exc, OSError) else "not a UTF-8 text file"
-        raise SclipError(f"cannot read --files-from {source}: {reason}") from None
-    if "\0" in text:
+        if source == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            path = Path(source).expanduser()
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would fill the memory
+                raise SclipError(f"--files-from {source}: not a text file")
+            data = path.read_bytes()
+    except FileNotFoundError:
+        raise SclipError(f"--files-from {source}: no such file") from None
+    except OSError as exc:
+        raise SclipError(f"cannot read --files-from {source}: {describe_os_error(exc, Path(source))}") from None
+    if b"\0" in data:
         raise SclipError(f"--files-from {source} holds a NUL byte: write one path per line")
-    lines = (line.strip() for line in text.splitlines())
-    return [Path(line).expanduser() for line in lines if line and not line.startswith("#")]
+    lines = (os.fsdecode(line.removesuffix(b"\r")) for line in data.removeprefix(b"\xef\xbb\xbf").split(b"\n"))
+    return [Path(line).expanduser() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _export(args: argparse.Namespace) -> int:

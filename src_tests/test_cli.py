@@ -489,9 +489,9 @@ def test_recursive_folders_and_file_lists(tmp_path, tiny_dir, tiny_checkpoint):
                              "--out", str(tmp_path / "listed")), cwd=tmp_path)
     assert listed.returncode == 2, listed.stderr  # some failed
     lines = listed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"napari-sclip: skipped {source / 'missing.png'}: "), lines
+    assert lines == [f"napari-sclip: skipped {source / 'missing.png'}: no such file"], lines
     assert sorted(_dataset_masks(tmp_path / "listed")) == ["a", "c"]
-    for bad, message in (("nonexistent.txt", "no such file"), (str(tmp_path), "cannot read --files-from")):
+    for bad, message in (("nonexistent.txt", "no such file"), (str(tmp_path), "not a text file")):
         done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", "--files-from", bad, "--classes", "a",
                                "--out", str(tmp_path / "bad")))
         assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
@@ -504,18 +504,62 @@ def test_a_batch_log_gets_progress_lines(tmp_path, tiny_dir, tiny_checkpoint):
 
     from dataset_helpers import cli_command, run, save_images
 
-    save_images(tmp_path / "in", 6, 64, 80)
+    save_images(tmp_path / "in", 40, 64, 80)  # a few seconds: lines every second
     done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a; b",
-                           "--out", str(tmp_path / "ds"), "--log-every", "0.05", quiet=False))
+                           "--out", str(tmp_path / "ds"), "--log-every", "1", quiet=False))
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert lines[-1] == f"6 image(s) labelled into {tmp_path / 'ds'}"
+    assert lines[-1] == f"40 image(s) labelled into {tmp_path / 'ds'}"
     progress = lines[:-1]
     assert progress and all(
-        re.fullmatch(r"napari-sclip: (0 of 6 done; waiting for the model \(or for Dask workers\)"
-                     r"|[1-6] of 6 done, [0-9.]+/s, about [0-9]+ (s|min) left)", line) for line in progress), progress
+        re.fullmatch(r"napari-sclip: (0 of 40 done so far \(reading and planning, loading the model, or waiting "
+                     r"for Dask workers\)"
+                     r"|[0-9]+ of 40 done, [0-9.]+/s, about [0-9]+ (s|min) left)", line) for line in progress), progress
     assert "\r" not in done.stderr  # no bar drawn into the log
     refused = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a",
                               "--out", str(tmp_path / "x"), "--log-every", "0"))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
-    assert "positive number of seconds" in refused.stderr
+    assert "a number of seconds from 1 to 86400" in refused.stderr
+
+
+def test_hostile_lists_and_datasets_inside_their_input(tmp_path, tiny_dir, tiny_checkpoint):
+    """Found by the attacker's pass: devices and pipes in a list fail alone instead of being read
+    for ever; a device as the list is refused; the dataset's own files are never input, whatever
+    links the paths go through; lines keep their spaces and odd bytes; lists add up."""
+    import os
+
+    from dataset_helpers import cli_command, run
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("a.png", " spaced .png", os.fsdecode(b"caf\xe9.png")):
+        Image.fromarray(np.roll(natural_image(64, 80), len(name), axis=1)).save(real / name)
+    (tmp_path / "link").symlink_to(real)
+    os.mkfifo(tmp_path / "pipe.png")
+
+    def segment(*argv, out="ds"):
+        return run(cli_command(tiny_dir, tiny_checkpoint, "segment", *argv, "--classes", "a; b",
+                               "--out", str(real / out)), cwd=tmp_path)
+
+    assert segment("-r", str(real)).returncode == 0
+    again = segment("-r", str(tmp_path / "link"))  # the same folder through a link: nothing new
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert len(_dataset_masks(real / "ds")) == 3
+    inside = segment(str(real / "ds"))
+    assert inside.returncode == 1 and "is in the dataset being written" in inside.stderr
+
+    own = next((real / "ds").glob("*/masks/*.png"))
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([b"real/ spaced .png", b"real/caf\xe9.png", b"/dev/zero",
+                                                         b"pipe.png", str(own).encode()]) + b"\r\n")
+    (tmp_path / "more.txt").write_text("real/a.png\n")
+    listed = segment("--files-from", str(listing), "--files-from", "more.txt")  # into the same dataset
+    lines = listed.stderr.strip().splitlines()
+    # The spaced and Latin-1 names and a.png were found (and are there already): no other line.
+    assert listed.returncode == 2 and len(lines) == 3, listed.stderr
+    assert "/dev/zero: not a regular file" in lines[0] and "pipe.png: not a regular file" in lines[1]
+    assert "a file of the dataset being written" in lines[2]
+    fresh = segment("--files-from", str(listing), "--files-from", "more.txt", out="fresh")
+    assert fresh.returncode == 2 and len(_dataset_masks(real / "fresh")) == 4  # ds's mask is input to another
+    device = segment("--files-from", "/dev/zero", out="z")
+    assert device.returncode == 1 and device.stderr.strip() == "napari-sclip: error: --files-from /dev/zero: not a text file"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
 import time
 from collections import deque
@@ -240,11 +241,18 @@ class _Ledger:
 
         # Absolute (links kept): a Dask worker started in another folder reads the same file.
         turn, path = numbered[0], Path(os.path.abspath(numbered[1]))
-        try:
-            status = os.stat(path)
-            sha = sha256_of(path)
-        except OSError as exc:
-            status, sha, unreadable = None, "", describe_os_error(exc, path)
+        status, sha, unreadable = None, "", _not_an_input(path, self.writer.root)
+        if unreadable is None:
+            try:
+                status = os.stat(path)
+                if not stat.S_ISREG(status.st_mode):  # a device or a pipe would be read for ever
+                    status, unreadable = None, f"{path}: not a regular file (folders are given as arguments)"
+                else:
+                    sha = sha256_of(path)
+            except OSError as exc:
+                status = None
+                unreadable = f"{path}: no such file" if isinstance(exc, FileNotFoundError) \
+                    else describe_os_error(exc, path)
         with self._turn(turn):
             if status is None:
                 return self._settled(BatchItem(path, "failed", reason=unreadable), 1)
@@ -483,6 +491,15 @@ def _run_on_cluster(
         yield from settled
     finally:
         results.close()
+
+
+def _not_an_input(path: Path, root: Path) -> str | None:
+    """Why ``path`` cannot be labelled into the dataset at ``root``: it is one of its files."""
+    from napari_sclip.io.images import inside
+
+    if inside(path, root):
+        return f"{path}: a file of the dataset being written ({root}), not an input"
+    return None
 
 
 @dataclass

@@ -185,8 +185,12 @@ def _reach(address: str, timeout: float) -> None:
 
     scheme, location = parse_address(address)
     if scheme not in ("tcp", "tls"):
-        return
+        if scheme in ("ws", "wss", "ucx"):
+            return
+        raise ValueError(f"{scheme}:// is not a scheduler's network address; write tcp://HOST:PORT")
     host, port = parse_host_port(location, default_port=8786)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range (1 to 65535)")
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:

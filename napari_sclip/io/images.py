@@ -37,17 +37,19 @@ _PILLOW_WARNINGS = threading.Lock()
 def find_images(paths: list[str | Path], recursive: bool = False, exclude: Path | None = None) -> list[Path]:
     """Expand folders to their image files (with ``recursive``, those of their subfolders too,
     hidden ones and linked folders left out), in name order; keep files as given.  Nothing
-    under ``exclude`` (the dataset being written, say) is taken.
+    inside ``exclude`` (the dataset being written, say) is taken from a folder.
 
-    Raises :class:`ImageError` for a path that does not exist or a folder without images.
+    Raises :class:`ImageError` for a path that does not exist, a folder without images, or a
+    folder inside ``exclude``.
     """
     found: list[Path] = []
-    skipped = os.path.abspath(exclude) if exclude is not None else None
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
+            if exclude is not None and (inside(path, exclude) or _same(path, exclude)):
+                raise ImageError(f"folder {path} is in the dataset being written ({exclude}); give the images' folder")
             images = [p for p in _folder_files(path, recursive)
-                      if p.suffix.lower() in IMAGE_SUFFIXES and not _inside(p, skipped)]
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not (exclude is not None and inside(p, exclude))]
             if not images:
                 where = "or its subfolders " if recursive else ""
                 hint = "" if recursive else "; --recursive takes subfolders too"
@@ -70,8 +72,15 @@ def _folder_files(folder: Path, recursive: bool) -> list[Path]:
     return files
 
 
-def _inside(path: Path, folder: str | None) -> bool:
-    return folder is not None and os.path.abspath(path).startswith(folder.rstrip(os.sep) + os.sep)
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (below it, not it), whatever links either is spelled
+    through."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _same(path: str | Path, folder: str | Path) -> bool:
+    return os.path.realpath(path) == os.path.realpath(folder)
 
 
 def exif_orientation(path: str | Path) -> int:
