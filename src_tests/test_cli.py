@@ -514,7 +514,7 @@ def test_a_batch_log_gets_progress_lines(tmp_path, tiny_dir, tiny_checkpoint):
     assert progress and all(
         re.fullmatch(r"napari-sclip: (0 of 40 done so far \(reading and planning, loading the model, or waiting "
                      r"for Dask workers\)"
-                     r"|[0-9]+ of 40 done, [0-9.]+/s, about [0-9]+ (s|min) left)", line) for line in progress), progress
+                     r"|[0-9]+ of 40 done, [0-9.]+/s, about ([0-9]+ h )?[0-9]+ (s|min) left)", line) for line in progress), progress
     assert "\r" not in done.stderr  # no bar drawn into the log
     refused = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a",
                               "--out", str(tmp_path / "x"), "--log-every", "0"))
