@@ -144,7 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.add_argument("--log-every", type=_positive_seconds, default=60.0, metavar="SECONDS",
                      help="where stderr is not a terminal (a batch job's log): a progress line this often "
-                     "(1 to 86400; default 60)")
+                     "(0.1 to 86400; default 60)")
 
     coco = commands.add_parser(
         "export-coco",
@@ -424,8 +424,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 1 <= value <= 86400:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected a number of seconds from 1 to 86400, got {text!r}")
+    if not 0.1 <= value <= 86400:  # NaN too; shorter would flood a log, longer overflows a timer
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0.1 to 86400, got {text!r}")
     return value
 
 

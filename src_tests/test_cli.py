@@ -504,22 +504,22 @@ def test_a_batch_log_gets_progress_lines(tmp_path, tiny_dir, tiny_checkpoint):
 
     from dataset_helpers import cli_command, run, save_images
 
-    save_images(tmp_path / "in", 40, 64, 80)  # a few seconds: lines every second
+    save_images(tmp_path / "in", 100, 32, 128)  # over a second on any machine: several lines
     done = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a; b",
-                           "--out", str(tmp_path / "ds"), "--log-every", "1", quiet=False))
+                           "--out", str(tmp_path / "ds"), "--log-every", "0.1", quiet=False))
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert lines[-1] == f"40 image(s) labelled into {tmp_path / 'ds'}"
+    assert lines[-1] == f"100 image(s) labelled into {tmp_path / 'ds'}"
     progress = lines[:-1]
     assert progress and all(
-        re.fullmatch(r"napari-sclip: (0 of 40 done so far \(reading and planning, loading the model, or waiting "
+        re.fullmatch(r"napari-sclip: (0 of 100 done so far \(reading and planning, loading the model, or waiting "
                      r"for Dask workers\)"
-                     r"|[0-9]+ of 40 done, [0-9.]+/s, about ([0-9]+ h )?[0-9]+ (s|min) left)", line) for line in progress), progress
+                     r"|[0-9]+ of 100 done, [0-9.]+/s, about ([0-9]+ h )?[0-9]+ (s|min) left)", line) for line in progress), progress
     assert "\r" not in done.stderr  # no bar drawn into the log
     refused = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(tmp_path / "in"), "--classes", "a",
-                              "--out", str(tmp_path / "x"), "--log-every", "0"))
+                              "--out", str(tmp_path / "x"), "--log-every", "0.01"))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
-    assert "a number of seconds from 1 to 86400" in refused.stderr
+    assert "a number of seconds from 0.1 to 86400" in refused.stderr
 
 
 def test_hostile_lists_and_datasets_inside_their_input(tmp_path, tiny_dir, tiny_checkpoint):
