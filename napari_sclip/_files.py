@@ -159,3 +159,23 @@ def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
     where = exc.filename if exc.filename is not None else path
     what = _ADVICE.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
     return f"{where}: {what}" if where is not None else what
+
+
+def files_under(folder: str | Path, skip: str | None = None,
+                onerror: Callable[[OSError], None] | None = None) -> list[str]:
+    """The files under ``folder`` as "/"-separated relative paths, in name order.  Hidden files
+    and folders are left out (macOS's "._x.jpg" copies are not images), and so is the folder
+    whose real path is ``skip``; linked subfolders are not entered, so a walk never leaves the
+    folder or loops.  ``onerror`` gets a subfolder that cannot be listed."""
+    found: list[str] = []
+    top = os.fspath(folder)
+    for current, dirs, files in os.walk(top, onerror=onerror):
+        dirs[:] = sorted(
+            d for d in dirs
+            if not d.startswith(".")
+            and not (skip is not None and os.path.realpath(os.path.join(current, d)) == skip)
+        )
+        relative = os.path.relpath(current, top)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        found.extend(prefix + f for f in sorted(files) if not f.startswith("."))
+    return found

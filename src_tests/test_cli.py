@@ -464,7 +464,7 @@ def test_recursive_folders_and_file_lists(tmp_path, tiny_dir, tiny_checkpoint):
     from dataset_helpers import cli_command, run
 
     source = tmp_path / "in"
-    for relative in ("a.png", "sub/b.png", "sub/deeper/c.png", ".hidden/d.png", "sub/.cache/e.png"):
+    for relative in ("a.png", "sub/b.png", "sub/deeper/c.png", ".hidden/d.png", "sub/.cache/e.png", "sub/._b.png"):
         (source / relative).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.roll(natural_image(64, 80), len(relative), axis=1)).save(source / relative)
     flat = run(cli_command(tiny_dir, tiny_checkpoint, "segment", str(source / "sub"), "--classes", "a; b",

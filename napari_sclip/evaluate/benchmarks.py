@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from napari_sclip._files import files_under
 from napari_sclip.engine.errors import ImageError, ParameterError, SclipError
 
 
@@ -369,7 +370,7 @@ def folder_pairs(images: Path, masks: Path) -> list[Pair]:
             f"{_show(images)} is both the images and the masks folder; keep masks apart"
         )
     by_name: dict[str, str] = {}
-    for relative in _files_under(images, skip=masks_real):
+    for relative in files_under(images, masks_real, onerror=_walk_error):
         stem, extension = posixpath.splitext(relative)
         if extension.lower() not in FOLDER_IMAGE_SUFFIXES:
             continue
@@ -484,28 +485,10 @@ def _walk_error(exc: OSError) -> None:
     raise LayoutError(f"cannot list {_show(exc.filename or '?')}: {_reason(exc)}")
 
 
-def _files_under(folder: Path, skip: str | None = None) -> list[str]:
-    """The files under ``folder`` as "/"-separated relative paths.  Hidden files and folders are
-    left out (mmseg skips hidden files; macOS's "._x.jpg" copies are not images); linked
-    subfolders are not entered, so a walk never leaves the folder or loops."""
-    found: list[str] = []
-    top = os.fspath(folder)
-    for current, dirs, files in os.walk(top, onerror=_walk_error):
-        dirs[:] = sorted(
-            d for d in dirs
-            if not d.startswith(".")
-            and not (skip is not None and os.path.realpath(os.path.join(current, d)) == skip)
-        )
-        relative = os.path.relpath(current, top)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-        found.extend(prefix + f for f in files if not f.startswith("."))
-    return found
-
-
 def _names_under(folder: Path, suffix: str) -> list[str]:
     """Sample names of the files under ``folder`` ending in ``suffix`` (suffix removed)."""
     names = []
-    for relative in _files_under(folder):
+    for relative in files_under(folder, onerror=_walk_error):
         if relative.endswith(suffix):
             name = relative[: -len(suffix)]
             if name and not name.endswith("/"):

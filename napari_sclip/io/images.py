@@ -36,7 +36,8 @@ _PILLOW_WARNINGS = threading.Lock()
 
 def find_images(paths: list[str | Path], recursive: bool = False, exclude: Path | None = None) -> list[Path]:
     """Expand folders to their image files (with ``recursive``, those of their subfolders too,
-    hidden ones and linked folders left out), in name order; keep files as given.  Nothing
+    but not linked folders), hidden files and folders left out (macOS's "._x.jpg" copies are not
+    images), in name order; keep files as given.  Nothing
     inside ``exclude`` (the dataset being written, say) is taken from a folder.
 
     Raises :class:`ImageError` for a path that does not exist, a folder without images, or a
@@ -46,9 +47,9 @@ def find_images(paths: list[str | Path], recursive: bool = False, exclude: Path 
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            if exclude is not None and (inside(path, exclude) or _same(path, exclude)):
+            if exclude is not None and inside(path, exclude):
                 raise ImageError(f"folder {path} is in the dataset being written ({exclude}); give the images' folder")
-            images = [p for p in _folder_files(path, recursive)
+            images = [p for p in _folder_files(path, recursive, exclude)
                       if p.suffix.lower() in IMAGE_SUFFIXES and not (exclude is not None and inside(p, exclude))]
             if not images:
                 where = "or its subfolders " if recursive else ""
@@ -62,25 +63,23 @@ def find_images(paths: list[str | Path], recursive: bool = False, exclude: Path 
     return list(dict.fromkeys(found))
 
 
-def _folder_files(folder: Path, recursive: bool) -> list[Path]:
+def _folder_files(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
     if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file())
-    files = []
-    for top, folders, names in os.walk(folder):  # links to folders are not followed
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        files.extend(Path(top) / name for name in sorted(names) if os.path.isfile(os.path.join(top, name)))
-    return files
+        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    from napari_sclip._files import describe_os_error, files_under
+
+    def unlistable(exc: OSError) -> None:
+        raise ImageError(f"cannot list a subfolder: {describe_os_error(exc)}")
+
+    skip = os.path.realpath(exclude) if exclude is not None else None
+    names = files_under(folder, skip, onerror=unlistable)
+    return [folder / name for name in names if os.path.isfile(folder / name)]
 
 
 def inside(path: str | Path, folder: str | Path) -> bool:
-    """Whether ``path`` lies in ``folder`` (below it, not it), whatever links either is spelled
-    through."""
+    """Whether ``path`` is ``folder`` or lies in it, whatever links either is spelled through."""
     real, top = os.path.realpath(path), os.path.realpath(folder)
-    return real.startswith(top.rstrip(os.sep) + os.sep)
-
-
-def _same(path: str | Path, folder: str | Path) -> bool:
-    return os.path.realpath(path) == os.path.realpath(folder)
+    return (real + os.sep).startswith(top.rstrip(os.sep) + os.sep)
 
 
 def exif_orientation(path: str | Path) -> int:
